@@ -1,0 +1,1 @@
+//! krvirt host agent: inventory, VMI sync loop, QEMU lifecycle

@@ -1,0 +1,1 @@
+//! QEMU driver: command line from a VM config, QMP client, process lifecycle, accelerator detection

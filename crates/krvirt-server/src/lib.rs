@@ -1,0 +1,1 @@
+//! krvirt API server and controllers
