@@ -1,1 +1,29 @@
-//! krvirt API server and controllers
+//! krvirt API server: Kubernetes-style REST for every kind of
+//! `krvirt_api::kinds()`, watch streams, discovery, the generated OpenAPI
+//! document and KubeVirt's subresources.
+//!
+//! - [`registry::Registry`]: API semantics over a `krvirt_store::Store`,
+//!   shared by the HTTP handlers and in-process controllers.
+//! - [`router`] / [`serve`]: the HTTP server over an [`AppState`].
+//! - [`connector::HostConnector`]: the host side of VMI subresources
+//!   (pause, console, console log).
+
+pub mod connector;
+pub mod error;
+mod http;
+pub mod lifecycle;
+pub mod openapi;
+pub mod patch;
+pub mod registry;
+pub mod selector;
+mod server;
+
+pub use connector::{ByteStream, ConsoleStream, HostConnector, NoHostConnector};
+pub use error::ApiError;
+pub use http::{MAX_BODY_BYTES, SubresourceMethod, implemented_subresources};
+pub use registry::{
+    AdmitFn, DeleteOutcome, EventStream, EventType, Preconditions, Registry, Subresource,
+    WatchEvent,
+};
+pub use selector::{FieldSelector, LabelSelector, Selector};
+pub use server::{AppState, ServerConfig, router, run, serve};
