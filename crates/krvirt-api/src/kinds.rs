@@ -59,3 +59,10 @@ pub fn find_kind(name: &str) -> Option<&'static KindInfo> {
 pub fn admit(kind: &KindInfo, obj: Value, old: Option<&Value>) -> Result<Value, ValidationError> {
     crate::types::admit(kind, obj, old)
 }
+
+/// The served kind of a decoded object, from its `apiVersion` and `kind`.
+/// Refuses unknown kinds (cause on `kind`) and known kinds under another
+/// `apiVersion` (cause on `apiVersion`), e.g. for multi-document apply.
+pub fn kind_for_object(obj: &Value) -> Result<&'static KindInfo, ValidationError> {
+    crate::types::kind_for_object(obj)
+}

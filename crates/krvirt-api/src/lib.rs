@@ -3,12 +3,28 @@
 //!
 //! The API server is generic over kinds: it looks a kind up in [`kinds()`],
 //! hands incoming objects to [`admit`] (parse as the typed struct, refuse
-//! unknown or unsupported fields by path, validate, default) and stores the
+//! unknown or unsupported fields by path, default, validate) and stores the
 //! returned JSON.
+//!
+//! Modules:
+//! - [`meta`]: `ObjectMeta`, `Condition`, timestamps.
+//! - [`quantity`]: Kubernetes quantities (`128Mi`, `500m`).
+//! - [`kubevirt`]: `kubevirt.io/v1` VirtualMachine / VirtualMachineInstance.
+//! - [`host`]: `krvirt.io/v1` Host.
 
+pub mod admission;
 pub mod error;
+pub mod host;
 pub mod kinds;
+pub mod kubevirt;
+pub mod meta;
+mod openapi;
+pub mod quantity;
 mod types;
+mod util;
 
+pub use admission::{NOT_IMPLEMENTED, not_implemented_fields};
 pub use error::{FieldCause, ValidationError};
-pub use kinds::{KindInfo, admit, find_kind, kinds};
+pub use kinds::{KindInfo, admit, find_kind, kind_for_object, kinds};
+pub use meta::Object;
+pub use openapi::openapi_components;

@@ -1,5 +1,142 @@
-//! Typed objects (filled in by the API types work).
-use crate::{KindInfo, ValidationError};
+//! The served kinds and admission dispatch.
+
 use serde_json::Value;
-pub(crate) static KINDS: &[KindInfo] = &[];
-pub(crate) fn admit(_k: &KindInfo, obj: Value, _old: Option<&Value>) -> Result<Value, ValidationError> { Ok(obj) }
+
+use crate::admission::{Causes, admit_typed, strip_bookkeeping};
+use crate::error::reason;
+use crate::host::Host;
+use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
+use crate::{KindInfo, ValidationError};
+
+pub(crate) const VM: usize = 0;
+pub(crate) const VMI: usize = 1;
+pub(crate) const HOST: usize = 2;
+
+pub(crate) static KINDS: &[KindInfo] = &[
+    KindInfo {
+        group: "kubevirt.io",
+        version: "v1",
+        kind: "VirtualMachine",
+        plural: "virtualmachines",
+        singular: "virtualmachine",
+        short_names: &["vm", "vms"],
+        namespaced: true,
+        subresources: &["start", "stop", "restart"],
+        schema_name: "VirtualMachine",
+    },
+    KindInfo {
+        group: "kubevirt.io",
+        version: "v1",
+        kind: "VirtualMachineInstance",
+        plural: "virtualmachineinstances",
+        singular: "virtualmachineinstance",
+        short_names: &["vmi", "vmis"],
+        namespaced: true,
+        subresources: &["pause", "unpause", "console", "consolelog"],
+        schema_name: "VirtualMachineInstance",
+    },
+    KindInfo {
+        group: "krvirt.io",
+        version: "v1",
+        kind: "Host",
+        plural: "hosts",
+        singular: "host",
+        short_names: &[],
+        namespaced: false,
+        subresources: &[],
+        schema_name: "Host",
+    },
+];
+
+/// Check (or fill in, when absent) `apiVersion` and `kind` against the
+/// endpoint's kind.
+fn type_meta(kind: &KindInfo, map: &mut serde_json::Map<String, Value>, c: &mut Causes) {
+    let expected_av = kind.api_version();
+    match map.get("apiVersion") {
+        None | Some(Value::Null) => {
+            map.insert("apiVersion".into(), Value::String(expected_av));
+        }
+        Some(Value::String(av)) if *av == expected_av => {}
+        Some(other) => c.invalid(
+            "apiVersion",
+            format!(
+                "apiVersion {other} does not match the endpoint: expected {expected_av:?} for kind {}",
+                kind.kind
+            ),
+        ),
+    }
+    match map.get("kind") {
+        None | Some(Value::Null) => {
+            map.insert("kind".into(), Value::String(kind.kind.to_string()));
+        }
+        Some(Value::String(k)) if k == kind.kind => {}
+        Some(other) => c.invalid(
+            "kind",
+            format!("kind {other} does not match the endpoint's kind {:?}", kind.kind),
+        ),
+    }
+}
+
+pub(crate) fn admit(kind: &KindInfo, obj: Value, old: Option<&Value>) -> Result<Value, ValidationError> {
+    let Value::Object(mut map) = obj else {
+        return Err(ValidationError::new(
+            reason::INVALID,
+            "",
+            "the request body must be a JSON object",
+        ));
+    };
+    let mut causes = Causes::default();
+    type_meta(kind, &mut map, &mut causes);
+    if !causes.is_empty() {
+        return Err(ValidationError::from_causes(causes.0));
+    }
+    let obj = strip_bookkeeping(Value::Object(map));
+    match (kind.group, kind.kind) {
+        ("kubevirt.io", "VirtualMachine") => admit_typed::<VirtualMachine>(obj, old),
+        ("kubevirt.io", "VirtualMachineInstance") => admit_typed::<VirtualMachineInstance>(obj, old),
+        ("krvirt.io", "Host") => admit_typed::<Host>(obj, old),
+        _ => Err(ValidationError::new(
+            reason::NOT_SUPPORTED,
+            "kind",
+            format!("kind {:?} is not served by krvirt", kind.kind),
+        )),
+    }
+}
+
+/// Resolve an object's `apiVersion`/`kind` to a served kind.
+pub(crate) fn kind_for_object(obj: &Value) -> Result<&'static KindInfo, ValidationError> {
+    let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
+    let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    if kind.is_empty() {
+        return Err(ValidationError::new(reason::REQUIRED, "kind", "Required value"));
+    }
+    let served = || {
+        KINDS
+            .iter()
+            .map(|k| format!("{} ({})", k.kind, k.api_version()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some(info) = KINDS.iter().find(|k| k.kind == kind) else {
+        return Err(ValidationError::new(
+            reason::NOT_SUPPORTED,
+            "kind",
+            format!(
+                "kind {kind:?} ({}) is not served by krvirt; served kinds: {}",
+                if api_version.is_empty() { "no apiVersion" } else { api_version },
+                served()
+            ),
+        ));
+    };
+    if api_version != info.api_version() {
+        return Err(ValidationError::new(
+            reason::NOT_SUPPORTED,
+            "apiVersion",
+            format!(
+                "apiVersion {api_version:?} is not served for kind {kind}; use {:?}",
+                info.api_version()
+            ),
+        ));
+    }
+    Ok(info)
+}

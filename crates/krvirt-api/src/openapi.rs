@@ -1,0 +1,26 @@
+//! OpenAPI component schemas generated from the types.
+
+use utoipa::ToSchema;
+use utoipa::openapi::schema::Schema;
+use utoipa::openapi::{Components, ComponentsBuilder, RefOr};
+
+use crate::host::Host;
+use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
+use crate::meta::{Condition, ObjectMeta};
+
+fn add<T: ToSchema>(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+    schemas.push((T::name().into_owned(), T::schema()));
+    T::schemas(schemas);
+}
+
+/// Every served kind's schema (named by [`crate::KindInfo::schema_name`])
+/// and every type they reference, ready for `#/components/schemas/…`.
+pub fn openapi_components() -> Components {
+    let mut schemas = Vec::new();
+    add::<VirtualMachine>(&mut schemas);
+    add::<VirtualMachineInstance>(&mut schemas);
+    add::<Host>(&mut schemas);
+    add::<ObjectMeta>(&mut schemas);
+    add::<Condition>(&mut schemas);
+    ComponentsBuilder::new().schemas_from_iter(schemas).build()
+}
