@@ -13,6 +13,12 @@
 //!   asking for a revision older than the retained history fails with
 //!   [`StoreError::Compacted`] so the caller relists;
 //! - a key attached to a lease is deleted when the lease expires or is revoked.
+//!   Such a deletion is a write like any other (a `Delete` event per key);
+//!   the embedded backend gives each deleted key its own revision, etcd gives
+//!   all keys of one lease the same revision, so callers must not assume
+//!   either;
+//! - lease operations themselves (grant, keep-alive, revoke of a lease with
+//!   no keys) do not change the revision.
 
 use std::pin::Pin;
 
@@ -51,10 +57,13 @@ pub enum EventKind {
 pub struct WatchEvent {
     pub kind: EventKind,
     /// For `Put`, the new key/value. For `Delete`, the key with an empty
-    /// value and `mod_revision` set to the revision of the delete.
+    /// value, `mod_revision` set to the revision of the delete, and
+    /// `create_revision` 0, `version` 0, `lease` `None` (as etcd reports a
+    /// tombstone).
     pub kv: KeyValue,
-    /// The value before this event, when the backend knows it (for a delete,
-    /// the last value).
+    /// The key/value before this event, when the backend knows it: `None`
+    /// for a `Put` that created the key, the replaced key/value for a `Put`
+    /// that updated it, the last key/value for a `Delete`.
     pub prev: Option<KeyValue>,
 }
 
@@ -92,6 +101,10 @@ pub enum StoreError {
     WatchLagged { resume_from: Revision },
     #[error("store is closed")]
     Closed,
+    /// The request itself is malformed (empty key, non-positive TTL,
+    /// negative revision, compaction beyond the current revision...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     #[error("store backend error: {0}")]
     Backend(String),
 }
@@ -110,10 +123,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Create `key`; fails with `AlreadyExists` if present. Returns the new
     /// key/value (its `mod_revision` is the revision of this write).
+    /// With `lease`, the key is deleted when that lease ends; a lease that
+    /// does not exist (any more) is `LeaseNotFound`.
     async fn create(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<KeyValue>;
 
     /// Replace `key`'s value if its `mod_revision` equals `expected`
     /// (compare-and-swap). `NotFound` if absent, `Conflict` if changed.
+    /// The key ends up attached to exactly `lease` (`None` detaches it, as an
+    /// etcd put without a lease does); an unknown lease is `LeaseNotFound`.
     async fn update(
         &self,
         key: &str,
@@ -128,6 +145,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Events for keys under `prefix` with revision >= `from` (0 = only new
     /// events from now on), in revision order, then live.
+    ///
+    /// If `from` is older than the retained history the call itself fails
+    /// with `Compacted` (not a stream item) so the caller relists. A stream
+    /// that breaks later yields one final error item (`WatchLagged`,
+    /// `Compacted`, `Closed`...) and ends.
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream>;
 
     /// The store-wide revision of the last write.
@@ -140,5 +162,13 @@ pub trait Store: Send + Sync + 'static {
     async fn lease_keepalive(&self, lease: LeaseId) -> Result<i64>;
 
     /// Revoke a lease now, deleting every key attached to it.
+    /// `LeaseNotFound` if it does not exist (any more).
     async fn lease_revoke(&self, lease: LeaseId) -> Result<()>;
+
+    /// Discard watch history before `revision`: afterwards `watch(_, from)`
+    /// with `from < revision` fails with `Compacted { oldest: revision, .. }`.
+    /// Current keys are untouched. Compacting to a revision at or below an
+    /// earlier compaction is a no-op; a revision above the current one is
+    /// `InvalidArgument`. (etcd: `Compact`.)
+    async fn compact(&self, revision: Revision) -> Result<()>;
 }
