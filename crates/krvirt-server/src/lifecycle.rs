@@ -3,8 +3,8 @@
 //!
 //! `start`/`stop`/`restart` only change the VirtualMachine object (its
 //! `spec.runStrategy`/`spec.running`, or `status.stateChangeRequests`) and
-//! the VMI's `spec.terminationGracePeriodSeconds`; the VM controller
-//! reconciles from there.
+//! a grace-period annotation on the VMI; the VM controller reconciles from
+//! there.
 
 use std::fmt;
 
@@ -93,8 +93,8 @@ pub struct StartOptions {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StopOptions {
-    /// Seconds the guest gets to shut down; recorded on the VMI as
-    /// `spec.terminationGracePeriodSeconds`.
+    /// Seconds the guest gets to shut down; recorded on the VMI in the
+    /// [`STOP_GRACE_PERIOD_ANNOTATION`] annotation.
     #[serde(default)]
     pub grace_period: Option<i64>,
 }
@@ -246,7 +246,27 @@ async fn apply_change(
     Ok(())
 }
 
-/// Record a grace period on the VMI for the agent, as KubeVirt does.
+/// Annotation on a VMI holding the grace period (seconds) a `stop` or
+/// `restart` request asked for. It takes precedence over the VMI's
+/// `spec.terminationGracePeriodSeconds` when the agent shuts the guest
+/// down. (KubeVirt patches `spec.terminationGracePeriodSeconds` itself; a
+/// krvirt VMI spec is immutable, so the request is recorded here.)
+pub const STOP_GRACE_PERIOD_ANNOTATION: &str = "krvirt.io/stop-grace-period-seconds";
+
+/// The grace period in effect for a VMI: the annotation, else
+/// `spec.terminationGracePeriodSeconds`.
+pub fn vmi_grace_period(vmi: &Value) -> Option<i64> {
+    vmi.pointer("/metadata/annotations")
+        .and_then(|a| a.get(STOP_GRACE_PERIOD_ANNOTATION))
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<i64>().ok())
+        .or_else(|| {
+            vmi.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+        })
+}
+
+/// Record a requested grace period on the VMI for the agent.
 async fn set_vmi_grace(
     reg: &Registry,
     kind: &KindInfo,
@@ -262,15 +282,20 @@ async fn set_vmi_grace(
         .and_then(Value::as_str)
         .unwrap_or_default();
     let mut obj = vmi.clone();
-    match obj.get_mut("spec").and_then(Value::as_object_mut) {
-        Some(spec) => {
-            spec.insert("terminationGracePeriodSeconds".into(), json!(grace));
-        }
-        None => {
-            return Err(ApiError::Internal(
-                "VirtualMachineInstance has no spec".into(),
-            ));
-        }
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return Err(ApiError::Internal(
+            "VirtualMachineInstance has no metadata".into(),
+        ));
+    };
+    let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+    if !annotations.is_object() {
+        *annotations = json!({});
+    }
+    if let Some(a) = annotations.as_object_mut() {
+        a.insert(
+            STOP_GRACE_PERIOD_ANNOTATION.into(),
+            json!(grace.to_string()),
+        );
     }
     reg.replace(kind, ns, name, obj).await.map(|_| ())
 }
@@ -378,8 +403,8 @@ pub async fn start_vm(
 /// `stop`: Always / RerunOnFailure / Once → runStrategy Halted (or
 /// running=false); Manual → a Stop state change request for the running
 /// VMI; Halted → 409 unless a VMI still runs and the request shortens its
-/// grace period. A grace period is recorded on the VMI as
-/// `spec.terminationGracePeriodSeconds`.
+/// grace period. A grace period is recorded on the VMI in the
+/// [`STOP_GRACE_PERIOD_ANNOTATION`] annotation.
 pub async fn stop_vm(
     reg: &Registry,
     ns: &str,
@@ -402,9 +427,7 @@ pub async fn stop_vm(
                 let Some(vmi) = running_vmi else {
                     return Err(conflict(vm_kind, name, VM_NOT_RUNNING));
                 };
-                let old = vmi
-                    .pointer("/spec/terminationGracePeriodSeconds")
-                    .and_then(Value::as_i64);
+                let old = vmi_grace_period(vmi);
                 let shorter = match (opts.grace_period, old) {
                     (None, _) => false,
                     (Some(_), None) => true,

@@ -301,7 +301,10 @@ fn parse_labels(input: &str) -> Result<LabelSelector, String> {
                             }
                             None | Some(Tok::Comma) => String::new(),
                             other => {
-                                return Err(format!("found {}, expected: a value", describe(other)));
+                                return Err(format!(
+                                    "found {}, expected: a value",
+                                    describe(other)
+                                ));
                             }
                         };
                         validate_label_value(&value)?;
