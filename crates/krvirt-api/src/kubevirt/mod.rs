@@ -807,7 +807,10 @@ impl CloudInitNoCloudSource {
 }
 
 fn decoded(plain: Option<&str>, b64: Option<&str>) -> Result<Option<Vec<u8>>, String> {
-    match (plain.filter(|s| !s.is_empty()), b64.filter(|s| !s.is_empty())) {
+    match (
+        plain.filter(|s| !s.is_empty()),
+        b64.filter(|s| !s.is_empty()),
+    ) {
         (Some(p), _) => Ok(Some(p.as_bytes().to_vec())),
         (None, Some(b)) => crate::util::decode_base64(b).map(Some),
         (None, None) => Ok(None),
@@ -1028,3 +1031,8 @@ impl crate::meta::Object for VirtualMachineInstance {
         &mut self.metadata
     }
 }
+
+/// Finalizer put on every VMI bound to a host; the host's agent removes it
+/// once the guest is stopped and its run directory cleaned up, so deleting a
+/// VMI never leaves a QEMU process behind.
+pub const VMI_HOST_FINALIZER: &str = "krvirt.io/host-cleanup";

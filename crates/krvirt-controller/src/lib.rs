@@ -1,0 +1,21 @@
+//! krvirt's controllers (KubeVirt's virt-controller role), level-triggered:
+//! each watches objects through the API server's [`Registry`], queues the
+//! keys that changed and reconciles one key at a time from the current state,
+//! so a restart at any point converges.
+//!
+//! - [`vm`]: VirtualMachine → VirtualMachineInstance by run strategy,
+//!   printableStatus, crash-loop back-off; deletes VMIs whose VM is gone.
+//! - [`placement`]: binds pending VMIs to a Ready host (the one host of
+//!   `krvirt up`; the cluster scheduler replaces it later).
+
+pub mod placement;
+pub mod queue;
+mod runner;
+pub mod vm;
+
+pub use runner::{ControllerError, Controllers};
+
+/// Finalizer the placement controller puts on every VMI it binds to a host;
+/// the host's agent removes it once QEMU is stopped and the run directory
+/// is cleaned up, so a deleted VMI never leaves a guest behind.
+pub const VMI_FINALIZER: &str = krvirt_api::kubevirt::VMI_HOST_FINALIZER;

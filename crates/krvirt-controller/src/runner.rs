@@ -1,0 +1,357 @@
+//! Watch plumbing and workers that execute the controllers' decisions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use krvirt_api::kubevirt::{
+    PrintableStatus, VirtualMachine, VirtualMachineInstance, vm_conditions,
+};
+use krvirt_api::meta::{Condition, ConditionStatus, set_condition};
+use krvirt_api::{KindInfo, find_kind};
+use krvirt_server::{ApiError, Preconditions, Registry, Selector, Subresource};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::placement;
+use crate::queue::{Key, WorkQueue};
+use crate::vm::{self, Action};
+
+/// How often every object is reconciled even without a change.
+const RESYNC: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("cannot decode {what}: {source}")]
+    Decode {
+        what: String,
+        source: serde_json::Error,
+    },
+    #[error("kind {0} is not registered")]
+    UnknownKind(&'static str),
+}
+
+fn kind(name: &'static str) -> Result<&'static KindInfo, ControllerError> {
+    find_kind(name).ok_or(ControllerError::UnknownKind(name))
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    what: &str,
+    v: Value,
+) -> Result<T, ControllerError> {
+    serde_json::from_value(v).map_err(|source| ControllerError::Decode {
+        what: what.to_string(),
+        source,
+    })
+}
+
+fn key_of(obj: &Value) -> Key {
+    let s = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or_default();
+    Key::new(s("/metadata/namespace"), s("/metadata/name"))
+}
+
+/// The running controllers of one control plane.
+#[derive(Clone)]
+pub struct Controllers {
+    registry: Registry,
+    vm_queue: WorkQueue,
+    placement_queue: WorkQueue,
+    vm_kind: &'static KindInfo,
+    vmi_kind: &'static KindInfo,
+    host_kind: &'static KindInfo,
+}
+
+impl Controllers {
+    pub fn new(registry: Registry) -> Result<Self, ControllerError> {
+        Ok(Controllers {
+            registry,
+            vm_queue: WorkQueue::new(),
+            placement_queue: WorkQueue::new(),
+            vm_kind: kind("virtualmachines")?,
+            vmi_kind: kind("virtualmachineinstances")?,
+            host_kind: kind("hosts")?,
+        })
+    }
+
+    /// Run until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tasks = Vec::new();
+        let me = Arc::new(self);
+
+        // VMs feed the VM queue.
+        let c = me.clone();
+        tasks.push(tokio::spawn(async move {
+            let q = c.vm_queue.clone();
+            watch_loop(&c.registry, c.vm_kind, move |o| q.add(key_of(o))).await
+        }));
+        // VMIs feed both queues (a VMI is named after its VM).
+        let c = me.clone();
+        tasks.push(tokio::spawn(async move {
+            let (vq, pq) = (c.vm_queue.clone(), c.placement_queue.clone());
+            watch_loop(&c.registry, c.vmi_kind, move |o| {
+                vq.add(key_of(o));
+                pq.add(key_of(o));
+            })
+            .await
+        }));
+        // A host change can make pending VMIs schedulable.
+        let c = me.clone();
+        tasks.push(tokio::spawn(async move {
+            let c2 = c.clone();
+            watch_loop(&c.registry, c.host_kind, move |_| {
+                let c3 = c2.clone();
+                tokio::spawn(async move { c3.queue_unbound_vmis().await });
+            })
+            .await
+        }));
+        // Periodic resync.
+        let c = me.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RESYNC).await;
+                for (k, q) in [(c.vm_kind, &c.vm_queue), (c.vmi_kind, &c.placement_queue)] {
+                    if let Ok((items, _)) = c.registry.list(k, None, &Selector::everything()).await
+                    {
+                        items.iter().for_each(|o| q.add(key_of(o)));
+                    }
+                }
+            }
+        }));
+        for _ in 0..2 {
+            let c = me.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(key) = c.vm_queue.next().await {
+                    match c.reconcile_vm(&key).await {
+                        Ok(Some(after)) => c.vm_queue.add_after(key.clone(), after),
+                        Ok(None) => {}
+                        Err(e) => {
+                            debug!(%key, error = %e, "VM reconcile failed; retrying");
+                            c.vm_queue
+                                .add_after(key.clone(), Duration::from_millis(200));
+                        }
+                    }
+                    c.vm_queue.done(&key);
+                }
+            }));
+        }
+        let c = me.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(key) = c.placement_queue.next().await {
+                match placement::reconcile(&c.registry, c.vmi_kind, c.host_kind, &key).await {
+                    Ok(Some(after)) => c.placement_queue.add_after(key.clone(), after),
+                    Ok(None) => {}
+                    Err(e) => {
+                        debug!(%key, error = %e, "placement failed; retrying");
+                        c.placement_queue
+                            .add_after(key.clone(), Duration::from_millis(200));
+                    }
+                }
+                c.placement_queue.done(&key);
+            }
+        }));
+
+        shutdown.cancelled().await;
+        me.vm_queue.shut_down();
+        me.placement_queue.shut_down();
+        for t in tasks {
+            t.abort();
+        }
+    }
+
+    async fn queue_unbound_vmis(&self) {
+        if let Ok((items, _)) = self
+            .registry
+            .list(self.vmi_kind, None, &Selector::everything())
+            .await
+        {
+            for o in items
+                .iter()
+                .filter(|o| o.pointer("/status/nodeName").is_none())
+            {
+                self.placement_queue.add(key_of(o));
+            }
+        }
+    }
+
+    async fn get_opt(&self, kind: &KindInfo, key: &Key) -> Result<Option<Value>, ApiError> {
+        match self.registry.get(kind, &key.namespace, &key.name).await {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete_vmi(&self, key: &Key, uid: &str) -> Result<(), ApiError> {
+        let pre = Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        };
+        match self
+            .registry
+            .delete(self.vmi_kind, &key.namespace, &key.name, &pre)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() || e.is_conflict() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One VM: returns when to look again, if a time matters.
+    async fn reconcile_vm(&self, key: &Key) -> Result<Option<Duration>, ControllerError> {
+        let vmi_raw = self.get_opt(self.vmi_kind, key).await?;
+        let Some(vm_raw) = self.get_opt(self.vm_kind, key).await? else {
+            // Garbage collection: a VMI whose controlling VM is gone.
+            if let Some(v) = vmi_raw {
+                let vmi: VirtualMachineInstance = decode("VMI", v)?;
+                let orphan = vmi
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .any(|o| o.kind == "VirtualMachine" && o.controller == Some(true));
+                if orphan && vmi.metadata.deletion_timestamp.is_none() {
+                    info!(%key, "deleting VMI of deleted VM");
+                    self.delete_vmi(key, vmi.metadata.uid.as_deref().unwrap_or_default())
+                        .await?;
+                }
+            }
+            return Ok(None);
+        };
+        let resource_version = vm_raw
+            .pointer("/metadata/resourceVersion")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let vm: VirtualMachine = decode("VM", vm_raw)?;
+        let vmi: Option<VirtualMachineInstance> = vmi_raw.map(|v| decode("VMI", v)).transpose()?;
+        let mut d = vm::decide(&vm, vmi.as_ref(), chrono::Utc::now());
+
+        let actions = std::mem::take(&mut d.actions);
+        for action in &actions {
+            match action {
+                Action::CreateVmi(v) => {
+                    let obj = serde_json::to_value(v.as_ref()).map_err(|source| {
+                        ControllerError::Decode {
+                            what: "VMI".into(),
+                            source,
+                        }
+                    })?;
+                    match self
+                        .registry
+                        .create(self.vmi_kind, &key.namespace, obj)
+                        .await
+                    {
+                        Ok(_) => info!(%key, "created VMI"),
+                        // An earlier pass was first: look again.
+                        Err(ApiError::AlreadyExists { .. }) => {
+                            return Ok(Some(Duration::from_millis(50)));
+                        }
+                        // The template does not admit as a VMI: say so in the
+                        // VM's status instead of retrying in a loop.
+                        Err(e @ (ApiError::Invalid { .. } | ApiError::BadRequest(_))) => {
+                            warn!(%key, error = %e, "VM template does not admit as a VMI");
+                            set_condition(
+                                &mut d.status.conditions,
+                                Condition {
+                                    reason: Some("FailedCreate".into()),
+                                    message: Some(e.to_string()),
+                                    ..Condition::new(vm_conditions::FAILURE, ConditionStatus::True)
+                                },
+                            );
+                            d.status.created = Some(false);
+                            d.status.printable_status = Some(PrintableStatus::Stopped);
+                            d.requeue_after = Some(RESYNC);
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Action::DeleteVmi { uid } => {
+                    info!(%key, %uid, "deleting VMI");
+                    self.delete_vmi(key, uid).await?;
+                }
+                Action::HaltVm => {
+                    let patch = if vm.spec.running.is_some() {
+                        json!({"spec": {"running": false}})
+                    } else {
+                        json!({"spec": {"runStrategy": "Halted"}})
+                    };
+                    self.registry
+                        .merge_patch(
+                            self.vm_kind,
+                            &key.namespace,
+                            &key.name,
+                            &patch,
+                            Subresource::Main,
+                        )
+                        .await?;
+                }
+            }
+        }
+
+        if vm.status.as_ref() != Some(&d.status) {
+            let mut obj = json!({
+                "apiVersion": "kubevirt.io/v1",
+                "kind": "VirtualMachine",
+                "metadata": {"name": key.name, "namespace": key.namespace,
+                             "resourceVersion": resource_version},
+                "status": d.status,
+            });
+            // Compare-and-swap on the version decided from: a request added
+            // meanwhile must not be overwritten.
+            if let Err(e) = self
+                .registry
+                .replace_status(self.vm_kind, &key.namespace, &key.name, obj.take())
+                .await
+            {
+                if e.is_conflict() {
+                    return Ok(Some(Duration::ZERO));
+                }
+                if !e.is_not_found() {
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(d.requeue_after)
+    }
+}
+
+/// List, then watch from the list's version, calling `f` for every object
+/// seen; after any break (compaction, store error) list again.
+async fn watch_loop<F>(registry: &Registry, kind: &'static KindInfo, f: F)
+where
+    F: Fn(&Value) + Send,
+{
+    loop {
+        let (items, rv) = match registry.list(kind, None, &Selector::everything()).await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(kind = kind.kind, error = %e, "list failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        items.iter().for_each(&f);
+        let mut stream = match registry
+            .watch(kind, None, Selector::everything(), Some(&rv))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(kind = kind.kind, error = %e, "watch failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(ev) => f(&ev.object),
+                Err(e) => {
+                    debug!(kind = kind.kind, error = %e, "watch ended; relisting");
+                    break;
+                }
+            }
+        }
+    }
+}
