@@ -2,18 +2,15 @@
 //! function, a real HTTP server on 127.0.0.1:0.
 #![allow(dead_code)]
 
-pub mod memstore;
-
 use std::sync::Arc;
 
 use krvirt_api::{FieldCause, KindInfo, ValidationError};
 use krvirt_server::{AppState, HostConnector, NoHostConnector, Registry};
 use krvirt_store::Store;
+use krvirt_store::embedded::EmbeddedStore;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-pub use memstore::MemStore;
 
 pub static KINDS: &[KindInfo] = &[
     KindInfo {
@@ -148,10 +145,20 @@ pub fn admit(kind: &KindInfo, obj: Value, old: Option<&Value>) -> Result<Value, 
     }
 }
 
+/// Which kinds and admission a test server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kinds {
+    /// [`KINDS`] with the test [`admit`].
+    Test,
+    /// `krvirt_api::kinds()` with `krvirt_api::admit`.
+    Real,
+}
+
 pub struct TestServer {
     pub base: String,
     pub registry: Registry,
-    pub store: Arc<MemStore>,
+    pub store: Arc<EmbeddedStore>,
+    _dir: tempfile::TempDir,
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<std::io::Result<()>>>,
@@ -159,12 +166,23 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start() -> Self {
-        Self::with_connector(Arc::new(NoHostConnector)).await
+        Self::with(Kinds::Test, Arc::new(NoHostConnector)).await
     }
 
-    pub async fn with_connector(connector: Arc<dyn HostConnector>) -> Self {
-        let store = Arc::new(MemStore::new());
-        let registry = Registry::with_kinds(store.clone() as Arc<dyn Store>, KINDS, admit);
+    pub async fn real() -> Self {
+        Self::with(Kinds::Real, Arc::new(NoHostConnector)).await
+    }
+
+    pub async fn with(kinds: Kinds, connector: Arc<dyn HostConnector>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(
+            EmbeddedStore::open(&dir.path().join("state.db")).expect("open embedded store"),
+        );
+        let dyn_store = store.clone() as Arc<dyn Store>;
+        let registry = match kinds {
+            Kinds::Test => Registry::with_kinds(dyn_store, KINDS, admit),
+            Kinds::Real => Registry::new(dyn_store),
+        };
         let state = AppState::new(registry.clone(), connector);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -178,6 +196,7 @@ impl TestServer {
             base: format!("http://{addr}"),
             registry,
             store,
+            _dir: dir,
             client: reqwest::Client::new(),
             shutdown: Some(tx),
             handle: Some(handle),
