@@ -10,8 +10,8 @@
 //! type, unknown enum value, missing required field) stop decoding.
 //! Semantic validation only runs on objects that decoded cleanly.
 
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::{FieldCause, ValidationError, reason};
@@ -345,7 +345,11 @@ pub(crate) fn decode<T: DeserializeOwned>(
         if msg.starts_with("unknown field") {
             let norm = normalized(&segs);
             if not_implemented(&norm) {
-                causes.push(FieldCause::new(reason::NOT_SUPPORTED, field, NOT_IMPLEMENTED));
+                causes.push(FieldCause::new(
+                    reason::NOT_SUPPORTED,
+                    field,
+                    NOT_IMPLEMENTED,
+                ));
             } else {
                 causes.push(FieldCause::new(reason::UNKNOWN, field, humanize(&msg)));
             }
@@ -363,7 +367,11 @@ pub(crate) fn decode<T: DeserializeOwned>(
                 "Required value",
             ));
         } else if msg.starts_with("unknown variant") {
-            causes.push(FieldCause::new(reason::NOT_SUPPORTED, field, humanize(&msg)));
+            causes.push(FieldCause::new(
+                reason::NOT_SUPPORTED,
+                field,
+                humanize(&msg),
+            ));
         } else {
             causes.push(FieldCause::new(reason::INVALID, field, humanize(&msg)));
         }
@@ -382,9 +390,13 @@ pub(crate) trait Admit: Serialize + DeserializeOwned + Sized {
 }
 
 /// Decode, default, validate and re-encode one object.
-pub(crate) fn admit_typed<T: Admit>(obj: Value, old: Option<&Value>) -> Result<Value, ValidationError> {
+pub(crate) fn admit_typed<T: Admit>(
+    obj: Value,
+    old: Option<&Value>,
+) -> Result<Value, ValidationError> {
     let mut typed: T = decode(obj, T::not_implemented).map_err(ValidationError::from_causes)?;
-    let old_typed: Option<T> = old.and_then(|o| serde_json::from_value(strip_bookkeeping(o.clone())).ok());
+    let old_typed: Option<T> =
+        old.and_then(|o| serde_json::from_value(strip_bookkeeping(o.clone())).ok());
     typed.apply_defaults();
     let mut causes = Causes::default();
     typed.validate(old_typed.as_ref(), &mut causes);
@@ -392,7 +404,11 @@ pub(crate) fn admit_typed<T: Admit>(obj: Value, old: Option<&Value>) -> Result<V
         return Err(ValidationError::from_causes(causes.0));
     }
     serde_json::to_value(&typed).map_err(|e| {
-        ValidationError::new(reason::INVALID, "", format!("cannot encode the admitted object: {e}"))
+        ValidationError::new(
+            reason::INVALID,
+            "",
+            format!("cannot encode the admitted object: {e}"),
+        )
     })
 }
 
@@ -420,7 +436,9 @@ mod tests {
     fn classification_tables() {
         assert!(vm_not_implemented("spec.template.spec.domain.devices.gpus"));
         assert!(vm_not_implemented("spec.instancetype"));
-        assert!(!vm_not_implemented("spec.template.spec.domain.devices.gpuss"));
+        assert!(!vm_not_implemented(
+            "spec.template.spec.domain.devices.gpuss"
+        ));
         assert!(!vm_not_implemented("spec.domain.devices.gpus"));
         assert!(vmi_not_implemented("spec.domain.devices.gpus"));
         assert!(vmi_not_implemented("spec.volumes.persistentVolumeClaim"));
@@ -435,7 +453,11 @@ mod tests {
         assert!(fields.contains(&"spec.instancetype".to_string()));
         assert!(fields.contains(&"spec.template.spec.domain.devices.gpus".to_string()));
         assert!(fields.contains(&"spec.template.spec.domain.devices.disks[].lun".to_string()));
-        assert!(fields.contains(&"spec.template.spec.volumes[].containerDisk.imagePullSecret".to_string()));
+        assert!(
+            fields.contains(
+                &"spec.template.spec.volumes[].containerDisk.imagePullSecret".to_string()
+            )
+        );
         let vmi = crate::find_kind("vmi").expect("served");
         assert!(not_implemented_fields(vmi).contains(&"spec.networks[].multus".to_string()));
     }
@@ -448,6 +470,9 @@ mod tests {
             &[Seg::Key("a".into()), Seg::Index(0), Seg::Key("b".into())]
         ));
         assert_eq!(v, serde_json::json!({"a": [{"c": 2}]}));
-        assert!(!remove_at(&mut v, &[Seg::Key("zz".into()), Seg::Key("b".into())]));
+        assert!(!remove_at(
+            &mut v,
+            &[Seg::Key("zz".into()), Seg::Key("b".into())]
+        ));
     }
 }

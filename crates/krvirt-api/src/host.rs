@@ -245,7 +245,10 @@ impl Admit for Host {
         if let Some(t) = &status.heartbeat_time
             && crate::meta::parse_rfc3339(t).is_none()
         {
-            c.invalid("status.heartbeatTime", format!("{t:?} is not an RFC 3339 timestamp"));
+            c.invalid(
+                "status.heartbeatTime",
+                format!("{t:?} is not an RFC 3339 timestamp"),
+            );
         }
     }
 }

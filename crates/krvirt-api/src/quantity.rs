@@ -10,15 +10,17 @@
 use std::borrow::Cow;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
 
 /// Why a quantity string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuantityError {
     #[error("quantity is empty")]
     Empty,
-    #[error("quantity {0:?} does not match the Kubernetes quantity syntax (e.g. 128Mi, 1.5Gi, 2, 500m)")]
+    #[error(
+        "quantity {0:?} does not match the Kubernetes quantity syntax (e.g. 128Mi, 1.5Gi, 2, 500m)"
+    )]
     Syntax(String),
     #[error("quantity {0:?} has an unknown suffix")]
     Suffix(String),
@@ -75,7 +77,8 @@ fn parse_exact(input: &str) -> Result<Exact, QuantityError> {
             .parse()
             .map_err(|_| QuantityError::Syntax(input.to_string()))?
     };
-    let frac_len = u32::try_from(frac_part.len()).map_err(|_| QuantityError::Syntax(input.to_string()))?;
+    let frac_len =
+        u32::try_from(frac_part.len()).map_err(|_| QuantityError::Syntax(input.to_string()))?;
     let mut num = mantissa;
     let mut den = pow(10, frac_len, input)?;
 
@@ -110,7 +113,8 @@ fn parse_exact(input: &str) -> Result<Exact, QuantityError> {
                 Some(b'+') => (1, &exp[1..]),
                 _ => (1, exp),
             };
-            if digits.is_empty() || digits.len() > 3 || !digits.bytes().all(|c| c.is_ascii_digit()) {
+            if digits.is_empty() || digits.len() > 3 || !digits.bytes().all(|c| c.is_ascii_digit())
+            {
                 return Err(QuantityError::Syntax(input.to_string()));
             }
             let e: i32 = digits
@@ -146,7 +150,7 @@ fn parse_exact(input: &str) -> Result<Exact, QuantityError> {
 }
 
 fn ceil_div(num: u128, den: u128, original: &str) -> Result<u64, QuantityError> {
-    let q = num / den + u128::from(num % den != 0);
+    let q = num.div_ceil(den);
     u64::try_from(q).map_err(|_| QuantityError::TooLarge(original.to_string()))
 }
 
@@ -329,17 +333,44 @@ mod tests {
     #[test]
     fn errors() {
         assert_eq!(parse_quantity(""), Err(QuantityError::Empty));
-        assert!(matches!(parse_quantity("abc"), Err(QuantityError::Syntax(_))));
+        assert!(matches!(
+            parse_quantity("abc"),
+            Err(QuantityError::Syntax(_))
+        ));
         assert!(matches!(parse_quantity("."), Err(QuantityError::Syntax(_))));
-        assert!(matches!(parse_quantity("1.2.3"), Err(QuantityError::Syntax(_))));
-        assert!(matches!(parse_quantity("12Xi"), Err(QuantityError::Suffix(_))));
-        assert!(matches!(parse_quantity("12 Mi"), Err(QuantityError::Suffix(_))));
-        assert!(matches!(parse_quantity("12mi"), Err(QuantityError::Suffix(_))));
-        assert!(matches!(parse_quantity("1e"), Err(QuantityError::Syntax(_))));
-        assert!(matches!(parse_quantity("-1Gi"), Err(QuantityError::Negative(_))));
+        assert!(matches!(
+            parse_quantity("1.2.3"),
+            Err(QuantityError::Syntax(_))
+        ));
+        assert!(matches!(
+            parse_quantity("12Xi"),
+            Err(QuantityError::Suffix(_))
+        ));
+        assert!(matches!(
+            parse_quantity("12 Mi"),
+            Err(QuantityError::Suffix(_))
+        ));
+        assert!(matches!(
+            parse_quantity("12mi"),
+            Err(QuantityError::Suffix(_))
+        ));
+        assert!(matches!(
+            parse_quantity("1e"),
+            Err(QuantityError::Syntax(_))
+        ));
+        assert!(matches!(
+            parse_quantity("-1Gi"),
+            Err(QuantityError::Negative(_))
+        ));
         assert_eq!(parse_quantity("-0"), Ok(0));
-        assert!(matches!(parse_quantity("16Ei"), Err(QuantityError::TooLarge(_))));
-        assert!(matches!(parse_quantity("1e30"), Err(QuantityError::TooLarge(_))));
+        assert!(matches!(
+            parse_quantity("16Ei"),
+            Err(QuantityError::TooLarge(_))
+        ));
+        assert!(matches!(
+            parse_quantity("1e30"),
+            Err(QuantityError::TooLarge(_))
+        ));
         assert!(matches!(
             parse_quantity("99999999999999999999999999999999999999999"),
             Err(QuantityError::TooLarge(_))

@@ -72,12 +72,19 @@ fn type_meta(kind: &KindInfo, map: &mut serde_json::Map<String, Value>, c: &mut 
         Some(Value::String(k)) if k == kind.kind => {}
         Some(other) => c.invalid(
             "kind",
-            format!("kind {other} does not match the endpoint's kind {:?}", kind.kind),
+            format!(
+                "kind {other} does not match the endpoint's kind {:?}",
+                kind.kind
+            ),
         ),
     }
 }
 
-pub(crate) fn admit(kind: &KindInfo, obj: Value, old: Option<&Value>) -> Result<Value, ValidationError> {
+pub(crate) fn admit(
+    kind: &KindInfo,
+    obj: Value,
+    old: Option<&Value>,
+) -> Result<Value, ValidationError> {
     let Value::Object(mut map) = obj else {
         return Err(ValidationError::new(
             reason::INVALID,
@@ -93,7 +100,9 @@ pub(crate) fn admit(kind: &KindInfo, obj: Value, old: Option<&Value>) -> Result<
     let obj = strip_bookkeeping(Value::Object(map));
     match (kind.group, kind.kind) {
         ("kubevirt.io", "VirtualMachine") => admit_typed::<VirtualMachine>(obj, old),
-        ("kubevirt.io", "VirtualMachineInstance") => admit_typed::<VirtualMachineInstance>(obj, old),
+        ("kubevirt.io", "VirtualMachineInstance") => {
+            admit_typed::<VirtualMachineInstance>(obj, old)
+        }
         ("krvirt.io", "Host") => admit_typed::<Host>(obj, old),
         _ => Err(ValidationError::new(
             reason::NOT_SUPPORTED,
@@ -108,22 +117,24 @@ pub(crate) fn kind_for_object(obj: &Value) -> Result<&'static KindInfo, Validati
     let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
     let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     if kind.is_empty() {
-        return Err(ValidationError::new(reason::REQUIRED, "kind", "Required value"));
+        return Err(ValidationError::new(
+            reason::REQUIRED,
+            "kind",
+            "Required value",
+        ));
     }
-    let served = || {
-        KINDS
-            .iter()
-            .map(|k| format!("{} ({})", k.kind, k.api_version()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let served = || KINDS.iter().map(|k| k.kind).collect::<Vec<_>>().join(", ");
     let Some(info) = KINDS.iter().find(|k| k.kind == kind) else {
         return Err(ValidationError::new(
             reason::NOT_SUPPORTED,
             "kind",
             format!(
-                "kind {kind:?} ({}) is not served by krvirt; served kinds: {}",
-                if api_version.is_empty() { "no apiVersion" } else { api_version },
+                "kind {kind:?} ({}) is not served by krvirt (served: {})",
+                if api_version.is_empty() {
+                    "no apiVersion"
+                } else {
+                    api_version
+                },
                 served()
             ),
         ));

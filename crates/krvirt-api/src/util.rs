@@ -5,7 +5,13 @@
 /// SHA-1 digest of `data` (FIPS 180-4). Used only for name-based UUIDs, not
 /// for anything security related.
 pub(crate) fn sha1(data: &[u8]) -> [u8; 20] {
-    let mut h: [u32; 5] = [0x6745_2301, 0xEFCD_AB89, 0x98BA_DCFE, 0x1032_5476, 0xC3D2_E1F0];
+    let mut h: [u32; 5] = [
+        0x6745_2301,
+        0xEFCD_AB89,
+        0x98BA_DCFE,
+        0x1032_5476,
+        0xC3D2_E1F0,
+    ];
     let bit_len = (data.len() as u64).wrapping_mul(8);
     let mut msg = data.to_vec();
     msg.push(0x80);
@@ -116,7 +122,7 @@ pub(crate) fn uuid_v5(namespace: &[u8; 16], name: &[u8]) -> String {
 /// `base64.StdEncoding` does). CR and LF are skipped like Go does.
 pub(crate) fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
     let clean: Vec<u8> = s.bytes().filter(|b| *b != b'\n' && *b != b'\r').collect();
-    if clean.len() % 4 != 0 {
+    if !clean.len().is_multiple_of(4) {
         return Err(format!(
             "length {} is not a multiple of 4 (missing padding?)",
             clean.len()
@@ -140,17 +146,11 @@ pub(crate) fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
                     0
                 }
                 _ => {
-                    return Err(format!(
-                        "illegal base64 data at input byte {}",
-                        ci * 4 + i
-                    ));
+                    return Err(format!("illegal base64 data at input byte {}", ci * 4 + i));
                 }
             };
             if pad > 0 && *c != b'=' {
-                return Err(format!(
-                    "illegal base64 data at input byte {}",
-                    ci * 4 + i
-                ));
+                return Err(format!("illegal base64 data at input byte {}", ci * 4 + i));
             }
         }
         let n = (u32::from(vals[0]) << 18)
@@ -182,7 +182,10 @@ fn is_dns_label_body(s: &str) -> bool {
 /// starting and ending with an alphanumeric. Returns the problem, if any.
 pub(crate) fn dns1123_label(s: &str) -> Option<String> {
     if s.len() > 63 {
-        return Some(format!("must be no more than 63 characters (is {})", s.len()));
+        return Some(format!(
+            "must be no more than 63 characters (is {})",
+            s.len()
+        ));
     }
     if !is_dns_label_body(s) {
         return Some(
@@ -364,7 +367,10 @@ mod tests {
     #[test]
     fn sha1_known_vectors() {
         assert_eq!(hex(&sha1(b"")), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
-        assert_eq!(hex(&sha1(b"abc")), "a9993e364706816aba3e25717850c26c9cd0d89d");
+        assert_eq!(
+            hex(&sha1(b"abc")),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
         assert_eq!(
             hex(&sha1(
                 b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"

@@ -160,7 +160,10 @@ pub(crate) fn vmi_spec(spec: &mut VirtualMachineInstanceSpec, namespace: &str, n
     if firmware.uuid.as_deref().is_none_or(str::is_empty) {
         firmware.uuid = (!name.is_empty()).then(|| default_firmware_uuid(namespace, name));
     }
-    if let Some(c) = firmware.kernel_boot.as_mut().and_then(|k| k.container.as_mut())
+    if let Some(c) = firmware
+        .kernel_boot
+        .as_mut()
+        .and_then(|k| k.container.as_mut())
         && c.image_pull_policy.is_none()
         && !c.image.is_empty()
     {
@@ -239,7 +242,10 @@ mod tests {
         d.resources.limits.insert("cpu".into(), "2500m".into());
         cpu_topology(&mut d);
         let cpu = d.cpu.expect("set");
-        assert_eq!((cpu.sockets, cpu.cores, cpu.threads), (Some(3), Some(1), Some(1)));
+        assert_eq!(
+            (cpu.sockets, cpu.cores, cpu.threads),
+            (Some(3), Some(1), Some(1))
+        );
 
         let mut d = DomainSpec::default();
         d.resources.requests.insert("cpu".into(), "2".into());
@@ -249,6 +255,9 @@ mod tests {
         });
         cpu_topology(&mut d);
         let cpu = d.cpu.expect("set");
-        assert_eq!((cpu.sockets, cpu.cores, cpu.threads), (Some(1), Some(2), Some(1)));
+        assert_eq!(
+            (cpu.sockets, cpu.cores, cpu.threads),
+            (Some(1), Some(2), Some(1))
+        );
     }
 }

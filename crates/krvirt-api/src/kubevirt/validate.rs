@@ -37,6 +37,7 @@ impl Admit for VirtualMachine {
             );
         }
         labels_and_annotations(&self.spec.template.metadata, "spec.template.metadata", c);
+        behaviour_annotations(&self.spec.template.metadata, "spec.template.metadata", c);
         vmi_spec(&self.spec.template.spec, "spec.template.spec", c);
     }
 }
@@ -52,6 +53,7 @@ impl Admit for VirtualMachineInstance {
 
     fn validate(&self, old: Option<&Self>, c: &mut Causes) {
         metadata(&self.metadata, "metadata", MAX_NAME, true, c);
+        behaviour_annotations(&self.metadata, "metadata", c);
         vmi_spec(&self.spec, "spec", c);
         if let Some(old) = old {
             immutable_identity(&old.metadata, &self.metadata, c);
@@ -67,7 +69,13 @@ impl Admit for VirtualMachineInstance {
 }
 
 /// `metadata` of a top-level object.
-pub(crate) fn metadata(meta: &ObjectMeta, p: &str, max_name: usize, namespaced: bool, c: &mut Causes) {
+pub(crate) fn metadata(
+    meta: &ObjectMeta,
+    p: &str,
+    max_name: usize,
+    namespaced: bool,
+    c: &mut Causes,
+) {
     match (meta.name.as_deref(), meta.generate_name.as_deref()) {
         (Some(name), _) if !name.is_empty() => {
             if let Some(problem) = util::dns1123_subdomain(name, max_name) {
@@ -117,6 +125,22 @@ pub(crate) fn immutable_identity(old: &ObjectMeta, new: &ObjectMeta, c: &mut Cau
     }
     if old.namespace.is_some() && old.namespace != new.namespace {
         c.forbidden("metadata.namespace", "field is immutable");
+    }
+}
+
+/// VMI annotations that switch on KubeVirt features (behind feature
+/// gates there) which krvirt does not implement.
+pub(crate) const ANNOTATIONS_NOT_IMPLEMENTED: &[&str] =
+    &["hooks.kubevirt.io/hookSidecars", "kubevirt.io/ignitiondata"];
+
+fn behaviour_annotations(meta: &ObjectMeta, p: &str, c: &mut Causes) {
+    for key in ANNOTATIONS_NOT_IMPLEMENTED {
+        if meta.annotations.contains_key(*key) {
+            c.not_implemented(
+                format!("{}[{key}]", join(p, "annotations")),
+                &format!("annotation {key}"),
+            );
+        }
     }
 }
 
@@ -301,7 +325,9 @@ fn cpu(d: &DomainSpec, dp: &str, c: &mut Causes) {
     if total > MAX_VCPUS {
         c.invalid(
             &cp,
-            format!("{total} vCPUs (sockets × cores × threads) exceed the q35 maximum of {MAX_VCPUS}"),
+            format!(
+                "{total} vCPUs (sockets × cores × threads) exceed the q35 maximum of {MAX_VCPUS}"
+            ),
         );
     }
     if cpu.dedicated_cpu_placement {
@@ -357,13 +383,17 @@ fn firmware(d: &DomainSpec, dp: &str, c: &mut Causes) {
         if serial.len() > MAX_SERIAL_LEN {
             c.invalid(
                 &f,
-                format!("{f} must be less than or equal to {MAX_SERIAL_LEN} in length, if specified"),
+                format!(
+                    "{f} must be less than or equal to {MAX_SERIAL_LEN} in length, if specified"
+                ),
             );
         }
         if !serial_chars(serial) {
             c.invalid(
                 &f,
-                format!("{f} must be made up of the following characters [A-Za-z0-9_.+-], if specified"),
+                format!(
+                    "{f} must be made up of the following characters [A-Za-z0-9_.+-], if specified"
+                ),
             );
         }
     }
@@ -421,21 +451,29 @@ fn serial_chars(s: &str) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'+' | b'-'))
 }
 
-fn boot_order(order: u32, f: &str, device: &str, seen: &mut HashMap<u32, String>, c: &mut Causes) {
+fn boot_order(order: u32, f: &str, seen: &mut HashMap<u32, String>, c: &mut Causes) {
     let bf = join(f, "bootOrder");
     if order < 1 {
-        c.invalid(&bf, format!("{device} must have a boot order > 0, if supplied"));
-    } else if seen.contains_key(&order) {
-        c.invalid(
+        c.invalid(&bf, format!("{f} must have a boot order > 0, if supplied"));
+        return;
+    }
+    match seen.entry(order) {
+        std::collections::hash_map::Entry::Occupied(_) => c.invalid(
             &bf,
             format!("Boot order for {bf} already set for a different device."),
-        );
-    } else {
-        seen.insert(order, bf);
+        ),
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(bf);
+        }
     }
 }
 
-fn disks(spec: &VirtualMachineInstanceSpec, p: &str, boot: &mut HashMap<u32, String>, c: &mut Causes) {
+fn disks(
+    spec: &VirtualMachineInstanceSpec,
+    p: &str,
+    boot: &mut HashMap<u32, String>,
+    c: &mut Causes,
+) {
     let mut names: HashMap<&str, usize> = HashMap::new();
     for (i, d) in spec.domain.devices.disks.iter().enumerate() {
         let f = idx(p, i);
@@ -462,7 +500,10 @@ fn disks(spec: &VirtualMachineInstanceSpec, p: &str, boot: &mut HashMap<u32, Str
             }
         }
         if d.disk.is_some() && d.cdrom.is_some() {
-            c.invalid(&f, format!("{f} can only have a single target type defined"));
+            c.invalid(
+                &f,
+                format!("{f} can only have a single target type defined"),
+            );
         }
         if let Some(t) = &d.disk {
             let bf = join(&f, "disk.bus");
@@ -492,7 +533,7 @@ fn disks(spec: &VirtualMachineInstanceSpec, p: &str, boot: &mut HashMap<u32, Str
             }
         }
         if let Some(order) = d.boot_order {
-            boot_order(order, &f, &f, boot, c);
+            boot_order(order, &f, boot, c);
         }
         if let Some(serial) = d.serial.as_deref().filter(|s| !s.is_empty()) {
             let sf = join(&f, "serial");
@@ -505,7 +546,9 @@ fn disks(spec: &VirtualMachineInstanceSpec, p: &str, boot: &mut HashMap<u32, Str
             if serial.chars().count() > MAX_SERIAL_LEN {
                 c.invalid(
                     &sf,
-                    format!("{f} must be less than or equal to {MAX_SERIAL_LEN} in length, if specified"),
+                    format!(
+                        "{f} must be less than or equal to {MAX_SERIAL_LEN} in length, if specified"
+                    ),
                 );
             }
         }
@@ -596,7 +639,10 @@ fn networks_and_interfaces(
                 );
             }
             if iface_names.contains_key(iface.name.as_str()) {
-                c.duplicate(&nf, "Only one interface can be connected to one specific network");
+                c.duplicate(
+                    &nf,
+                    "Only one interface can be connected to one specific network",
+                );
             } else {
                 iface_names.insert(&iface.name, i);
             }
@@ -638,7 +684,7 @@ fn networks_and_interfaces(
             }
         }
         if let Some(order) = iface.boot_order {
-            boot_order(order, &f, &f, boot, c);
+            boot_order(order, &f, boot, c);
         }
     }
 }
@@ -674,7 +720,10 @@ fn volumes(spec: &VirtualMachineInstanceSpec, p: &str, c: &mut Causes) {
             if cd.image.trim().is_empty() {
                 c.required(join(&cf, "image"), format!("{cf}.image is required"));
             } else if cd.image.chars().any(char::is_whitespace) {
-                c.invalid(join(&cf, "image"), format!("{:?} is not an image reference", cd.image));
+                c.invalid(
+                    join(&cf, "image"),
+                    format!("{:?} is not an image reference", cd.image),
+                );
             }
             if let Some(path) = cd.path.as_deref().filter(|s| !s.is_empty())
                 && let Err(problem) = util::clean_absolute_path(path)
@@ -701,12 +750,10 @@ fn volumes(spec: &VirtualMachineInstanceSpec, p: &str, c: &mut Causes) {
 
 fn cloud_init(ci: &CloudInitNoCloudSource, p: &str, c: &mut Causes) {
     let non_empty = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
-    let user_sources = usize::from(non_empty(&ci.user_data)) + usize::from(non_empty(&ci.user_data_base64));
+    let user_sources =
+        usize::from(non_empty(&ci.user_data)) + usize::from(non_empty(&ci.user_data_base64));
     match user_sources {
-        0 => c.required(
-            p,
-            format!("{p} must have userData or userDataBase64 set"),
-        ),
+        0 => c.required(p, format!("{p} must have userData or userDataBase64 set")),
         2 => c.invalid(p, format!("{p} must have only one userdatasource set.")),
         _ => {}
     }
