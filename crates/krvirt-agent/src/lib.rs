@@ -1,1 +1,7 @@
-//! krvirt host agent: inventory, VMI sync loop, QEMU lifecycle
+//! krvirt host agent (KubeVirt's virt-handler role): registers its Host,
+//! watches the VMIs bound to it and converges each one: disks, cloud-init
+//! seed, then QEMU; reports status back; re-attaches to running QEMUs after
+//! a restart.
+
+pub mod inventory;
+pub mod plan;

@@ -1,0 +1,344 @@
+//! From a VirtualMachineInstance to what the host must do to run it: a
+//! [`VmConfig`] for the hypervisor and the disk preparation steps before
+//! launch. A pure function of the VMI, the host's accelerator, the run
+//! directory and image resolution ([`ImageResolver`]), so it is held by
+//! golden tests (VMI manifest in, QEMU command line out).
+
+use std::path::{Path, PathBuf};
+
+use krvirt_api::kubevirt::{
+    CacheMode, DiskBus as ApiBus, InterfaceModel, VirtualMachineInstance, Volume,
+};
+use krvirt_hypervisor::{
+    Accel, BackingImage, CpuConfig, CpuModel, DiskBus, DiskCache, DiskConfig, DiskFormat, Firmware,
+    KernelBoot, Machine, NicBackend, NicConfig, NicModel, RunPaths, VmConfig,
+};
+use krvirt_image::{ImageError, NoCloudSeed};
+
+/// The guest address QEMU's user-mode DHCP server hands out first (our
+/// stand-in for KubeVirt's masquerade binding until real networks land).
+pub const MASQUERADE_GUEST_IP: &str = "10.0.2.2";
+
+/// Resolves image references to local files.
+pub trait ImageResolver {
+    /// The disk of a containerDisk image: path and format.
+    fn disk(&self, reference: &str) -> Result<(PathBuf, DiskFormat), ImageError>;
+    /// Host paths of a kernel-boot image's kernel and initrd.
+    fn kernel_boot(
+        &self,
+        reference: &str,
+        kernel_path: Option<&str>,
+        initrd_path: Option<&str>,
+    ) -> Result<(Option<PathBuf>, Option<PathBuf>), ImageError>;
+}
+
+/// A disk preparation step, done before QEMU starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PrepStep {
+    /// A qcow2 overlay on a read-only base (containerDisk: writes go to the
+    /// overlay, thrown away with the VMI).
+    Overlay {
+        path: PathBuf,
+        backing: PathBuf,
+        backing_format: DiskFormat,
+    },
+    /// A blank sparse qcow2 (emptyDisk).
+    Blank { path: PathBuf, size_bytes: u64 },
+    /// A NoCloud seed (cloudInitNoCloud).
+    Seed { path: PathBuf, seed: NoCloudSeed },
+}
+
+/// Everything needed to start a VMI.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub config: VmConfig,
+    pub prep: Vec<PrepStep>,
+}
+
+/// Why a VMI cannot run here (reported in the VMI's status).
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{field}: {message}")]
+    Unsupported { field: String, message: String },
+    #[error("{field}: {source}")]
+    Image {
+        field: String,
+        #[source]
+        source: ImageError,
+    },
+}
+
+impl PlanError {
+    /// Whether the failure is about an image (KubeVirt's ErrImagePull).
+    pub fn is_image(&self) -> bool {
+        matches!(self, PlanError::Image { .. })
+    }
+}
+
+fn unsupported(field: impl Into<String>, message: impl Into<String>) -> PlanError {
+    PlanError::Unsupported {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A stable, locally administered MAC for an interface without one.
+pub fn default_mac(vmi_uid: &str, iface: &str) -> String {
+    // FNV-1a over uid and interface name: stable across restarts of the agent.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in vmi_uid.bytes().chain([0u8]).chain(iface.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let b = h.to_be_bytes();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4]
+    )
+}
+
+fn machine(vmi: &VirtualMachineInstance) -> Result<Machine, PlanError> {
+    let t = vmi
+        .spec
+        .domain
+        .machine
+        .as_ref()
+        .map(|m| m.type_.as_str())
+        .unwrap_or("q35");
+    // KubeVirt manifests name versioned machine types (pc-q35-rhel9.2.0).
+    if t.is_empty() || t == "q35" || t.starts_with("pc-q35") {
+        Ok(Machine::Q35)
+    } else if t == "pc" || t.starts_with("pc-i440fx") {
+        Ok(Machine::Pc)
+    } else if t == "microvm" {
+        Ok(Machine::Microvm)
+    } else {
+        Err(unsupported(
+            "spec.domain.machine.type",
+            format!("machine type {t:?} is not supported (q35, pc, microvm)"),
+        ))
+    }
+}
+
+fn cpu(vmi: &VirtualMachineInstance) -> CpuConfig {
+    let c = vmi.spec.domain.cpu.clone().unwrap_or_default();
+    let model = match c.model.as_deref() {
+        None | Some("") | Some("host-passthrough") | Some("host-model") => {
+            CpuModel::HostPassthrough
+        }
+        Some(name) => CpuModel::Named(name.to_string()),
+    };
+    CpuConfig {
+        model,
+        sockets: c.sockets.unwrap_or(1),
+        cores: c.cores.unwrap_or(1),
+        threads: c.threads.unwrap_or(1),
+    }
+}
+
+fn bus(b: Option<ApiBus>, field: &str) -> Result<DiskBus, PlanError> {
+    match b.unwrap_or(ApiBus::Virtio) {
+        ApiBus::Virtio => Ok(DiskBus::Virtio),
+        ApiBus::Sata => Ok(DiskBus::Sata),
+        ApiBus::Scsi => Ok(DiskBus::Scsi),
+        ApiBus::Usb => Err(unsupported(field, "usb disks are not supported yet")),
+    }
+}
+
+/// Plan the VMI's run in `run_dir` with accelerator `accel`.
+pub fn plan(
+    vmi: &VirtualMachineInstance,
+    accel: Accel,
+    run_dir: &Path,
+    images: &dyn ImageResolver,
+) -> Result<Plan, PlanError> {
+    let spec = &vmi.spec;
+    let uid = vmi.metadata.uid.clone().unwrap_or_default();
+    let mut prep = Vec::new();
+
+    let memory = spec
+        .guest_memory_bytes()
+        .map_err(|e| unsupported("spec.domain.memory.guest", e.to_string()))?
+        .ok_or_else(|| unsupported("spec.domain.memory.guest", "no guest memory given"))?;
+    // QEMU takes whole MiB; round up.
+    let memory_bytes = memory.div_ceil(1 << 20) << 20;
+
+    let mut disks = Vec::new();
+    for (i, disk) in spec.domain.devices.disks.iter().enumerate() {
+        let field = format!("spec.domain.devices.disks[{i}]");
+        let volume: &Volume = spec
+            .volume(&disk.name)
+            .ok_or_else(|| unsupported(&field, format!("no volume named {:?}", disk.name)))?;
+        let target = disk.disk.clone().unwrap_or_default();
+        if disk.cdrom.is_some() {
+            return Err(unsupported(
+                format!("{field}.cdrom"),
+                "cdrom disks are not supported yet",
+            ));
+        }
+        let bus = bus(target.bus, &format!("{field}.disk.bus"))?;
+        let cache = match disk.cache {
+            None | Some(CacheMode::Writeback) => DiskCache::Writeback,
+            Some(CacheMode::None) => DiskCache::None,
+            Some(CacheMode::Writethrough) => DiskCache::Writethrough,
+        };
+        let file = |suffix: &str| run_dir.join(format!("disk-{}{suffix}", disk.name));
+        let mut config = DiskConfig {
+            id: disk.name.clone(),
+            path: PathBuf::new(),
+            format: DiskFormat::Qcow2,
+            bus,
+            read_only: target.readonly,
+            boot_index: disk.boot_order,
+            serial: disk.serial.clone(),
+            cache,
+            backing: Vec::new(),
+        };
+        let vfield = format!("spec.volumes[name={}]", volume.name);
+        if let Some(cd) = &volume.container_disk {
+            let (base, format) = images.disk(&cd.image).map_err(|source| PlanError::Image {
+                field: format!("{vfield}.containerDisk.image"),
+                source,
+            })?;
+            if cd.path.is_some() {
+                return Err(unsupported(
+                    format!("{vfield}.containerDisk.path"),
+                    "a path inside the containerDisk image is not supported yet",
+                ));
+            }
+            config.path = file(".qcow2");
+            config.backing = vec![BackingImage {
+                path: base.clone(),
+                format,
+            }];
+            prep.push(PrepStep::Overlay {
+                path: config.path.clone(),
+                backing: base,
+                backing_format: format,
+            });
+        } else if let Some(ed) = &volume.empty_disk {
+            let size = ed
+                .capacity
+                .as_ref()
+                .map(|q| q.value())
+                .transpose()
+                .map_err(|e| unsupported(format!("{vfield}.emptyDisk.capacity"), e.to_string()))?
+                .ok_or_else(|| unsupported(format!("{vfield}.emptyDisk.capacity"), "required"))?;
+            config.path = file(".qcow2");
+            prep.push(PrepStep::Blank {
+                path: config.path.clone(),
+                size_bytes: size,
+            });
+        } else if let Some(ci) = &volume.cloud_init_no_cloud {
+            let user_data = ci
+                .user_data_bytes()
+                .map_err(|e| unsupported(format!("{vfield}.cloudInitNoCloud.userDataBase64"), e))?;
+            let network_config = ci.network_data_bytes().map_err(|e| {
+                unsupported(format!("{vfield}.cloudInitNoCloud.networkDataBase64"), e)
+            })?;
+            config.path = file("-cidata.img");
+            config.format = DiskFormat::Raw;
+            prep.push(PrepStep::Seed {
+                path: config.path.clone(),
+                seed: NoCloudSeed {
+                    instance_id: uid.clone(),
+                    local_hostname: spec
+                        .hostname
+                        .clone()
+                        .unwrap_or_else(|| vmi.metadata.name().to_string()),
+                    user_data,
+                    network_config,
+                },
+            });
+        } else {
+            return Err(unsupported(&vfield, "volume has no supported source"));
+        }
+        disks.push(config);
+    }
+
+    let mut nics = Vec::new();
+    for (i, iface) in spec.domain.devices.interfaces.iter().enumerate() {
+        let field = format!("spec.domain.devices.interfaces[{i}]");
+        let net = spec.network(&iface.name);
+        if iface.masquerade.is_none() || net.and_then(|n| n.pod.as_ref()).is_none() {
+            return Err(unsupported(
+                &field,
+                "only the masquerade binding on the pod network is supported yet",
+            ));
+        }
+        let model = match iface.model.unwrap_or(InterfaceModel::Virtio) {
+            InterfaceModel::Virtio => NicModel::Virtio,
+            InterfaceModel::E1000 => NicModel::E1000,
+            InterfaceModel::E1000e => NicModel::E1000e,
+            InterfaceModel::Rtl8139 => NicModel::Rtl8139,
+            other => {
+                return Err(unsupported(
+                    format!("{field}.model"),
+                    format!("NIC model {other:?} is not supported"),
+                ));
+            }
+        };
+        nics.push(NicConfig {
+            id: iface.name.clone(),
+            model,
+            mac: iface
+                .mac_address
+                .clone()
+                .unwrap_or_else(|| default_mac(&uid, &iface.name)),
+            backend: NicBackend::user(Vec::new()),
+        });
+    }
+
+    let firmware = spec.domain.firmware.clone().unwrap_or_default();
+    let kernel_boot = match firmware.kernel_boot.as_ref() {
+        None => None,
+        Some(kb) => {
+            let field = "spec.domain.firmware.kernelBoot";
+            let c = kb
+                .container
+                .as_ref()
+                .ok_or_else(|| unsupported(format!("{field}.container"), "required"))?;
+            let (kernel, initrd) = images
+                .kernel_boot(&c.image, c.kernel_path.as_deref(), c.initrd_path.as_deref())
+                .map_err(|source| PlanError::Image {
+                    field: format!("{field}.container"),
+                    source,
+                })?;
+            let kernel = kernel.ok_or_else(|| {
+                unsupported(
+                    format!("{field}.container.kernelPath"),
+                    "a kernel is needed to boot from an initrd",
+                )
+            })?;
+            Some(KernelBoot {
+                kernel,
+                initrd,
+                cmdline: kb.kernel_args.clone(),
+            })
+        }
+    };
+
+    let name = format!("{}_{}", vmi.metadata.namespace(), vmi.metadata.name());
+    let config = VmConfig {
+        name,
+        uuid: firmware.uuid.clone().unwrap_or_else(|| uid.clone()),
+        machine: machine(vmi)?,
+        accel,
+        cpu: cpu(vmi),
+        memory_bytes,
+        disks,
+        nics,
+        kernel_boot,
+        firmware: Firmware::Bios,
+        rng: spec.domain.devices.rng.is_some(),
+        start_paused: false,
+        run: RunPaths::in_dir(run_dir),
+    };
+    config
+        .validate()
+        .map_err(|e| unsupported(e.field, e.reason))?;
+    Ok(Plan { config, prep })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,213 @@
+//! Golden tests: a KubeVirt manifest from the corpus, admitted as the API
+//! server admits it, planned for this host, rendered to QEMU's command line
+//! and its disk preparation, compared with `tests/golden/plan/NAME.txt`.
+//! Regenerate with `KRVIRT_BLESS=1 cargo test -p krvirt-agent plan`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use krvirt_api::find_kind;
+use serde_json::Value;
+
+/// A fixed table of local images, as an image store would hold them.
+struct Table(BTreeMap<&'static str, (&'static str, DiskFormat)>);
+
+impl Table {
+    fn demo() -> Self {
+        let mut t = BTreeMap::new();
+        for r in [
+            "registry:5000/kubevirt/cirros-container-disk-demo:devel",
+            "registry:5000/kubevirt/fedora-with-test-tooling-container-disk:devel",
+            "registry:5000/kubevirt/alpine-container-disk-demo:devel",
+        ] {
+            t.insert(r, ("/var/lib/krvirt/images/demo/disk.img", DiskFormat::Raw));
+        }
+        Table(t)
+    }
+}
+
+impl ImageResolver for Table {
+    fn disk(&self, reference: &str) -> Result<(PathBuf, DiskFormat), ImageError> {
+        self.0
+            .get(reference)
+            .map(|(p, f)| (PathBuf::from(p), *f))
+            .ok_or_else(|| ImageError::NotFound {
+                reference: reference.to_string(),
+                aliases_file: PathBuf::from("/var/lib/krvirt/images/aliases.json"),
+            })
+    }
+
+    fn kernel_boot(
+        &self,
+        reference: &str,
+        kernel_path: Option<&str>,
+        initrd_path: Option<&str>,
+    ) -> Result<(Option<PathBuf>, Option<PathBuf>), ImageError> {
+        if reference != "registry:5000/kubevirt/alpine-ext-kernel-boot-demo:devel" {
+            return Err(ImageError::NotFound {
+                reference: reference.to_string(),
+                aliases_file: PathBuf::from("/var/lib/krvirt/images/aliases.json"),
+            });
+        }
+        let root = Path::new("/var/lib/krvirt/images/demo/kernel-boot");
+        let join = |p: &str| root.join(p.trim_start_matches('/'));
+        Ok((kernel_path.map(join), initrd_path.map(join)))
+    }
+}
+
+fn corpus(file: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/kubevirt-examples")
+        .join(file);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("the KubeVirt corpus is needed at {}: {e}", path.display()));
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// The VMI a manifest leads to: a VMI as is, a VM's template as the
+/// controller would create it. Admitted as the server does.
+fn vmi_of(doc: Value) -> VirtualMachineInstance {
+    let kind = doc["kind"].as_str().unwrap().to_string();
+    let admitted = krvirt_api::admit(find_kind(&kind).unwrap(), doc, None).unwrap();
+    let mut vmi_json = if kind == "VirtualMachine" {
+        let vm: krvirt_api::kubevirt::VirtualMachine = serde_json::from_value(admitted).unwrap();
+        let mut v = VirtualMachineInstance {
+            metadata: vm.spec.template.metadata.clone(),
+            spec: vm.spec.template.spec.clone(),
+            ..Default::default()
+        };
+        v.metadata.name = vm.metadata.name.clone();
+        let v = serde_json::to_value(v).unwrap();
+        krvirt_api::admit(find_kind("vmi").unwrap(), v, None).unwrap()
+    } else {
+        admitted
+    };
+    vmi_json["metadata"]["namespace"] = "default".into();
+    vmi_json["metadata"]["uid"] = "0a1b2c3d-0000-4000-8000-00000000cafe".into();
+    serde_json::from_value(vmi_json).unwrap()
+}
+
+fn render(plan: &Plan) -> String {
+    let mut out = String::from("# prep\n");
+    for step in &plan.prep {
+        match step {
+            PrepStep::Overlay {
+                path,
+                backing,
+                backing_format,
+            } => out.push_str(&format!(
+                "overlay {} on {} ({})\n",
+                path.display(),
+                backing.display(),
+                backing_format.qemu_driver()
+            )),
+            PrepStep::Blank { path, size_bytes } => {
+                out.push_str(&format!("blank {} {size_bytes} bytes\n", path.display()))
+            }
+            PrepStep::Seed { path, seed } => out.push_str(&format!(
+                "seed {} hostname={} instance-id={} user-data={}B network-config={}\n",
+                path.display(),
+                seed.local_hostname,
+                seed.instance_id,
+                seed.user_data.as_ref().map_or(0, Vec::len),
+                seed.network_config.is_some()
+            )),
+        }
+    }
+    out.push_str("# argv\n");
+    for a in krvirt_hypervisor::qemu_argv(&plan.config) {
+        out.push_str(&a);
+        out.push('\n');
+    }
+    out
+}
+
+fn golden(name: &str, file: &str, accel: Accel) {
+    let vmi = vmi_of(corpus(file));
+    let run_dir = Path::new("/var/lib/krvirt/run/vmi/0a1b2c3d-0000-4000-8000-00000000cafe");
+    let plan = plan(&vmi, accel, run_dir, &Table::demo()).unwrap();
+    let got = render(&plan);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/plan")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("KRVIRT_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (create it with KRVIRT_BLESS=1 cargo test -p krvirt-agent)",
+            path.display()
+        )
+    });
+    assert_eq!(got, want, "golden file {} differs", path.display());
+}
+
+#[test]
+fn golden_vm_cirros() {
+    golden("vm-cirros", "vm-cirros.yaml", Accel::Tcg);
+}
+
+#[test]
+fn golden_vm_cirros_kvm() {
+    golden("vm-cirros-kvm", "vm-cirros.yaml", Accel::Kvm);
+}
+
+#[test]
+fn golden_vmi_kernel_boot() {
+    golden("vmi-kernel-boot", "vmi-kernel-boot.yaml", Accel::Tcg);
+}
+
+#[test]
+fn golden_vmi_nocloud_with_empty_disk() {
+    golden("vmi-nocloud", "vmi-nocloud.yaml", Accel::Tcg);
+}
+
+#[test]
+fn golden_vmi_ephemeral() {
+    golden("vmi-ephemeral", "vmi-ephemeral.yaml", Accel::Tcg);
+}
+
+#[test]
+fn golden_vmi_masquerade_with_rng() {
+    golden("vmi-masquerade", "vmi-masquerade.yaml", Accel::Tcg);
+}
+
+#[test]
+fn golden_vmi_sata() {
+    golden("vmi-sata", "vmi-sata.yaml", Accel::Tcg);
+}
+
+#[test]
+fn unknown_image_is_an_image_error_naming_the_field() {
+    let mut doc = corpus("vmi-ephemeral.yaml");
+    doc["spec"]["volumes"][0]["containerDisk"]["image"] = "example.org/nope:1".into();
+    let vmi = vmi_of(doc);
+    let err = plan(&vmi, Accel::Tcg, Path::new("/run/x"), &Table::demo()).unwrap_err();
+    assert!(err.is_image());
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("spec.volumes[name=containerdisk].containerDisk.image:"),
+        "{msg}"
+    );
+    assert!(msg.contains("example.org/nope:1"), "{msg}");
+}
+
+#[test]
+fn default_macs_are_stable_and_local() {
+    let a = default_mac("uid-1", "default");
+    assert_eq!(a, default_mac("uid-1", "default"));
+    assert_ne!(a, default_mac("uid-2", "default"));
+    assert!(a.starts_with("02:"), "{a}");
+    assert_eq!(a.len(), 17);
+}
+
+#[test]
+fn memory_is_rounded_up_to_whole_mib() {
+    let mut doc = corpus("vmi-ephemeral.yaml");
+    doc["spec"]["domain"]["memory"]["guest"] = "1500000".into();
+    let vmi = vmi_of(doc);
+    let p = plan(&vmi, Accel::Tcg, Path::new("/run/x"), &Table::demo()).unwrap();
+    assert_eq!(p.config.memory_bytes, 2 << 20);
+}
