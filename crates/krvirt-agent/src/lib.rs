@@ -3,5 +3,8 @@
 //! seed, then QEMU; reports status back; re-attaches to running QEMUs after
 //! a restart.
 
+pub mod agent;
 pub mod inventory;
 pub mod plan;
+
+pub use agent::{Agent, AgentConfig, AgentError};

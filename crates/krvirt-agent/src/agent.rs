@@ -1,0 +1,1233 @@
+//! The agent loop: one per host.
+//!
+//! - On start: decide the accelerator, read the inventory, register the
+//!   Host and keep its heartbeat; re-attach to every QEMU still running from
+//!   an earlier agent (run directories on disk hold all it needs).
+//! - Then watch the VMIs bound to this host and reconcile each one, one at a
+//!   time per VMI, from the VMI in the API and the QEMU on this host:
+//!   launch, report Running, notice a guest that powered off (Succeeded) or
+//!   a QEMU that died (Failed), stop gracefully on deletion, clean up and
+//!   release the VMI's finalizer.
+//!
+//! The agent keeps no state that is not on disk or in the API: killed and
+//! restarted at any point, it converges again and the guests never notice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use krvirt_api::KindInfo;
+use krvirt_api::host::{
+    AcceleratorStatus, Host, HostAddress, HostCpu, HostResources, HostSpec, HostStatus,
+    HugepagesPool, NumaNode,
+};
+use krvirt_api::kubevirt::{
+    KrvirtRuntime, PhaseTransitionTimestamp, VMI_HOST_FINALIZER, VirtualMachineInstance,
+    VirtualMachineInstanceNetworkInterface, VirtualMachineInstanceStatus, VmiPhase, vmi_conditions,
+};
+use krvirt_api::meta::{Condition, ConditionStatus, ObjectMeta, now_rfc3339, set_condition};
+use krvirt_api::quantity::Quantity;
+use krvirt_client::{Client, ClientError, ListParams, PatchTarget, ResumeOptions};
+use krvirt_controller::queue::{Key, WorkQueue};
+use krvirt_hypervisor::{
+    Accel, AccelDecision, AccelMode, DiskFormat, QemuHandle, RunPaths, RunState, launch, reattach,
+};
+use krvirt_image::{ImageError, ImageStore};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::inventory::read_inventory;
+use crate::plan::{self, ImageResolver, MASQUERADE_GUEST_IP, PrepStep};
+
+/// VMI annotation the `stop` subresource sets to override the grace period.
+pub const GRACE_ANNOTATION: &str = "krvirt.io/stop-grace-period-seconds";
+/// VMI status `reason` when the guest powered itself off.
+pub const REASON_GUEST_SHUTDOWN: &str = "GuestShutdown";
+/// File in each run directory naming the VMI it belongs to.
+const VMI_FILE: &str = "vmi.json";
+/// How often every local VMI is looked at again without an event.
+const RESYNC: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Accel(#[from] krvirt_hypervisor::AccelError),
+    #[error(transparent)]
+    Process(#[from] krvirt_hypervisor::ProcessError),
+    #[error(transparent)]
+    Inventory(#[from] crate::inventory::InventoryError),
+    #[error("cannot decode {what}: {source}")]
+    Decode {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("VMI {0} is not running on this host")]
+    NotRunningHere(String),
+    #[error("kind {0} is not registered")]
+    UnknownKind(&'static str),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let context = context.into();
+    move |source| AgentError::Io { context, source }
+}
+
+/// How to run an agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This host's name (the Host object's name, VMIs' `status.nodeName`).
+    pub node_name: String,
+    /// Where run directories live: `{data_dir}/run/vmi/{uid}`.
+    pub data_dir: PathBuf,
+    pub accel_mode: AccelMode,
+    pub qemu_bin: PathBuf,
+    /// Labels of the Host object (nodeSelector matches them).
+    pub labels: BTreeMap<String, String>,
+    pub heartbeat_interval: Duration,
+    /// Filesystem root for inventory and accelerator detection (`/`).
+    pub sys_root: PathBuf,
+}
+
+impl AgentConfig {
+    pub fn new(node_name: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            node_name: node_name.into(),
+            data_dir: data_dir.into(),
+            accel_mode: AccelMode::Auto,
+            qemu_bin: krvirt_hypervisor::qemu_binary(),
+            labels: BTreeMap::new(),
+            heartbeat_interval: Duration::from_secs(10),
+            sys_root: PathBuf::from("/"),
+        }
+    }
+}
+
+/// What a run directory records about its VMI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunRecord {
+    namespace: String,
+    name: String,
+    uid: String,
+}
+
+/// A QEMU this agent runs (or stops).
+struct LocalVm {
+    key: Key,
+    uid: String,
+    handle: Arc<QemuHandle>,
+    stopping: AtomicBool,
+    monitor: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LocalVm {
+    fn drop(&mut self) {
+        self.monitor.abort();
+    }
+}
+
+/// Image resolution through the local image store.
+struct Images(Arc<ImageStore>);
+
+fn disk_format(image: &str, path: &Path) -> Result<DiskFormat, ImageError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|_| ImageError::FileNotFound {
+        image: image.to_string(),
+        path: "disk".into(),
+        host_path: path.to_path_buf(),
+    })?;
+    Ok(match f.read_exact(&mut magic) {
+        Ok(()) if magic == *b"QFI\xfb" => DiskFormat::Qcow2,
+        _ => DiskFormat::Raw,
+    })
+}
+
+impl ImageResolver for Images {
+    fn disk(&self, reference: &str) -> Result<(PathBuf, DiskFormat), ImageError> {
+        let resolved = self.0.resolve(reference)?;
+        let disk = resolved.disk.ok_or_else(|| ImageError::FileNotFound {
+            image: resolved.name.clone(),
+            path: "disk (this image has none; it is a kernel-boot image)".into(),
+            host_path: resolved.root.clone(),
+        })?;
+        let format = disk_format(&resolved.name, &disk)?;
+        Ok((disk, format))
+    }
+
+    fn kernel_boot(
+        &self,
+        reference: &str,
+        kernel_path: Option<&str>,
+        initrd_path: Option<&str>,
+    ) -> Result<(Option<PathBuf>, Option<PathBuf>), ImageError> {
+        let resolved = self.0.resolve(reference)?;
+        let p = krvirt_image::kernel_boot_paths(&resolved, kernel_path, initrd_path)?;
+        Ok((p.kernel, p.initrd))
+    }
+}
+
+struct Inner {
+    cfg: AgentConfig,
+    client: Client,
+    images: Images,
+    accel: AccelDecision,
+    qemu_version: String,
+    vmi_kind: &'static KindInfo,
+    host_kind: &'static KindInfo,
+    /// Running (or stopping) QEMUs by VMI uid.
+    vms: Mutex<HashMap<String, Arc<LocalVm>>>,
+    queue: WorkQueue,
+}
+
+/// A host agent. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+fn kind(name: &'static str) -> Result<&'static KindInfo, AgentError> {
+    krvirt_api::find_kind(name).ok_or(AgentError::UnknownKind(name))
+}
+
+impl Agent {
+    /// Prepare an agent: decide the accelerator and check QEMU. Nothing is
+    /// registered or started until [`Agent::run`].
+    pub fn new(
+        cfg: AgentConfig,
+        client: Client,
+        images: Arc<ImageStore>,
+    ) -> Result<Agent, AgentError> {
+        let accel = krvirt_hypervisor::detect(cfg.accel_mode, &cfg.sys_root)?;
+        let qemu_version = krvirt_hypervisor::qemu_version(&cfg.qemu_bin)?;
+        if accel.accel == Accel::Tcg {
+            warn!(reason = %accel.reason, "using TCG software emulation");
+        }
+        Ok(Agent {
+            inner: Arc::new(Inner {
+                cfg,
+                client,
+                images: Images(images),
+                accel,
+                qemu_version,
+                vmi_kind: kind("virtualmachineinstances")?,
+                host_kind: kind("hosts")?,
+                vms: Mutex::new(HashMap::new()),
+                queue: WorkQueue::new(),
+            }),
+        })
+    }
+
+    pub fn accelerator(&self) -> &AccelDecision {
+        &self.inner.accel
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.inner.cfg.node_name
+    }
+
+    fn run_root(&self) -> PathBuf {
+        self.inner.cfg.data_dir.join("run").join("vmi")
+    }
+
+    fn run_dir(&self, uid: &str) -> PathBuf {
+        self.run_root().join(uid)
+    }
+
+    fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LocalVm>>> {
+        self.inner.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn local(&self, uid: &str) -> Option<Arc<LocalVm>> {
+        self.vms().get(uid).cloned()
+    }
+
+    /// Run until `shutdown`: register, re-attach, then reconcile.
+    /// QEMU processes keep running when the agent stops.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        self.register().await?;
+        self.reattach_all().await;
+        let mut tasks = Vec::new();
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move { me.heartbeat_loop().await }));
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move { me.watch_loop().await }));
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move { me.resync_loop().await }));
+        for _ in 0..4 {
+            let me = self.clone();
+            tasks.push(tokio::spawn(async move { me.worker().await }));
+        }
+        shutdown.cancelled().await;
+        self.inner.queue.shut_down();
+        for t in tasks {
+            t.abort();
+        }
+        // Drop our QMP connections; the guests run on.
+        self.vms().clear();
+        Ok(())
+    }
+
+    async fn worker(&self) {
+        while let Some(key) = self.inner.queue.next().await {
+            match self.reconcile(&key).await {
+                Ok(Some(after)) => self.inner.queue.add_after(key.clone(), after),
+                Ok(None) => {}
+                Err(e) => {
+                    debug!(%key, error = %e, "VMI sync failed; retrying");
+                    self.inner
+                        .queue
+                        .add_after(key.clone(), Duration::from_millis(500));
+                }
+            }
+            self.inner.queue.done(&key);
+        }
+    }
+
+    // ----- host registration -------------------------------------------------
+
+    fn host_status(&self) -> Result<HostStatus, AgentError> {
+        let inv = read_inventory(&self.inner.cfg.sys_root)?;
+        let resources = HostResources {
+            cpu: Some(Quantity::new(inv.cpus.len().to_string())),
+            memory: Some(Quantity::new(inv.memory_bytes.to_string())),
+        };
+        let mut conditions = Vec::new();
+        set_condition(
+            &mut conditions,
+            Condition {
+                reason: Some("AgentReady".into()),
+                message: Some("the host agent is running".into()),
+                ..Condition::new("Ready", ConditionStatus::True)
+            },
+        );
+        let tcg = self.inner.accel.accel == Accel::Tcg;
+        set_condition(
+            &mut conditions,
+            Condition {
+                reason: Some(
+                    if tcg {
+                        "SoftwareEmulation"
+                    } else {
+                        "KVMAvailable"
+                    }
+                    .into(),
+                ),
+                message: Some(self.inner.accel.reason.clone()),
+                ..Condition::new(
+                    krvirt_api::host::host_conditions::KVM_UNAVAILABLE,
+                    if tcg {
+                        ConditionStatus::True
+                    } else {
+                        ConditionStatus::False
+                    },
+                )
+            },
+        );
+        Ok(HostStatus {
+            capacity: Some(resources.clone()),
+            allocatable: Some(resources),
+            cpus: inv
+                .cpus
+                .iter()
+                .map(|c| HostCpu {
+                    id: c.id,
+                    core: c.core,
+                    socket: c.socket,
+                    numa_node: c.numa_node,
+                })
+                .collect(),
+            numa_nodes: inv
+                .numa_nodes
+                .iter()
+                .map(|n| NumaNode {
+                    id: n.id,
+                    cpus: n.cpus.clone(),
+                    memory_bytes: n.memory_bytes,
+                })
+                .collect(),
+            hugepages: inv
+                .hugepages
+                .iter()
+                .map(|h| HugepagesPool {
+                    page_size: Quantity::new(h.page_size_bytes.to_string()),
+                    total: h.total,
+                    free: h.free,
+                })
+                .collect(),
+            accelerator: Some(AcceleratorStatus {
+                type_: match self.inner.accel.accel {
+                    Accel::Kvm => krvirt_api::host::Accelerator::Kvm,
+                    Accel::Tcg => krvirt_api::host::Accelerator::Tcg,
+                },
+                reason: Some(self.inner.accel.reason.clone()),
+            }),
+            qemu_version: Some(self.inner.qemu_version.clone()),
+            agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            addresses: vec![HostAddress {
+                type_: "Hostname".into(),
+                address: self.inner.cfg.node_name.clone(),
+            }],
+            conditions,
+            heartbeat_time: Some(now_rfc3339()),
+        })
+    }
+
+    async fn register(&self) -> Result<(), AgentError> {
+        let name = &self.inner.cfg.node_name;
+        let mut labels = self.inner.cfg.labels.clone();
+        labels.insert("kubernetes.io/hostname".into(), name.clone());
+        labels.insert(
+            "krvirt.io/accelerator".into(),
+            self.inner.accel.accel.qemu_name().to_string(),
+        );
+        let host = Host {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: labels.clone(),
+                ..Default::default()
+            },
+            spec: HostSpec::default(),
+            ..Default::default()
+        };
+        let obj = serde_json::to_value(&host).map_err(|source| AgentError::Decode {
+            what: "Host".into(),
+            source,
+        })?;
+        let client = &self.inner.client;
+        match client.create(self.inner.host_kind, "", &obj).await {
+            Ok(_) => info!(host = %name, "registered host"),
+            Err(e) if e.code() == Some(409) => {
+                client
+                    .merge_patch(
+                        self.inner.host_kind,
+                        "",
+                        name,
+                        &json!({"metadata": {"labels": labels}}),
+                        PatchTarget::Main,
+                    )
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.report_host().await
+    }
+
+    async fn report_host(&self) -> Result<(), AgentError> {
+        let status = self.host_status()?;
+        self.inner
+            .client
+            .merge_patch(
+                self.inner.host_kind,
+                "",
+                &self.inner.cfg.node_name,
+                &json!({ "status": status }),
+                PatchTarget::Status,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn heartbeat_loop(&self) {
+        loop {
+            tokio::time::sleep(self.inner.cfg.heartbeat_interval).await;
+            if let Err(e) = self.report_host().await {
+                // The Host may have been deleted: register again.
+                warn!(error = %e, "heartbeat failed");
+                let _ = self.register().await;
+            }
+        }
+    }
+
+    // ----- re-attach -----------------------------------------------------------
+
+    fn run_records(&self) -> Vec<(PathBuf, RunRecord)> {
+        let Ok(entries) = std::fs::read_dir(self.run_root()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let text = std::fs::read(e.path().join(VMI_FILE)).ok()?;
+                let rec: RunRecord = serde_json::from_slice(&text).ok()?;
+                Some((e.path(), rec))
+            })
+            .collect()
+    }
+
+    /// Adopt every QEMU an earlier agent started on this host.
+    async fn reattach_all(&self) {
+        for (dir, rec) in self.run_records() {
+            let paths = RunPaths::in_dir(&dir);
+            let key = Key::new(&rec.namespace, &rec.name);
+            match reattach(&paths, &rec.uid).await {
+                Ok(Some(handle)) => {
+                    info!(%key, pid = handle.pid(), "re-attached to running QEMU");
+                    self.adopt(key.clone(), rec.uid.clone(), handle);
+                }
+                Ok(None) => debug!(%key, "no running QEMU for run directory"),
+                Err(e) => warn!(%key, error = %e, "cannot re-attach"),
+            }
+            self.inner.queue.add(key);
+        }
+    }
+
+    fn adopt(&self, key: Key, uid: String, handle: QemuHandle) -> Arc<LocalVm> {
+        let handle = Arc::new(handle);
+        let monitor = {
+            let mut events = handle.qmp().subscribe_events();
+            let queue = self.inner.queue.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                loop {
+                    match events.recv().await {
+                        Ok(ev) => {
+                            if matches!(
+                                ev.event.as_str(),
+                                "SHUTDOWN" | "STOP" | "RESUME" | "RESET" | "GUEST_PANICKED"
+                            ) {
+                                queue.add(key.clone());
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            queue.add(key.clone())
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            // QMP went away: QEMU exited (or was killed).
+                            queue.add(key.clone());
+                            break;
+                        }
+                    }
+                }
+            })
+        };
+        let vm = Arc::new(LocalVm {
+            key,
+            uid: uid.clone(),
+            handle,
+            stopping: AtomicBool::new(false),
+            monitor,
+        });
+        self.vms().insert(uid, vm.clone());
+        vm
+    }
+
+    // ----- watch ---------------------------------------------------------------
+
+    async fn watch_loop(&self) {
+        let params = ListParams::all_namespaces()
+            .fields(format!("status.nodeName={}", self.inner.cfg.node_name));
+        loop {
+            let mut stream = self.inner.client.watch_resumable(
+                self.inner.vmi_kind,
+                &params,
+                ResumeOptions {
+                    max_consecutive_failures: u32::MAX,
+                    ..Default::default()
+                },
+            );
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(ev) => {
+                        let (ns, name) = (
+                            ev.object
+                                .pointer("/metadata/namespace")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default(),
+                            ev.object
+                                .pointer("/metadata/name")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default(),
+                        );
+                        if !name.is_empty() {
+                            self.inner.queue.add(Key::new(ns, name));
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "VMI watch broke");
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn resync_loop(&self) {
+        loop {
+            tokio::time::sleep(RESYNC).await;
+            let params = ListParams::all_namespaces()
+                .fields(format!("status.nodeName={}", self.inner.cfg.node_name));
+            if let Ok(list) = self.inner.client.list(self.inner.vmi_kind, &params).await {
+                for o in &list.items {
+                    let s = |p: &str| o.pointer(p).and_then(Value::as_str).unwrap_or_default();
+                    self.inner
+                        .queue
+                        .add(Key::new(s("/metadata/namespace"), s("/metadata/name")));
+                }
+            }
+            let keys: Vec<Key> = self.vms().values().map(|v| v.key.clone()).collect();
+            for (_, rec) in self.run_records() {
+                self.inner.queue.add(Key::new(&rec.namespace, &rec.name));
+            }
+            keys.into_iter().for_each(|k| self.inner.queue.add(k));
+        }
+    }
+
+    // ----- reconcile -----------------------------------------------------------
+
+    async fn get_vmi(
+        &self,
+        key: &Key,
+    ) -> Result<Option<(VirtualMachineInstance, Value)>, AgentError> {
+        match self
+            .inner
+            .client
+            .get(self.inner.vmi_kind, &key.namespace, &key.name)
+            .await
+        {
+            Ok(v) => {
+                let rv = v
+                    .pointer("/metadata/resourceVersion")
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let vmi = serde_json::from_value(v).map_err(|source| AgentError::Decode {
+                    what: format!("VMI {key}"),
+                    source,
+                })?;
+                Ok(Some((vmi, rv)))
+            }
+            Err(e) if e.code() == Some(404) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// One VMI. Returns when to look again, if a time matters.
+    async fn reconcile(&self, key: &Key) -> Result<Option<Duration>, AgentError> {
+        let current = self.get_vmi(key).await?;
+        let me = self.inner.cfg.node_name.as_str();
+        let (uid, mine) = match &current {
+            Some((v, _)) => (
+                v.metadata.uid.clone().unwrap_or_default(),
+                v.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(me),
+            ),
+            None => (String::new(), false),
+        };
+
+        // Earlier incarnations under this name (deleted while we were away,
+        // or no longer bound here) are stopped and their run dirs removed.
+        let stale: Vec<Arc<LocalVm>> = self
+            .vms()
+            .values()
+            .filter(|v| v.key == *key && (v.uid != uid || !mine))
+            .cloned()
+            .collect();
+        for vm in stale {
+            info!(%key, uid = %vm.uid, "stopping QEMU of a VMI that is gone");
+            self.stop_local(&vm, Duration::ZERO).await;
+        }
+        for (dir, rec) in self.run_records() {
+            if Key::new(&rec.namespace, &rec.name) == *key
+                && (rec.uid != uid || !mine)
+                && self.local(&rec.uid).is_none()
+            {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+
+        let Some((vmi, rv)) = current else {
+            return Ok(None);
+        };
+        if !mine {
+            return Ok(None);
+        }
+        let status = vmi.status.clone().unwrap_or_default();
+        let phase = status.phase.unwrap_or(VmiPhase::Pending);
+        let local = self.local(&uid);
+
+        if vmi.metadata.deletion_timestamp.is_some() {
+            if let Some(vm) = local {
+                if !vm.stopping.swap(true, Ordering::SeqCst) {
+                    let grace = grace_period(&vmi);
+                    info!(%key, grace_s = grace.as_secs(), "stopping guest of deleted VMI");
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.stop_local(&vm, grace).await;
+                        me.inner.queue.add(vm.key.clone());
+                    });
+                }
+                return Ok(None);
+            }
+            // Guest gone: clean up and let the VMI go.
+            let _ = std::fs::remove_dir_all(self.run_dir(&uid));
+            if !phase.is_final() {
+                let mut st = status.clone();
+                set_phase(&mut st, VmiPhase::Succeeded);
+                set_condition(
+                    &mut st.conditions,
+                    Condition {
+                        reason: Some("Deleted".into()),
+                        ..Condition::new(vmi_conditions::READY, ConditionStatus::False)
+                    },
+                );
+                if let Err(e) = self.write_status(key, &rv, &st).await {
+                    debug!(%key, error = %e, "final status not written");
+                }
+            }
+            let finalizers: Vec<&String> = vmi
+                .metadata
+                .finalizers
+                .iter()
+                .filter(|f| f.as_str() != VMI_HOST_FINALIZER)
+                .collect();
+            self.inner
+                .client
+                .merge_patch(
+                    self.inner.vmi_kind,
+                    &key.namespace,
+                    &key.name,
+                    &json!({"metadata": {"finalizers": finalizers}}),
+                    PatchTarget::Main,
+                )
+                .await?;
+            info!(%key, "VMI cleaned up");
+            return Ok(None);
+        }
+
+        match (phase, local) {
+            (VmiPhase::Succeeded | VmiPhase::Failed, Some(vm)) => {
+                // Ended by someone else's word: make sure QEMU is gone too.
+                self.stop_local(&vm, Duration::ZERO).await;
+                Ok(None)
+            }
+            (VmiPhase::Succeeded | VmiPhase::Failed, None) => Ok(None),
+            (VmiPhase::Pending | VmiPhase::Scheduling | VmiPhase::Scheduled, None) => {
+                self.launch(key, &vmi, &rv).await
+            }
+            (_, Some(vm)) => self.observe(key, &vmi, &rv, &vm).await,
+            (VmiPhase::Running | VmiPhase::Unknown, None) => {
+                let mut st = status.clone();
+                set_phase(&mut st, VmiPhase::Failed);
+                st.reason = Some("QemuNotFound".into());
+                set_condition(
+                    &mut st.conditions,
+                    Condition {
+                        reason: Some("QemuNotFound".into()),
+                        message: Some(
+                            "the guest's QEMU process is gone (host restarted or process killed)"
+                                .into(),
+                        ),
+                        ..Condition::new(vmi_conditions::READY, ConditionStatus::False)
+                    },
+                );
+                warn!(%key, "running VMI has no QEMU on this host");
+                self.write_status(key, &rv, &st).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn write_status(
+        &self,
+        key: &Key,
+        rv: &Value,
+        status: &VirtualMachineInstanceStatus,
+    ) -> Result<(), AgentError> {
+        self.inner
+            .client
+            .replace_status(
+                self.inner.vmi_kind,
+                &key.namespace,
+                &key.name,
+                &json!({
+                    "apiVersion": "kubevirt.io/v1",
+                    "kind": "VirtualMachineInstance",
+                    "metadata": {"name": key.name, "namespace": key.namespace, "resourceVersion": rv},
+                    "status": status,
+                }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn fail(
+        &self,
+        key: &Key,
+        rv: &Value,
+        vmi: &VirtualMachineInstance,
+        reason: &str,
+        message: String,
+    ) -> Result<Option<Duration>, AgentError> {
+        warn!(%key, %reason, %message, "VMI failed");
+        let mut st = vmi.status.clone().unwrap_or_default();
+        set_phase(&mut st, VmiPhase::Failed);
+        st.reason = Some(reason.to_string());
+        set_condition(
+            &mut st.conditions,
+            Condition {
+                reason: Some(reason.to_string()),
+                message: Some(message.clone()),
+                ..Condition::new(vmi_conditions::SYNCHRONIZED, ConditionStatus::False)
+            },
+        );
+        set_condition(
+            &mut st.conditions,
+            Condition {
+                reason: Some(reason.to_string()),
+                message: Some(message),
+                ..Condition::new(vmi_conditions::READY, ConditionStatus::False)
+            },
+        );
+        self.write_status(key, rv, &st).await?;
+        Ok(None)
+    }
+
+    async fn launch(
+        &self,
+        key: &Key,
+        vmi: &VirtualMachineInstance,
+        rv: &Value,
+    ) -> Result<Option<Duration>, AgentError> {
+        let uid = vmi.metadata.uid.clone().unwrap_or_default();
+        let run_dir = self.run_dir(&uid);
+        let plan = match plan::plan(vmi, self.inner.accel.accel, &run_dir, &self.inner.images) {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = if e.is_image() {
+                    krvirt_controller::vm::REASON_IMAGE_PULL
+                } else {
+                    "Unsupported"
+                };
+                return self.fail(key, rv, vmi, reason, e.to_string()).await;
+            }
+        };
+        if let Err(e) = self.prepare(&run_dir, key, &uid, &plan.prep).await {
+            let _ = std::fs::remove_dir_all(&run_dir);
+            return self
+                .fail(key, rv, vmi, "FailedToPrepare", e.to_string())
+                .await;
+        }
+        let handle = match launch(&plan.config, &self.inner.cfg.qemu_bin).await {
+            Ok(h) => h,
+            Err(e) => {
+                return self
+                    .fail(key, rv, vmi, "FailedToStart", e.to_string())
+                    .await;
+            }
+        };
+        let pid = handle.pid();
+        info!(%key, pid, "guest started");
+        self.adopt(key.clone(), uid.clone(), handle);
+
+        let mut st = vmi.status.clone().unwrap_or_default();
+        set_phase(&mut st, VmiPhase::Running);
+        st.reason = None;
+        set_condition(
+            &mut st.conditions,
+            Condition::new(vmi_conditions::READY, ConditionStatus::True),
+        );
+        set_condition(
+            &mut st.conditions,
+            Condition::new(vmi_conditions::SYNCHRONIZED, ConditionStatus::True),
+        );
+        if self.inner.accel.accel == Accel::Tcg {
+            set_condition(
+                &mut st.conditions,
+                Condition {
+                    reason: Some("TCG".into()),
+                    message: Some(self.inner.accel.reason.clone()),
+                    ..Condition::new(vmi_conditions::SOFTWARE_EMULATION, ConditionStatus::True)
+                },
+            );
+        }
+        st.interfaces = plan
+            .config
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, nic)| VirtualMachineInstanceNetworkInterface {
+                name: Some(nic.id.clone()),
+                ip_address: Some(MASQUERADE_GUEST_IP.to_string()),
+                ip_addresses: vec![MASQUERADE_GUEST_IP.to_string()],
+                mac: Some(nic.mac.clone()),
+                interface_name: Some(format!("eth{i}")),
+                info_source: Some("domain".into()),
+            })
+            .collect();
+        st.krvirt_runtime = Some(KrvirtRuntime {
+            pid: Some(pid),
+            qemu_version: Some(self.inner.qemu_version.clone()),
+            accelerator: Some(match self.inner.accel.accel {
+                Accel::Kvm => krvirt_api::host::Accelerator::Kvm,
+                Accel::Tcg => krvirt_api::host::Accelerator::Tcg,
+            }),
+            run_dir: Some(run_dir.display().to_string()),
+        });
+        if let Err(e) = self.write_status(key, rv, &st).await {
+            // The guest runs; the next pass (observe) reports it.
+            debug!(%key, error = %e, "running status not written");
+            return Ok(Some(Duration::ZERO));
+        }
+        Ok(None)
+    }
+
+    async fn prepare(
+        &self,
+        run_dir: &Path,
+        key: &Key,
+        uid: &str,
+        steps: &[PrepStep],
+    ) -> Result<(), AgentError> {
+        create_private_dir(run_dir)?;
+        let rec = RunRecord {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            uid: uid.to_string(),
+        };
+        let text = serde_json::to_vec(&rec).map_err(|source| AgentError::Decode {
+            what: "run record".into(),
+            source,
+        })?;
+        std::fs::write(run_dir.join(VMI_FILE), text).map_err(io_err(format!(
+            "writing {}",
+            run_dir.join(VMI_FILE).display()
+        )))?;
+        for step in steps {
+            match step {
+                PrepStep::Overlay {
+                    path,
+                    backing,
+                    backing_format,
+                } => {
+                    qemu_img(&[
+                        "create".as_ref(),
+                        "-q".as_ref(),
+                        "-f".as_ref(),
+                        "qcow2".as_ref(),
+                        "-F".as_ref(),
+                        backing_format.qemu_driver().as_ref(),
+                        "-b".as_ref(),
+                        backing.as_os_str(),
+                        path.as_os_str(),
+                    ])
+                    .await?
+                }
+                PrepStep::Blank { path, size_bytes } => {
+                    let size = size_bytes.to_string();
+                    qemu_img(&[
+                        "create".as_ref(),
+                        "-q".as_ref(),
+                        "-f".as_ref(),
+                        "qcow2".as_ref(),
+                        path.as_os_str(),
+                        size.as_ref(),
+                    ])
+                    .await?
+                }
+                PrepStep::Seed { path, seed } => {
+                    let (path, seed) = (path.clone(), seed.clone());
+                    tokio::task::spawn_blocking(move || {
+                        krvirt_image::write_nocloud_seed(&path, &seed).map_err(|e| AgentError::Io {
+                            context: format!("writing cloud-init seed {}", path.display()),
+                            source: std::io::Error::other(e.to_string()),
+                        })
+                    })
+                    .await
+                    .map_err(|e| AgentError::Io {
+                        context: "seed task".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })??
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A VMI with a QEMU here: report what QEMU says.
+    async fn observe(
+        &self,
+        key: &Key,
+        vmi: &VirtualMachineInstance,
+        rv: &Value,
+        vm: &Arc<LocalVm>,
+    ) -> Result<Option<Duration>, AgentError> {
+        if vm.stopping.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let old = vmi.status.clone().unwrap_or_default();
+        let mut st = old.clone();
+        let state = match vm.handle.status().await {
+            Ok(s) => s,
+            Err(e) => {
+                if vm.handle.is_alive() {
+                    debug!(%key, error = %e, "QMP query failed; retrying");
+                    return Ok(Some(Duration::from_secs(1)));
+                }
+                // QEMU died under us.
+                self.vms().remove(&vm.uid);
+                return self
+                    .fail(
+                        key,
+                        rv,
+                        vmi,
+                        "QemuExited",
+                        "the QEMU process exited unexpectedly".into(),
+                    )
+                    .await;
+            }
+        };
+        match state {
+            RunState::Running | RunState::Paused => {
+                set_phase(&mut st, VmiPhase::Running);
+                set_condition(
+                    &mut st.conditions,
+                    Condition::new(vmi_conditions::READY, ConditionStatus::True),
+                );
+                if state == RunState::Paused {
+                    set_condition(
+                        &mut st.conditions,
+                        Condition {
+                            reason: Some("PausedByUser".into()),
+                            message: Some("VMI was paused by user".into()),
+                            ..Condition::new(vmi_conditions::PAUSED, ConditionStatus::True)
+                        },
+                    );
+                } else {
+                    st.conditions.retain(|c| c.type_ != vmi_conditions::PAUSED);
+                }
+                let pid = vm.handle.pid();
+                let rt = st.krvirt_runtime.get_or_insert_with(Default::default);
+                rt.pid = Some(pid);
+            }
+            RunState::Shutdown => {
+                info!(%key, "guest powered off");
+                self.stop_local(vm, Duration::ZERO).await;
+                set_phase(&mut st, VmiPhase::Succeeded);
+                st.reason = Some(REASON_GUEST_SHUTDOWN.into());
+                set_condition(
+                    &mut st.conditions,
+                    Condition {
+                        reason: Some(REASON_GUEST_SHUTDOWN.into()),
+                        message: Some("the guest powered itself off".into()),
+                        ..Condition::new(vmi_conditions::READY, ConditionStatus::False)
+                    },
+                );
+            }
+            RunState::GuestPanicked | RunState::InternalError => {
+                self.stop_local(vm, Duration::ZERO).await;
+                return self
+                    .fail(
+                        key,
+                        rv,
+                        vmi,
+                        "GuestFailed",
+                        format!("QEMU run state {state:?}"),
+                    )
+                    .await;
+            }
+            _ => {
+                // Transitional states (prelaunch, inmigrate, …): look again.
+                return Ok(Some(Duration::from_millis(500)));
+            }
+        }
+        if st != old {
+            self.write_status(key, rv, &st).await?;
+        }
+        Ok(None)
+    }
+
+    /// Stop a local QEMU (graceful for `grace`), forget it.
+    async fn stop_local(&self, vm: &Arc<LocalVm>, grace: Duration) {
+        vm.stopping.store(true, Ordering::SeqCst);
+        match vm.handle.graceful_stop(grace).await {
+            Ok(outcome) => info!(key = %vm.key, ?outcome, "QEMU stopped"),
+            Err(e) => {
+                warn!(key = %vm.key, error = %e, "stopping QEMU failed; killing it");
+                let _ = vm.handle.kill();
+            }
+        }
+        self.vms().remove(&vm.uid);
+    }
+
+    // ----- host-side operations (the API server's connector) -----------------
+
+    fn local_by_vmi(&self, vmi: &Value) -> Result<(Arc<LocalVm>, String), AgentError> {
+        let uid = vmi
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let name = vmi
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        self.local(&uid)
+            .filter(|v| !v.stopping.load(Ordering::SeqCst))
+            .map(|v| (v, uid))
+            .ok_or(AgentError::NotRunningHere(name))
+    }
+
+    /// Pause a running guest's vCPUs.
+    pub async fn pause(&self, vmi: &Value) -> Result<(), AgentError> {
+        let (vm, _) = self.local_by_vmi(vmi)?;
+        vm.handle.pause().await?;
+        self.inner.queue.add(vm.key.clone());
+        Ok(())
+    }
+
+    /// Resume a paused guest.
+    pub async fn unpause(&self, vmi: &Value) -> Result<(), AgentError> {
+        let (vm, _) = self.local_by_vmi(vmi)?;
+        vm.handle.resume().await?;
+        self.inner.queue.add(vm.key.clone());
+        Ok(())
+    }
+
+    /// Connect to the guest's serial console.
+    pub async fn console(&self, vmi: &Value) -> Result<UnixStream, AgentError> {
+        let (vm, _) = self.local_by_vmi(vmi)?;
+        let path = vm.handle.paths().serial_socket.clone();
+        UnixStream::connect(&path)
+            .await
+            .map_err(io_err(format!("connecting to {}", path.display())))
+    }
+
+    /// The guest's serial console log: what it printed so far and, with
+    /// `follow`, what it prints next until the guest stops.
+    pub fn console_log(
+        &self,
+        vmi: &Value,
+        follow: bool,
+    ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, AgentError> {
+        let uid = vmi
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let path = RunPaths::in_dir(self.run_dir(&uid)).console_log;
+        if !path.exists() {
+            return Err(AgentError::NotRunningHere(
+                vmi.pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            ));
+        }
+        let me = self.clone();
+        Ok(futures::stream::unfold(
+            (0u64, false),
+            move |(offset, done)| {
+                let path = path.clone();
+                let me = me.clone();
+                let uid = uid.clone();
+                async move {
+                    if done {
+                        return None;
+                    }
+                    loop {
+                        match read_from(&path, offset).await {
+                            Ok(chunk) if !chunk.is_empty() => {
+                                let next = offset + chunk.len() as u64;
+                                return Some((Ok(chunk), (next, false)));
+                            }
+                            Ok(_) => {
+                                let running = me
+                                    .local(&uid)
+                                    .is_some_and(|v| !v.stopping.load(Ordering::SeqCst));
+                                if !follow || !running {
+                                    return None;
+                                }
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            Err(e) => return Some((Err(e), (offset, true))),
+                        }
+                    }
+                }
+            },
+        ))
+    }
+}
+
+/// Read what follows `offset` in a file (at most 64 KiB).
+async fn read_from(path: &Path, offset: u64) -> std::io::Result<Bytes> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut f = tokio::fs::File::open(path).await?;
+    f.seek(std::io::SeekFrom::Start(offset)).await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = f.read(&mut buf).await?;
+    buf.truncate(n);
+    Ok(Bytes::from(buf))
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(format!("creating {}", dir.display())))
+}
+
+async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), AgentError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .await
+        .map_err(io_err("running qemu-img (is qemu-utils installed?)"))?;
+    if !out.status.success() {
+        return Err(AgentError::Io {
+            context: format!(
+                "qemu-img {}",
+                args.iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
+    }
+    Ok(())
+}
+
+/// Move a VMI status to `phase`, recording the transition time.
+pub fn set_phase(st: &mut VirtualMachineInstanceStatus, phase: VmiPhase) {
+    if st.phase != Some(phase) {
+        st.phase = Some(phase);
+        st.phase_transition_timestamps
+            .push(PhaseTransitionTimestamp {
+                phase,
+                phase_transition_timestamp: now_rfc3339(),
+            });
+    }
+}
+
+/// How long a guest gets to shut down when its VMI is deleted: the stop
+/// request's override, else the VMI's deletion grace period, else its
+/// `terminationGracePeriodSeconds` (180 by default).
+pub fn grace_period(vmi: &VirtualMachineInstance) -> Duration {
+    let secs = vmi
+        .metadata
+        .annotations
+        .get(GRACE_ANNOTATION)
+        .and_then(|s| s.parse::<i64>().ok())
+        .or(vmi.metadata.deletion_grace_period_seconds)
+        .or(vmi.spec.termination_grace_period_seconds)
+        .unwrap_or(180);
+    Duration::from_secs(secs.max(0) as u64)
+}
