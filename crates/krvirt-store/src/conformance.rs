@@ -4,7 +4,7 @@
 //! [`conformance_tests!`](crate::conformance_tests) macro turns all of them
 //! into named `#[tokio::test]` functions for one backend:
 //!
-//! ```ignore
+//! ```no_run
 //! use krvirt_store::conformance::Fixture;
 //!
 //! async fn fresh_store() -> Fixture {
@@ -48,6 +48,14 @@ impl Fixture {
     pub fn new(store: impl Store, keep: impl Any + Send + Sync) -> Fixture {
         Fixture {
             store: Arc::new(store),
+            _keep: Box::new(keep),
+        }
+    }
+
+    /// For a store that is already shared.
+    pub fn from_arc(store: Arc<dyn Store>, keep: impl Any + Send + Sync) -> Fixture {
+        Fixture {
+            store,
             _keep: Box::new(keep),
         }
     }
@@ -850,7 +858,10 @@ pub async fn lease_revoke_deletes_keys(store: Arc<dyn Store>) {
         Err(StoreError::LeaseNotFound(id)) => assert_eq!(id, lease),
         other => panic!("second revoke: expected LeaseNotFound, got {other:?}"),
     }
-    store.lease_keepalive(other).await.expect("other lease lives");
+    store
+        .lease_keepalive(other)
+        .await
+        .expect("other lease lives");
     store.lease_revoke(other).await.expect("revoke other");
 }
 
@@ -942,7 +953,10 @@ pub async fn concurrent_cas_exactly_one_wins(store: Arc<dyn Store>) {
     let winner = &winners[0];
     assert!(conflicts.iter().all(|a| *a == winner.mod_revision));
     assert_eq!(winner.version, 2);
-    assert_eq!(store.get("/cas/k").await.expect("get").as_ref(), Some(winner));
+    assert_eq!(
+        store.get("/cas/k").await.expect("get").as_ref(),
+        Some(winner)
+    );
     assert_eq!(rev(&store).await, start.mod_revision + 1);
 }
 

@@ -149,9 +149,8 @@ impl EmbeddedStore {
     /// a second open, from this or another process, fails.
     pub fn open_with(path: &Path, options: EmbeddedOptions) -> Result<EmbeddedStore> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Backend(format!("creating {}: {e}", parent.display()))
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Backend(format!("creating {}: {e}", parent.display())))?;
         }
         let lock_path = {
             let mut s = path.as_os_str().to_owned();
@@ -350,9 +349,7 @@ impl Store for EmbeddedStore {
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
         self.check_open()?;
         let prefix = prefix.to_owned();
-        self.reads
-            .run(move |conn| list_prefix(conn, &prefix))
-            .await
+        self.reads.run(move |conn| list_prefix(conn, &prefix)).await
     }
 
     async fn create(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<KeyValue> {
@@ -558,20 +555,18 @@ fn key_string(bytes: Vec<u8>) -> rusqlite::Result<String> {
 }
 
 fn read_kv(conn: &Connection, key: &str) -> rusqlite::Result<Option<KeyValue>> {
-    conn.prepare_cached(
-        "SELECT value, create_rev, mod_rev, version, lease FROM kv WHERE key = ?1",
-    )?
-    .query_row([key.as_bytes()], |r| {
-        Ok(KeyValue {
-            key: key.to_owned(),
-            value: r.get(0)?,
-            create_revision: r.get(1)?,
-            mod_revision: r.get(2)?,
-            version: r.get(3)?,
-            lease: r.get(4)?,
+    conn.prepare_cached("SELECT value, create_rev, mod_rev, version, lease FROM kv WHERE key = ?1")?
+        .query_row([key.as_bytes()], |r| {
+            Ok(KeyValue {
+                key: key.to_owned(),
+                value: r.get(0)?,
+                create_revision: r.get(1)?,
+                mod_revision: r.get(2)?,
+                version: r.get(3)?,
+                lease: r.get(4)?,
+            })
         })
-    })
-    .optional()
+        .optional()
 }
 
 fn read_revision(conn: &Connection) -> Result<Revision> {
@@ -1002,12 +997,7 @@ impl Writer {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.st
-            .shared
-            .leases()
-            .values()
-            .map(|e| e.deadline)
-            .min()
+        self.st.shared.leases().values().map(|e| e.deadline).min()
     }
 
     fn apply_batch(&mut self, ops: Vec<(Op, oneshot::Sender<Result<Reply>>)>) {
@@ -1066,10 +1056,9 @@ impl Writer {
         })();
 
         let shared = Arc::clone(&self.st.shared);
-        shared.requests.fetch_add(
-            u64::try_from(replies.len()).unwrap_or(0),
-            Ordering::Relaxed,
-        );
+        shared
+            .requests
+            .fetch_add(u64::try_from(replies.len()).unwrap_or(0), Ordering::Relaxed);
         match outcome {
             Ok(()) => {
                 shared.commits.fetch_add(1, Ordering::Relaxed);

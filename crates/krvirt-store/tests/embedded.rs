@@ -89,25 +89,42 @@ async fn long_replay_with_small_buffer_does_not_lag() {
             .expect("create");
     }
     let mut w = store.watch("/rp/", 1).await.expect("watch");
-    // Keep writing while the watcher replays, slower than it reads.
+    // Keep writing while the watcher replays (slowly) and after it has
+    // caught up, so both the replay and the live phase see concurrent writes.
+    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let store = Arc::clone(&store);
+        let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
         tokio::spawn(async move {
-            for i in 2000..2100 {
+            let mut i = 2000;
+            while !stop.load(Ordering::Relaxed) {
                 store
                     .create(&format!("/rp/{i:04}"), b"x".to_vec(), None)
                     .await
                     .expect("create");
-                tokio::time::sleep(Duration::from_millis(3)).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
     };
-    for expected in 1..=2100i64 {
+    for expected in 1..=2000i64 {
+        match next_item(&mut w).await {
+            Some(Ok(ev)) => assert_eq!(ev.revision(), expected),
+            other => panic!("at revision {expected}: {other:?}"),
+        }
+        if expected % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    // Now read well past everything written during the replay.
+    let caught_up_to = store.revision().await.expect("revision");
+    assert!(caught_up_to > 2010, "writes happened during the replay");
+    for expected in 2001..=caught_up_to + 20 {
         match next_item(&mut w).await {
             Some(Ok(ev)) => assert_eq!(ev.revision(), expected),
             other => panic!("at revision {expected}: {other:?}"),
         }
     }
+    stop.store(true, Ordering::Relaxed);
     writer.await.expect("writer");
 }
 
