@@ -12,6 +12,31 @@
 //! krvirt extension: [`VirtualMachineInstanceStatus::krvirt_runtime`]
 //! (`status.krvirtRuntime`) where the host agent reports the QEMU process
 //! it runs for the VMI. KubeVirt clients ignore it.
+//!
+//! ## Defaults
+//!
+//! Admission defaults objects following KubeVirt's mutating webhooks and API defaults.
+//! Every step only fills what is unset, so applying it twice changes
+//! nothing (admission is idempotent).
+//!
+//! | field | default | KubeVirt |
+//! |---|---|---|
+//! | VM `runStrategy` | `Halted` when neither `running` nor `runStrategy` is set | same |
+//! | `domain.machine.type` | `q35` | same (cluster default) |
+//! | `domain.cpu.{sockets,cores,threads}` | 1 each; with no topology at all, `sockets` = ⌈`limits.cpu` or `requests.cpu`⌉ | same |
+//! | `domain.memory.guest` | `resources.requests.memory` | same |
+//! | `domain.devices.disks` | a disk `{name}` for every volume without one | `SetDefaultVolumeDisk` |
+//! | disk target | `disk: {}` when neither `disk` nor `cdrom` is set | `SetDefaults_DiskDevice` |
+//! | `disk.bus` | `virtio` | same |
+//! | `cdrom` | `bus: sata`, `readonly: true`, `tray: closed` | same |
+//! | interfaces / networks | none declared and `autoattachPodInterface` ≠ false: interface `default` (masquerade) + network `default` (pod) | same, with masquerade as the cluster's default binding |
+//! | interface binding | `masquerade` when none is given | cluster default binding |
+//! | interface `model` | `virtio` | converter default, made explicit |
+//! | port `protocol` | `TCP` | same |
+//! | `firmware.uuid` | UUIDv5(KubeVirt's firmware namespace, `"{namespace}/{name}"`) of the VM (or standalone VMI) | KubeVirt uses the VM name only |
+//! | `terminationGracePeriodSeconds` | 180 | same |
+//! | `imagePullPolicy` (containerDisk, kernel boot) | `Always` for `:latest`/untagged, else `IfNotPresent` | same |
+//! | `features.{acpi,apic,smm}.enabled` | `true` when the feature is listed | `SetDefaults_FeatureState` |
 
 pub(crate) mod defaults;
 pub(crate) mod validate;
