@@ -23,5 +23,5 @@ pub use config::{
     DiskFormat, Firmware, KernelBoot, Machine, NicBackend, NicConfig, NicModel, PortForward,
     Protocol, RunPaths, VmConfig,
 };
-pub use process::{ProcessError, QemuHandle, RunState, StopOutcome, launch, reattach};
+pub use process::{ProcessError, QemuHandle, RunState, StopOptions, StopOutcome, launch, reattach};
 pub use qmp::{QmpClient, QmpError, QmpEvent, QmpGreeting, QmpOptions};

@@ -144,6 +144,24 @@ pub enum StopOutcome {
     Killed,
 }
 
+/// Timeouts of [`QemuHandle::graceful_stop_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopOptions {
+    /// Time QEMU has to exit after `quit` before it is killed.
+    pub quit_timeout: Duration,
+    /// Time a killed QEMU has to disappear before [`ProcessError::Unkillable`].
+    pub kill_timeout: Duration,
+}
+
+impl Default for StopOptions {
+    fn default() -> Self {
+        StopOptions {
+            quit_timeout: QUIT_TIMEOUT,
+            kill_timeout: KILL_TIMEOUT,
+        }
+    }
+}
+
 /// A running QEMU with an open QMP connection.
 #[derive(Debug)]
 pub struct QemuHandle {
@@ -360,11 +378,11 @@ impl QemuHandle {
 
     /// Asks QEMU to exit now (`quit`); does not wait for the exit.
     pub async fn quit(&self) -> Result<(), ProcessError> {
-        match self
-            .qmp
-            .execute_with_timeout("quit", None, Duration::from_secs(5))
-            .await
-        {
+        self.quit_within(Duration::from_secs(5)).await
+    }
+
+    async fn quit_within(&self, timeout: Duration) -> Result<(), ProcessError> {
+        match self.qmp.execute_with_timeout("quit", None, timeout).await {
             // QEMU may close the socket before its reply is read.
             Ok(_) | Err(QmpError::Closed) => Ok(()),
             Err(e) => Err(e.into()),
@@ -391,83 +409,116 @@ impl QemuHandle {
             .map_err(io_err(format!("waiting for QEMU pid {}", self.pid)))
     }
 
-    /// Stops the VM, politely first.
+    /// Stops the VM, politely first, with the default [`StopOptions`].
     ///
     /// With a non-zero `grace`: presses the power button (unless the guest
     /// is already powered off) and waits up to `grace` for the guest to shut
-    /// down (`SHUTDOWN` event or run state `shutdown`). Then `quit`, and
-    /// SIGKILL if QEMU has not exited [`QUIT_TIMEOUT`] later. A zero grace
-    /// goes straight to `quit`.
+    /// down (a guest `SHUTDOWN` event or run state `shutdown`). Then `quit`,
+    /// and SIGKILL if QEMU has not exited [`StopOptions::quit_timeout`]
+    /// later. A zero grace goes straight to `quit`.
     pub async fn graceful_stop(&self, grace: Duration) -> Result<StopOutcome, ProcessError> {
+        self.graceful_stop_with(grace, StopOptions::default()).await
+    }
+
+    /// [`QemuHandle::graceful_stop`] with explicit timeouts.
+    pub async fn graceful_stop_with(
+        &self,
+        grace: Duration,
+        opts: StopOptions,
+    ) -> Result<StopOutcome, ProcessError> {
         if !self.is_alive() {
             return Ok(StopOutcome::Exited);
         }
         let mut events = self.qmp.subscribe_events();
         let mut guest_down = false;
         if !grace.is_zero() {
-            guest_down = matches!(self.status().await, Ok(RunState::Shutdown));
+            let deadline = Instant::now() + grace;
+            guest_down = self.in_shutdown_state(deadline).await;
             if !guest_down {
-                if let Err(e) = self.powerdown().await {
-                    tracing::debug!(pid = self.pid, error = %e, "system_powerdown failed");
+                match tokio::time::timeout_at(deadline, self.powerdown()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(pid = self.pid, error = %e, "system_powerdown failed")
+                    }
+                    Err(_) => tracing::debug!(pid = self.pid, "system_powerdown timed out"),
                 }
-                guest_down = self.wait_guest_down(&mut events, grace).await;
+                guest_down = self.wait_guest_down(&mut events, deadline).await;
             }
         }
-        if self.qmp.is_closed() && self.wait_exit(QUIT_TIMEOUT).await? {
+        if self.qmp.is_closed() && self.wait_exit(opts.quit_timeout).await? {
             return Ok(if guest_down {
                 StopOutcome::GuestShutdown
             } else {
                 StopOutcome::Exited
             });
         }
-        if let Err(e) = self.quit().await {
+        let quit_deadline = Instant::now() + opts.quit_timeout;
+        if let Err(e) = self.quit_within(opts.quit_timeout).await {
             tracing::debug!(pid = self.pid, error = %e, "quit failed");
         }
-        if self.wait_exit(QUIT_TIMEOUT).await? {
+        let left = quit_deadline.saturating_duration_since(Instant::now());
+        if self.wait_exit(left).await? {
             return Ok(if guest_down {
                 StopOutcome::GuestShutdown
             } else {
                 StopOutcome::Quit
             });
         }
-        tracing::warn!(pid = self.pid, "QEMU ignored quit; sending SIGKILL");
+        tracing::warn!(pid = self.pid, "QEMU did not quit; sending SIGKILL");
         self.kill()?;
-        if self.wait_exit(KILL_TIMEOUT).await? {
+        if self.wait_exit(opts.kill_timeout).await? {
             Ok(StopOutcome::Killed)
         } else {
             Err(ProcessError::Unkillable {
                 pid: self.pid as u32,
-                after: KILL_TIMEOUT,
+                after: opts.kill_timeout,
             })
         }
     }
 
-    /// True once the guest is powered off; false at the deadline or when
-    /// the QMP connection closes.
+    /// Whether `query-status` says `shutdown`, answered before `deadline`.
+    async fn in_shutdown_state(&self, deadline: Instant) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        matches!(
+            self.qmp
+                .execute_with_timeout("query-status", None, left)
+                .await
+                .map(|v| v.get("status").and_then(|s| s.as_str()) == Some("shutdown")),
+            Ok(true)
+        )
+    }
+
+    /// True once the guest powered itself off; false at the deadline, on a
+    /// host-initiated shutdown, or when the QMP connection closes.
     async fn wait_guest_down(
         &self,
         events: &mut broadcast::Receiver<QmpEvent>,
-        grace: Duration,
+        deadline: Instant,
     ) -> bool {
-        let deadline = Instant::now() + grace;
         let mut poll = tokio::time::interval(Duration::from_secs(1));
         poll.tick().await;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return false,
                 ev = events.recv() => match ev {
-                    Ok(ev) if ev.event == "SHUTDOWN" => return true,
+                    Ok(ev) if ev.event == "SHUTDOWN" => {
+                        return ev.data.get("guest").and_then(|g| g.as_bool()).unwrap_or(false);
+                    }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if matches!(self.status().await, Ok(RunState::Shutdown)) {
+                        if self.in_shutdown_state(deadline).await {
                             return true;
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => return false,
                 },
-                // Belt and braces: an event can be missed across a reconnect.
+                // Belt and braces: the event may have been missed (e.g. the
+                // guest powered off while no client was connected).
                 _ = poll.tick() => {
-                    if matches!(self.status().await, Ok(RunState::Shutdown)) {
+                    if self.in_shutdown_state(deadline).await {
                         return true;
                     }
                 }

@@ -563,6 +563,46 @@ fn parse_greeting(v: &Value) -> Result<QmpGreeting, QmpError> {
 mod tests {
     use super::*;
 
+    fn quick() -> QmpOptions {
+        QmpOptions {
+            command_timeout: Duration::from_secs(2),
+            greeting_timeout: Duration::from_millis(300),
+        }
+    }
+
+    // These drive the client against a scripted peer for the protocol
+    // violations a real QEMU does not produce on demand; the real protocol
+    // is covered by tests/lifecycle.rs.
+    #[tokio::test]
+    async fn handshake_failures_are_typed() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"{\"hello\": 1}\r\n").await.unwrap();
+        assert!(matches!(
+            QmpClient::from_stream(a, quick()).await,
+            Err(QmpError::Protocol(_))
+        ));
+
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        assert!(matches!(
+            QmpClient::from_stream(a, quick()).await,
+            Err(QmpError::Closed)
+        ));
+
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            QmpClient::from_stream(a, quick()).await,
+            Err(QmpError::Timeout { .. })
+        ));
+
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"not json\n").await.unwrap();
+        assert!(matches!(
+            QmpClient::from_stream(a, quick()).await,
+            Err(QmpError::Protocol(_))
+        ));
+    }
+
     #[test]
     fn greeting_parsing() {
         let g = parse_greeting(

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::{QemuGuard, eventually, idle_vm, launch_guarded, pid_alive, qemu, tempdir, uid};
 use krvirt_hypervisor::{
-    DiskBus, DiskCache, DiskConfig, DiskFormat, ProcessError, QmpError, RunState, StopOutcome,
-    launch, reattach,
+    DiskBus, DiskCache, DiskConfig, DiskFormat, ProcessError, QmpError, RunState, StopOptions,
+    StopOutcome, launch, reattach,
 };
 use serde_json::json;
 use tokio::sync::broadcast;
@@ -328,6 +328,32 @@ async fn graceful_stop_without_guest_cooperation_quits() {
     );
     assert!(start.elapsed() >= Duration::from_millis(1500));
     assert!(!h.is_alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_qemu_is_killed_as_last_resort() {
+    let tmp = tempdir();
+    let cfg = idle_vm(tmp.path(), "frozen", &uid("frozen"));
+    let (h, _g) = launch_guarded(&cfg).await;
+    // A QEMU that answers nothing (stopped by a signal) cannot quit.
+    // SAFETY: kill(2) of the QEMU this test started.
+    unsafe { libc::kill(h.pid() as i32, libc::SIGSTOP) };
+    let opts = StopOptions {
+        quit_timeout: Duration::from_secs(1),
+        kill_timeout: Duration::from_secs(10),
+    };
+    let start = Instant::now();
+    let out = h
+        .graceful_stop_with(Duration::from_millis(500), opts)
+        .await
+        .unwrap();
+    assert_eq!(out, StopOutcome::Killed);
+    assert!(!h.is_alive());
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "grace and quit timeouts are honoured even when QMP hangs: {:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
