@@ -145,6 +145,59 @@ fn bus(b: Option<ApiBus>, field: &str) -> Result<DiskBus, PlanError> {
     }
 }
 
+/// Settings admission accepts that the QEMU driver does not express yet:
+/// their defaults are what every guest gets; anything else is refused by
+/// path rather than silently ignored.
+fn refuse_unhonoured(vmi: &VirtualMachineInstance) -> Result<(), PlanError> {
+    let d = &vmi.spec.domain;
+    if let Some(off) = d
+        .clock
+        .as_ref()
+        .and_then(|c| c.utc.as_ref())
+        .and_then(|u| u.offset_seconds)
+    {
+        if off != 0 {
+            return Err(unsupported(
+                "spec.domain.clock.utc.offsetSeconds",
+                "a clock offset is not supported yet (the guest clock is UTC)",
+            ));
+        }
+    }
+    if let Some(f) = &d.features {
+        let off = |s: &Option<krvirt_api::kubevirt::FeatureState>| {
+            s.as_ref().is_some_and(|s| s.enabled == Some(false))
+        };
+        if off(&f.acpi) {
+            return Err(unsupported(
+                "spec.domain.features.acpi",
+                "turning ACPI off is not supported yet",
+            ));
+        }
+        if f.apic
+            .as_ref()
+            .is_some_and(|a| a.enabled == Some(false) || a.end_of_interrupt)
+        {
+            return Err(unsupported(
+                "spec.domain.features.apic",
+                "APIC settings are not supported yet",
+            ));
+        }
+        if f.smm.as_ref().is_some_and(|s| s.enabled.is_some()) {
+            return Err(unsupported(
+                "spec.domain.features.smm",
+                "SMM settings are not supported yet",
+            ));
+        }
+    }
+    if d.devices.network_interface_multiqueue == Some(true) {
+        return Err(unsupported(
+            "spec.domain.devices.networkInterfaceMultiqueue",
+            "multi-queue NICs are not supported yet",
+        ));
+    }
+    Ok(())
+}
+
 /// Plan the VMI's run in `run_dir` with accelerator `accel`.
 pub fn plan(
     vmi: &VirtualMachineInstance,
@@ -155,6 +208,7 @@ pub fn plan(
     let spec = &vmi.spec;
     let uid = vmi.metadata.uid.clone().unwrap_or_default();
     let mut prep = Vec::new();
+    refuse_unhonoured(vmi)?;
 
     let memory = spec
         .guest_memory_bytes()
