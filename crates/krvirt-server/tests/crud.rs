@@ -715,3 +715,123 @@ pub fn urlencode(s: &str) -> String {
     }
     out
 }
+
+#[tokio::test]
+async fn real_kinds_smoke() {
+    // A KubeVirt example manifest through the real krvirt-api admission.
+    let s = TestServer::real().await;
+    let yaml = "apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  labels:
+    kubevirt.io/vm: vm-cirros
+  name: vm-cirros
+spec:
+  runStrategy: Halted
+  template:
+    metadata:
+      labels:
+        kubevirt.io/vm: vm-cirros
+    spec:
+      domain:
+        devices:
+          disks:
+          - disk:
+              bus: virtio
+            name: containerdisk
+        memory:
+          guest: 128Mi
+        resources: {}
+      terminationGracePeriodSeconds: 0
+      volumes:
+      - containerDisk:
+          image: registry:5000/kubevirt/cirros-container-disk-demo:devel
+        name: containerdisk
+";
+    let r = s
+        .client
+        .post(s.vms("default"))
+        .header("Content-Type", "application/yaml")
+        .body(yaml)
+        .send()
+        .await
+        .unwrap();
+    let (code, vm) = status_json(r).await;
+    assert_eq!(code, 201, "{vm}");
+    assert_eq!(vm["metadata"]["generation"], 1);
+    // defaults applied by admission are stored
+    assert!(
+        vm["spec"]["template"]["spec"]["domain"]["machine"].is_object(),
+        "{vm}"
+    );
+
+    // unknown and not-implemented fields are refused by path
+    let bad = yaml.replace(
+        "        resources: {}\n",
+        "        resources: {}\n        gpus: []\n        bogus: 1\n",
+    );
+    let r = s
+        .client
+        .post(s.vms("other"))
+        .header("Content-Type", "application/yaml")
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    let (code, st) = status_json(r).await;
+    assert_eq!(code, 422, "{st}");
+    let fields: Vec<&str> = st["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["field"].as_str().unwrap())
+        .collect();
+    assert!(
+        fields.contains(&"spec.template.spec.domain.bogus"),
+        "{fields:?}"
+    );
+
+    // a spec change bumps generation; a label change does not
+    let (code, v) = s
+        .merge_patch(
+            &s.vm("default", "vm-cirros"),
+            &json!({"spec": {"runStrategy": "Manual"}}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["metadata"]["generation"], 2);
+    let (code, v) = s
+        .merge_patch(
+            &s.vm("default", "vm-cirros"),
+            &json!({"metadata": {"labels": {"x": "y"}}}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["metadata"]["generation"], 2);
+    // status through the status subresource, validated by the typed status
+    let (code, v) = s
+        .merge_patch(
+            &format!("{}/status", s.vm("default", "vm-cirros")),
+            &json!({"status": {"printableStatus": "Stopped", "ready": false}}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["status"]["printableStatus"], "Stopped");
+    let (code, st) = s
+        .merge_patch(
+            &format!("{}/status", s.vm("default", "vm-cirros")),
+            &json!({"status": {"printableStatus": "Dancing"}}),
+        )
+        .await;
+    assert_eq!(code, 422, "{st}");
+    // a VMI's spec is immutable
+    let vmi = s.create(&s.vmis("default"), &json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "metadata": {"name": "i"}, "spec": vm["spec"]["template"]["spec"].clone()})).await;
+    let (code, st) = s
+        .merge_patch(
+            &s.vmi("default", "i"),
+            &json!({"spec": {"terminationGracePeriodSeconds": 1}}),
+        )
+        .await;
+    assert_eq!(code, 422, "{st}");
+    assert_eq!(vmi["metadata"]["generation"], 1);
+}

@@ -309,11 +309,9 @@ pub fn vm_manifest(name: &str, run: Value) -> Value {
             "spec": {"domain": {"devices": {}, "resources": {"requests": {"memory": "64Mi"}}}}
         }
     });
-    if let Some(o) = spec.as_object_mut() {
-        if let Some(m) = run.as_object() {
-            for (k, v) in m {
-                o.insert(k.clone(), v.clone());
-            }
+    if let (Some(o), Some(m)) = (spec.as_object_mut(), run.as_object()) {
+        for (k, v) in m {
+            o.insert(k.clone(), v.clone());
         }
     }
     json!({
