@@ -211,7 +211,16 @@ fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
 fn parse_yaml(bytes: &[u8]) -> Result<Value, ApiError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| ApiError::BadRequest("the request body is not valid UTF-8".into()))?;
-    serde_saphyr::from_str::<Value>(text)
+    let mut budget = serde_saphyr::Budget::default();
+    // A manifest is a few thousand nodes; these bound the work an
+    // adversarial body (alias bombs, deep nesting) can cause.
+    budget.max_aliases = 1_000;
+    budget.max_events = 100_000;
+    budget.max_nodes = 100_000;
+    budget.max_depth = 64;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    serde_saphyr::from_str_with_options::<Value>(text, options)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid YAML: {e}")))
 }
 
@@ -876,4 +885,49 @@ pub(crate) fn build(state: AppState) -> Router {
         .fallback(not_found)
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_bodies() {
+        let v = parse_yaml(b"---\napiVersion: v1\nkind: X\nmetadata:\n  name: a\n").unwrap();
+        assert_eq!(v["metadata"]["name"], "a");
+        assert!(
+            parse_yaml(b"a: 1\n---\nb: 2\n").is_err(),
+            "one document per request"
+        );
+        assert_eq!(parse_yaml(b"a: [unclosed").unwrap_err().code(), 400);
+        assert_eq!(parse_yaml(&[0xff, 0xfe]).unwrap_err().code(), 400);
+        // alias expansion bomb: refused by the parser's budget, not expanded
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        let mut prev = 'a';
+        for c in 'b'..='p' {
+            bomb.push_str(&format!("{c}: &{c} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+            prev = c;
+        }
+        let started = std::time::Instant::now();
+        let err = parse_yaml(bomb.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("budget"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ACCEPT, HeaderValue::from_str(v).unwrap());
+            wants_yaml(&m)
+        };
+        assert!(h("application/yaml"));
+        assert!(h("application/yaml, application/json"));
+        assert!(!h("application/json, application/yaml"));
+        assert!(!h(
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+        ));
+        assert!(!h("*/*"));
+        assert!(!wants_yaml(&HeaderMap::new()));
+    }
 }
