@@ -709,8 +709,18 @@ pub(crate) fn build(state: AppState) -> Router {
     let mut groups: BTreeMap<&str, BTreeMap<&str, Vec<&'static KindInfo>>> = BTreeMap::new();
     let mut sub_groups: BTreeMap<String, BTreeMap<&str, Vec<&'static KindInfo>>> = BTreeMap::new();
 
+    let mut served = std::collections::HashSet::new();
     for kind in kinds {
         let k: &'static KindInfo = kind;
+        if !served.insert((k.group, k.version, k.plural)) {
+            tracing::warn!(
+                group = k.group,
+                version = k.version,
+                plural = k.plural,
+                "kind listed twice; serving the first"
+            );
+            continue;
+        }
         groups
             .entry(k.group)
             .or_default()

@@ -435,17 +435,40 @@ async fn slow_watchers_resume_transparently_after_lagging() {
         .unwrap(),
     );
     let reg = krvirt_server::Registry::with_kinds(store.clone(), KINDS, admit);
-    reg.create(vm_kind(), "default", vm_manifest("seed", json!({}))).await.unwrap();
-    let (_, list_rv) = reg.list(vm_kind(), None, &Selector::everything()).await.unwrap();
-    let mut w = reg.watch(vm_kind(), None, Selector::everything(), Some(&list_rv)).await.unwrap();
+    reg.create(vm_kind(), "default", vm_manifest("seed", json!({})))
+        .await
+        .unwrap();
+    let (_, list_rv) = reg
+        .list(vm_kind(), None, &Selector::everything())
+        .await
+        .unwrap();
+    let mut w = reg
+        .watch(vm_kind(), None, Selector::everything(), Some(&list_rv))
+        .await
+        .unwrap();
     // a raw store watch under the same conditions, to prove the lag happens
-    let mut raw = store.watch("/registry/", list_rv.parse::<i64>().unwrap() + 1).await.unwrap();
+    let mut raw = store
+        .watch("/registry/", list_rv.parse::<i64>().unwrap() + 1)
+        .await
+        .unwrap();
     // 60 writes while the watcher does not read: its buffer of 2 overflows
     for i in 0..30 {
-        reg.create(vm_kind(), "default", vm_manifest(&format!("v{i}"), json!({}))).await.unwrap();
-        reg.merge_patch(vm_kind(), "default", &format!("v{i}"), &json!({"metadata": {"labels": {"n": i.to_string()}}}), krvirt_server::Subresource::Main)
-            .await
-            .unwrap();
+        reg.create(
+            vm_kind(),
+            "default",
+            vm_manifest(&format!("v{i}"), json!({})),
+        )
+        .await
+        .unwrap();
+        reg.merge_patch(
+            vm_kind(),
+            "default",
+            &format!("v{i}"),
+            &json!({"metadata": {"labels": {"n": i.to_string()}}}),
+            krvirt_server::Subresource::Main,
+        )
+        .await
+        .unwrap();
     }
     let mut lagged = false;
     while let Ok(Some(item)) = tokio::time::timeout(Duration::from_secs(2), raw.next()).await {
@@ -454,7 +477,10 @@ async fn slow_watchers_resume_transparently_after_lagging() {
             break;
         }
     }
-    assert!(lagged, "the store watch should have lagged with a buffer of 2");
+    assert!(
+        lagged,
+        "the store watch should have lagged with a buffer of 2"
+    );
     let mut last: i64 = list_rv.parse().unwrap();
     for i in 0..60 {
         let e = tokio::time::timeout(Duration::from_secs(5), w.next())
@@ -465,7 +491,11 @@ async fn slow_watchers_resume_transparently_after_lagging() {
         let r: i64 = e.resource_version().parse().unwrap();
         assert_eq!(r, last + 1, "event {i}: no gaps, no duplicates");
         last = r;
-        let want = if i % 2 == 0 { EventType::Added } else { EventType::Modified };
+        let want = if i % 2 == 0 {
+            EventType::Added
+        } else {
+            EventType::Modified
+        };
         assert_eq!(e.event_type, want);
     }
 }
