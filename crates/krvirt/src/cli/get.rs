@@ -173,8 +173,9 @@ async fn watch(
 ) -> Result<()> {
     let layout = Layout::of(kind);
     let header = table::header(layout, opts);
+    // The current state is already printed: report changes only.
     let resume = ResumeOptions {
-        initial_list: params.resource_version.is_none(),
+        initial_list: false,
         ..Default::default()
     };
     let vmi_kind = required_kind("virtualmachineinstances").ok();

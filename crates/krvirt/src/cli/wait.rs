@@ -316,18 +316,26 @@ pub async fn wait(ctx: &Ctx, a: WaitArgs) -> Result<ExitCode> {
     let deadline = tokio::time::Instant::now() + a.timeout;
     let params = ListParams::namespaced(ctx.ns.name.clone()).named(&name);
 
-    let list = tokio::time::timeout_at(deadline, ctx.client.list(kind, &params))
-        .await
-        .map_err(|_| {
-            anyhow!(
-                "timed out after {} reading {resource}",
-                format_duration(a.timeout)
-            )
-        })??;
+    let list = if a.timeout.is_zero() {
+        // --timeout=0: look once.
+        ctx.client.list(kind, &params).await?
+    } else {
+        tokio::time::timeout_at(deadline, ctx.client.list(kind, &params))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "timed out after {} reading {resource}",
+                    format_duration(a.timeout)
+                )
+            })??
+    };
     let mut last = list
         .items
         .into_iter()
         .find(|o| name_of(o) == Some(name.as_str()));
+    if !cond.is_met(last.as_ref()) && a.timeout.is_zero() {
+        bail!(timeout_message(&resource, a.timeout, &cond, last.as_ref()));
+    }
     if !cond.is_met(last.as_ref()) {
         let resume = ResumeOptions {
             initial_list: false,
