@@ -305,7 +305,7 @@ impl Agent {
         let inv = read_inventory(&self.inner.cfg.sys_root)?;
         let resources = HostResources {
             cpu: Some(Quantity::new(inv.cpus.len().to_string())),
-            memory: Some(Quantity::new(inv.memory_bytes.to_string())),
+            memory: Some(Quantity::new(format!("{}Ki", inv.memory_bytes / 1024))),
         };
         let mut conditions = Vec::new();
         set_condition(

@@ -1,0 +1,388 @@
+//! The long-running roles of the `krvirt` binary: `up` (API server,
+//! controllers and host agent in one process on the embedded store),
+//! `server` and `agent`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use krvirt_agent::{Agent, AgentConfig, AgentError};
+use krvirt_hypervisor::AccelMode;
+use krvirt_image::ImageStore;
+use krvirt_server::{ApiError, AppState, ByteStream, ConsoleStream, HostConnector, Registry};
+use krvirt_store::embedded::EmbeddedStore;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Default API address of a local instance (the client verbs' default too).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8440";
+
+/// Options shared by `up` and `agent`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// This host's name [default: the machine's hostname]
+    #[arg(long, env = "KRVIRT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Accelerator: auto (KVM where it can boot guests, else TCG), kvm or tcg
+    #[arg(long, default_value = "auto", env = "KRVIRT_ACCEL")]
+    pub accel: String,
+    /// Host labels, KEY=VALUE (repeatable); VMIs' nodeSelector matches them
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Where built demo images are cached [default: $KRVIRT_CACHE_DIR, else ~/.cache/krvirt]
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// `krvirt up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// State, images and VM run directories [default: /var/lib/krvirt as root, else ~/.local/share/krvirt]
+    #[arg(long, env = "KRVIRT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// API listen address
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Do not create the demo VM on first start
+    #[arg(long)]
+    pub no_demo: bool,
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+/// `krvirt server`: the API server and controllers, without a host agent.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// State directory (the embedded store's file lives here)
+    #[arg(long, env = "KRVIRT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// API listen address
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Store: `embedded` (a file in the data dir); etcd://… comes with the cluster work
+    #[arg(long, default_value = "embedded")]
+    pub store: String,
+}
+
+/// `krvirt agent`: the host agent of one host, talking to the server given
+/// by the global `--server`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// VM run directories
+    #[arg(long, env = "KRVIRT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+fn default_data_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/var/lib/krvirt")
+    } else {
+        home().join(".local/share/krvirt")
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+fn cache_dir(arg: &Option<PathBuf>) -> PathBuf {
+    arg.clone()
+        .or_else(|| std::env::var_os("KRVIRT_CACHE_DIR").map(PathBuf::from))
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("krvirt")))
+        .unwrap_or_else(|| home().join(".cache/krvirt"))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+        .to_ascii_lowercase()
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// Hold an exclusive lock on the data directory for the process lifetime,
+/// so two instances never share one store.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("krvirt.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!(
+            "another krvirt is already using {} (lock {} is held); give this one its own --data-dir",
+            dir.display(),
+            path.display()
+        );
+    }
+    Ok(f)
+}
+
+/// The API server's way to the in-process agent.
+struct LocalHost(Agent);
+
+fn host_err(e: AgentError, vmi: &Value) -> ApiError {
+    let name = vmi
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    match e {
+        AgentError::NotRunningHere(_) => ApiError::Conflict {
+            group: "kubevirt.io".into(),
+            resource: "virtualmachineinstances".into(),
+            name,
+            message: "the VMI is not running".into(),
+        },
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl HostConnector for LocalHost {
+    async fn pause(&self, vmi: &Value) -> Result<(), ApiError> {
+        self.0.pause(vmi).await.map_err(|e| host_err(e, vmi))
+    }
+    async fn unpause(&self, vmi: &Value) -> Result<(), ApiError> {
+        self.0.unpause(vmi).await.map_err(|e| host_err(e, vmi))
+    }
+    async fn console(&self, vmi: &Value) -> Result<ConsoleStream, ApiError> {
+        let s = self.0.console(vmi).await.map_err(|e| host_err(e, vmi))?;
+        Ok(Box::new(s))
+    }
+    async fn console_log(&self, vmi: &Value, follow: bool) -> Result<ByteStream, ApiError> {
+        let s = self
+            .0
+            .console_log(vmi, follow)
+            .map_err(|e| host_err(e, vmi))?;
+        Ok(Box::pin(s))
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn open_images(data_dir: &Path, host: &HostArgs) -> Result<Arc<ImageStore>> {
+    let cache = cache_dir(&host.cache_dir);
+    let demo = krvirt_image::ensure_demo_images(&cache.join("demo"))
+        .with_context(|| format!("building the demo guest images in {}", cache.display()))?;
+    let store = ImageStore::with_demo_images(&data_dir.join("images"), demo)
+        .context("opening the image store")?;
+    Ok(Arc::new(store))
+}
+
+fn agent_config(data_dir: &Path, host: &HostArgs) -> Result<AgentConfig> {
+    let mut cfg = AgentConfig::new(host.node_name.clone().unwrap_or_else(hostname), data_dir);
+    cfg.accel_mode = host
+        .accel
+        .parse::<AccelMode>()
+        .with_context(|| "--accel".to_string())?;
+    cfg.labels = parse_labels(&host.labels)?;
+    Ok(cfg)
+}
+
+const DEMO_VM: &str = r#"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: demo
+  labels:
+    kubevirt.io/vm: demo
+spec:
+  runStrategy: Always
+  template:
+    metadata:
+      labels:
+        kubevirt.io/vm: demo
+    spec:
+      domain:
+        devices:
+          disks:
+          - name: containerdisk
+            disk: {bus: virtio}
+          - name: cloudinitdisk
+            disk: {bus: virtio}
+        memory:
+          guest: 128Mi
+      terminationGracePeriodSeconds: 5
+      volumes:
+      - name: containerdisk
+        containerDisk:
+          image: quay.io/kubevirt/cirros-container-disk-demo
+      - name: cloudinitdisk
+        cloudInitNoCloud:
+          userData: |
+            #!/bin/sh
+            echo "hello from the krvirt demo VM"
+"#;
+
+/// Create the demo VM once, on the first start of a data directory.
+async fn create_demo(registry: &Registry, data_dir: &Path) -> Result<()> {
+    let marker = data_dir.join(".demo-created");
+    if marker.exists() {
+        return Ok(());
+    }
+    let vm: Value = serde_saphyr::from_str(DEMO_VM).context("demo VM manifest")?;
+    let kind = krvirt_api::find_kind("vm").context("VirtualMachine kind")?;
+    match registry.create(kind, "default", vm).await {
+        Ok(_) => info!("created the demo VM `demo` (krvirt get vms)"),
+        Err(ApiError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e).context("creating the demo VM"),
+    }
+    std::fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))?;
+    Ok(())
+}
+
+/// `krvirt up`: everything for one host in one process.
+pub async fn up(args: UpArgs) -> Result<()> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let _lock = lock_data_dir(&data_dir)?;
+    let store = EmbeddedStore::open(&data_dir.join("state.db"))
+        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    let registry = Registry::new(Arc::new(store));
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+
+    let images = open_images(&data_dir, &args.host)?;
+    let client = krvirt_client::Client::new(&format!("http://{addr}"))?;
+    let agent = Agent::new(agent_config(&data_dir, &args.host)?, client, images)
+        .context("starting the host agent")?;
+    let accel = agent.accelerator().clone();
+
+    let shutdown = CancellationToken::new();
+    let state = AppState::new(registry.clone(), Arc::new(LocalHost(agent.clone())));
+    let server = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            krvirt_server::serve(listener, state, async move { shutdown.cancelled().await }).await
+        })
+    };
+    let controllers = krvirt_controller::Controllers::new(registry.clone())?;
+    let ctl = tokio::spawn(controllers.run(shutdown.clone()));
+    let agent_task = tokio::spawn(agent.clone().run(shutdown.clone()));
+
+    if !args.no_demo {
+        create_demo(&registry, &data_dir).await?;
+    }
+    info!(
+        api = %format!("http://{addr}"),
+        data_dir = %data_dir.display(),
+        host = agent.node_name(),
+        accelerator = accel.accel.qemu_name(),
+        reason = %accel.reason,
+        "krvirt is up"
+    );
+    eprintln!(
+        "krvirt is up: API http://{addr}, data {}, host {}, accelerator {} ({})",
+        data_dir.display(),
+        agent.node_name(),
+        accel.accel.qemu_name(),
+        accel.reason
+    );
+
+    tokio::select! {
+        _ = shutdown_signal() => info!("shutting down; guests keep running"),
+        r = agent_task => {
+            match r {
+                Ok(Err(e)) => warn!(error = %e, "the host agent stopped"),
+                Err(e) => warn!(error = %e, "the host agent panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), ctl).await;
+    Ok(())
+}
+
+/// `krvirt server`: API server and controllers over the embedded store.
+pub async fn server(args: ServerArgs) -> Result<()> {
+    if args.store != "embedded" {
+        bail!(
+            "--store {}: only the embedded store is implemented yet (etcd comes with the cluster work)",
+            args.store
+        );
+    }
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let _lock = lock_data_dir(&data_dir)?;
+    let store = EmbeddedStore::open(&data_dir.join("state.db"))?;
+    let registry = Registry::new(Arc::new(store));
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let shutdown = CancellationToken::new();
+    let state = AppState::new(registry.clone(), Arc::new(krvirt_server::NoHostConnector));
+    let ctl = tokio::spawn(krvirt_controller::Controllers::new(registry)?.run(shutdown.clone()));
+    eprintln!(
+        "krvirt server listening on http://{}",
+        listener.local_addr()?
+    );
+    let sd = shutdown.clone();
+    krvirt_server::serve(listener, state, async move {
+        shutdown_signal().await;
+        sd.cancel();
+    })
+    .await?;
+    let _ = ctl.await;
+    Ok(())
+}
+
+/// `krvirt agent`: one host's agent against a server.
+pub async fn agent(args: AgentArgs, server: Option<String>) -> Result<()> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let _lock = lock_data_dir(&data_dir)?;
+    let images = open_images(&data_dir, &args.host)?;
+    let client = krvirt_client::Client::from_env(server)?;
+    let agent = Agent::new(agent_config(&data_dir, &args.host)?, client, images)?;
+    let shutdown = CancellationToken::new();
+    let sd = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        sd.cancel();
+    });
+    agent.run(shutdown).await?;
+    Ok(())
+}

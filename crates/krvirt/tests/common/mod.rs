@@ -1,0 +1,353 @@
+//! Harness for end-to-end tests: a real `krvirt up` per test (own data dir
+//! and port), real QEMU guests under TCG, driven through the CLI and the
+//! REST API. QEMU outlives krvirt by design, so the harness kills every QEMU
+//! whose command line points into the instance's data dir when it drops.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_krvirt");
+
+/// The KubeVirt example corpus.
+pub fn corpus(file: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/kubevirt-examples")
+        .join(file);
+    assert!(
+        p.exists(),
+        "the KubeVirt corpus is needed at {}",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Demo images are built once per machine and shared by every instance.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("KRVIRT_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("krvirt-test-cache"))
+}
+
+pub struct Instance {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+impl Instance {
+    /// Start `krvirt up` and wait until its host is registered.
+    pub async fn start() -> Instance {
+        let dir = tempfile::Builder::new()
+            .prefix("krvirt-e2e-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let mut inst = Instance {
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+            child: None,
+            http: reqwest::Client::new(),
+        };
+        inst.spawn();
+        inst.wait_ready().await;
+        inst
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("up.log"))
+            .unwrap();
+        let port = self.url.rsplit(':').next().unwrap().to_string();
+        let child = Command::new(BIN)
+            .args([
+                "up",
+                "--no-demo",
+                "--accel",
+                "tcg",
+                "--node-name",
+                "e2e-host",
+            ])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("KRVIRT_CACHE_DIR", cache_dir())
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start krvirt up");
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("krvirt up exited with {st}:\n{}", self.log());
+                }
+            }
+            if let Ok(v) = self.get("/apis/krvirt.io/v1/hosts").await {
+                if v["items"].as_array().is_some_and(|a| !a.is_empty()) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "krvirt up not ready in time:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `kill -9` the krvirt process (its guests keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Start krvirt again on the same data dir and port.
+    pub async fn restart(&mut self) {
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value, String> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let code = r.status();
+        let v: Value = r.json().await.map_err(|e| e.to_string())?;
+        if code.is_success() {
+            Ok(v)
+        } else {
+            Err(format!("{code}: {v}"))
+        }
+    }
+
+    /// POST/PUT a body; returns (status code, JSON body).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Run a client verb against this instance.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--server")
+            .arg(&self.url)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run krvirt")
+    }
+
+    /// Run a client verb that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "krvirt {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub async fn vmi(&self, name: &str) -> Option<Value> {
+        self.get(&format!(
+            "/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances/{name}"
+        ))
+        .await
+        .ok()
+    }
+
+    pub async fn vm(&self, name: &str) -> Option<Value> {
+        self.get(&format!(
+            "/apis/kubevirt.io/v1/namespaces/default/virtualmachines/{name}"
+        ))
+        .await
+        .ok()
+    }
+
+    /// Wait until `f` returns Some, polling the API.
+    pub async fn until<T, F, Fut>(&self, what: &str, timeout: Duration, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n--- krvirt log (tail) ---\n{}",
+                tail(&self.log(), 40)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The VMI once it is Running: (uid, QEMU pid).
+    pub async fn running_vmi(&self, name: &str, not_uid: Option<&str>) -> (String, u32) {
+        self.until(
+            &format!("VMI {name} Running"),
+            Duration::from_secs(120),
+            || async {
+                let v = self.vmi(name).await?;
+                let uid = v["metadata"]["uid"].as_str()?.to_string();
+                if Some(uid.as_str()) == not_uid {
+                    return None;
+                }
+                if v["status"]["phase"] != "Running" {
+                    return None;
+                }
+                let pid = v["status"]["krvirtRuntime"]["pid"].as_u64()? as u32;
+                Some((uid, pid))
+            },
+        )
+        .await
+    }
+
+    /// The serial console log of a VMI (through the API).
+    pub async fn console_log(&self, name: &str) -> String {
+        let r = self
+            .http
+            .get(format!(
+                "{}/apis/subresources.kubevirt.io/v1/namespaces/default/virtualmachineinstances/{name}/consolelog",
+                self.url
+            ))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+
+    /// The console log file of a VMI uid, read from disk (works while krvirt is down).
+    pub fn console_file(&self, uid: &str) -> String {
+        std::fs::read_to_string(
+            self.data_dir()
+                .join("run/vmi")
+                .join(uid)
+                .join("console.log"),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Wait until the VMI's console shows `needle`.
+    pub async fn console_shows(&self, name: &str, needle: &str) -> String {
+        self.until(
+            &format!("{needle:?} on {name}'s console"),
+            Duration::from_secs(120),
+            || async {
+                let log = self.console_log(name).await;
+                log.contains(needle).then_some(log)
+            },
+        )
+        .await
+    }
+}
+
+/// Highest `TICK n` in a console log.
+pub fn last_tick(log: &str) -> Option<u64> {
+    log.lines()
+        .filter_map(|l| l.trim().strip_prefix("TICK "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    // A zombie is gone for our purposes.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .unwrap_or(false)
+}
+
+/// Kill every process whose command line mentions `dir`.
+pub fn kill_processes_under(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(&needle) {
+                // SAFETY: sending a signal to a pid; no memory involved.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill9();
+        kill_processes_under(self.dir.path());
+        if std::thread::panicking() {
+            eprintln!("--- krvirt log ---\n{}", tail(&self.log(), 80));
+        }
+    }
+}
