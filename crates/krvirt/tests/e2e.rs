@@ -75,7 +75,9 @@ async fn vm_cirros_from_the_corpus_boots_and_stops() {
     let inst = Instance::start().await;
     let manifest = corpus("vm-cirros.yaml");
     inst.ok(&["apply", "-f", manifest.to_str().unwrap()]);
-    assert_eq!(printable(&inst, "vm-cirros").await, "Stopped");
+    // runStrategy Halted: the controller reports it Stopped, and no VMI.
+    inst.ok(&["wait", "vm-cirros", "--for=Stopped", "--timeout=30s"]);
+    assert!(inst.vmi("vm-cirros").await.is_none());
     inst.ok(&["start", "vm-cirros"]);
     inst.ok(&["wait", "vm-cirros", "--for=Running", "--timeout=120s"]);
     let (_uid, pid) = inst.running_vmi("vm-cirros", None).await;
@@ -178,20 +180,38 @@ async fn poweroff_restarts_always_but_not_rerun_on_failure() {
         &vm_yaml("rerun", "RerunOnFailure", "#!/bin/sh\nsleep 2\npoweroff -f"),
     );
 
-    let (first, _) = inst.running_vmi("always", None).await;
-    let (second, _) = inst.running_vmi("always", Some(&first)).await;
-    assert_ne!(first, second);
-
-    let (rerun_uid, rerun_pid) = inst.running_vmi("rerun", None).await;
+    // The RerunOnFailure guest boots, powers off, and its VMI ends Succeeded.
+    let (rerun_uid, rerun_pid) = inst
+        .until("rerun's VMI to run", Duration::from_secs(120), || async {
+            let v = inst.vmi("rerun").await?;
+            let pid = v["status"]["krvirtRuntime"]["pid"].as_u64()? as u32;
+            Some((v["metadata"]["uid"].as_str()?.to_string(), pid))
+        })
+        .await;
     inst.until("rerun VMI Succeeded", Duration::from_secs(90), || async {
         let v = inst.vmi("rerun").await?;
         (v["status"]["phase"] == "Succeeded").then_some(())
     })
     .await;
+    assert!(inst.console_file(&rerun_uid).contains("GUEST-BOOTED"));
     inst.until("rerun QEMU gone", Duration::from_secs(30), || async {
         (!pid_alive(rerun_pid)).then_some(())
     })
     .await;
+
+    // The Always guest does the same, and comes back as a new VMI.
+    let first = inst
+        .until("always's first VMI", Duration::from_secs(60), || async {
+            Some(
+                inst.vmi("always").await?["metadata"]["uid"]
+                    .as_str()?
+                    .to_string(),
+            )
+        })
+        .await;
+    let (second, _) = inst.running_vmi("always", Some(&first)).await;
+    assert_ne!(first, second);
+
     assert_eq!(printable(&inst, "rerun").await, "Stopped");
     // And it stays that way.
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -92,7 +92,10 @@ impl Instance {
             .arg(self.data_dir())
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("KRVIRT_CACHE_DIR", cache_dir())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -348,6 +351,13 @@ impl Drop for Instance {
         kill_processes_under(self.dir.path());
         if std::thread::panicking() {
             eprintln!("--- krvirt log ---\n{}", tail(&self.log(), 80));
+            // KRVIRT_E2E_KEEP=1 keeps the data dir and full log for a look.
+            if std::env::var_os("KRVIRT_E2E_KEEP").is_some() {
+                let kept =
+                    std::env::temp_dir().join(format!("krvirt-e2e-kept-{}", std::process::id()));
+                let _ = std::fs::rename(self.dir.path(), &kept);
+                eprintln!("kept {}", kept.display());
+            }
         }
     }
 }
