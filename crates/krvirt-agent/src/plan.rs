@@ -150,18 +150,16 @@ fn bus(b: Option<ApiBus>, field: &str) -> Result<DiskBus, PlanError> {
 /// path rather than silently ignored.
 fn refuse_unhonoured(vmi: &VirtualMachineInstance) -> Result<(), PlanError> {
     let d = &vmi.spec.domain;
-    if let Some(off) = d
+    let offset = d
         .clock
         .as_ref()
         .and_then(|c| c.utc.as_ref())
-        .and_then(|u| u.offset_seconds)
-    {
-        if off != 0 {
-            return Err(unsupported(
-                "spec.domain.clock.utc.offsetSeconds",
-                "a clock offset is not supported yet (the guest clock is UTC)",
-            ));
-        }
+        .and_then(|u| u.offset_seconds);
+    if offset.is_some_and(|o| o != 0) {
+        return Err(unsupported(
+            "spec.domain.clock.utc.offsetSeconds",
+            "a clock offset is not supported yet (the guest clock is UTC)",
+        ));
     }
     if let Some(f) = &d.features {
         let off = |s: &Option<krvirt_api::kubevirt::FeatureState>| {

@@ -8,8 +8,10 @@ fn t0() -> DateTime<Utc> {
 }
 
 fn vm(strategy: Option<RunStrategy>) -> VirtualMachine {
-    let mut vm = VirtualMachine::default();
-    vm.metadata = ObjectMeta::named(Some("default"), "web");
+    let mut vm = VirtualMachine {
+        metadata: ObjectMeta::named(Some("default"), "web"),
+        ..Default::default()
+    };
     vm.metadata.uid = Some("vm-uid".into());
     vm.metadata.generation = Some(3);
     vm.spec.run_strategy = strategy;

@@ -110,15 +110,15 @@ impl Instance {
     pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!("krvirt up exited with {st}:\n{}", self.log());
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("krvirt up exited with {st}:\n{}", self.log());
             }
-            if let Ok(v) = self.get("/apis/krvirt.io/v1/hosts").await {
-                if v["items"].as_array().is_some_and(|a| !a.is_empty()) {
-                    return;
-                }
+            if let Ok(v) = self.get("/apis/krvirt.io/v1/hosts").await
+                && v["items"].as_array().is_some_and(|a| !a.is_empty())
+            {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
@@ -317,7 +317,7 @@ pub fn tail(s: &str, n: usize) -> String {
 pub fn pid_alive(pid: u32) -> bool {
     // A zombie is gone for our purposes.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
         .unwrap_or(false)
 }
 
@@ -334,12 +334,12 @@ pub fn kill_processes_under(dir: &Path) {
         if pid == std::process::id() as i32 {
             continue;
         }
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmd).contains(&needle) {
-                // SAFETY: sending a signal to a pid; no memory involved.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(&needle)
+        {
+            // SAFETY: sending a signal to a pid; no memory involved.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
             }
         }
     }
