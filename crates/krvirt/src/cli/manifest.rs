@@ -502,9 +502,9 @@ mod tests {
 
     #[test]
     fn kubevirt_example_corpus_parses() {
-        let dir = Path::new("/work/shared/kubevirt-examples");
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .expect("the KubeVirt example corpus at /work/shared/kubevirt-examples")
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/kubevirt-examples");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("the KubeVirt example corpus at {}: {e}", dir.display()))
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("yaml"))
             .collect();
