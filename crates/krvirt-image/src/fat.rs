@@ -182,7 +182,18 @@ pub(crate) fn open(
     fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).ctx(|| "opening FAT volume".into())
 }
 
-/// Write (create or truncate) a file in the root directory of `fs`.
+/// Create a directory (its parent must exist); an existing one is fine.
+pub(crate) fn create_dir<T: fatfs::ReadWriteSeek>(
+    fs: &fatfs::FileSystem<T>,
+    path: &str,
+) -> Result<()> {
+    fs.root_dir()
+        .create_dir(path)
+        .map(|_| ())
+        .ctx(|| format!("creating directory {path} in FAT volume"))
+}
+
+/// Write (create or truncate) a file at `path` (`/`-separated, parents must exist) in `fs`.
 pub(crate) fn write_file<T: fatfs::ReadWriteSeek>(
     fs: &fatfs::FileSystem<T>,
     name: &str,

@@ -65,6 +65,8 @@ fn disk_boot_applies_seed_runs_userdata_and_ticks() {
             boot: Boot::Disk(&images.disk),
             seed: Some(&seed),
             nic: true,
+            extra: &[],
+            memory_mib: 128,
         },
     );
     let booted = vm.wait_for("GUEST-BOOTED");
@@ -124,6 +126,8 @@ fn kernel_boot_with_cloud_config_and_console_shell() {
             },
             seed: Some(&seed),
             nic: false,
+            extra: &[],
+            memory_mib: 128,
         },
     );
     let booted = vm.wait_for("GUEST-BOOTED");
@@ -169,6 +173,8 @@ fn no_seed_no_nic_still_boots() {
             },
             seed: None,
             nic: false,
+            extra: &[],
+            memory_mib: 128,
         },
     );
     let booted = vm.wait_for("GUEST-BOOTED");
@@ -195,6 +201,8 @@ fn qmp_system_powerdown_powers_guest_off() {
             boot: Boot::Disk(&images.disk),
             seed: Some(&seed),
             nic: false,
+            extra: &[],
+            memory_mib: 128,
         },
     );
     // acpid is started before the seed is read, so it is listening by now.
@@ -235,6 +243,8 @@ fn userdata_poweroff_stops_guest() {
             },
             seed: Some(&seed),
             nic: false,
+            extra: &[],
+            memory_mib: 128,
         },
     );
     let down = vm.wait_for("GOING-DOWN 5");
@@ -243,5 +253,108 @@ fn userdata_poweroff_stops_guest() {
     report(
         "userdata poweroff -f",
         &[("marker", down), ("QEMU exited", vm.started.elapsed())],
+    );
+}
+
+#[test]
+fn iso9660_seed_on_scsi_cdrom() {
+    let _l = qemu_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = build(tmp.path());
+    // KubeVirt builds NoCloud seeds as ISO9660 volumes labelled cidata.
+    let src = tmp.path().join("iso-src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(
+        src.join("meta-data"),
+        "{\"instance-id\": \"iso-vm.ns\", \"local-hostname\": \"iso-vm\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("user-data"),
+        "#!/bin/sh\necho \"ISO-USERDATA $((5*5))\"\n",
+    )
+    .unwrap();
+    let iso = tmp.path().join("cidata.iso");
+    let out = std::process::Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-r", "-o"])
+        .arg(&iso)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run xorriso (apt-get install xorriso): {e}"));
+    assert!(
+        out.status.success(),
+        "xorriso: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drive = format!(
+        "file={},format=raw,if=none,id=cd0,readonly=on",
+        iso.display()
+    );
+    let mut vm = Qemu::start(
+        tmp.path(),
+        &VmSpec {
+            boot: Boot::Kernel {
+                kernel: &images.kernel,
+                initrd: &images.initramfs,
+                append: &images.cmdline,
+            },
+            seed: None,
+            nic: false,
+            extra: &[
+                "-device",
+                "virtio-scsi-pci,id=scsi0",
+                "-drive",
+                &drive,
+                "-device",
+                "scsi-cd,drive=cd0,bus=scsi0.0",
+            ],
+            memory_mib: 128,
+        },
+    );
+    let booted = vm.wait_for("GUEST-BOOTED");
+    vm.wait_for("NOCLOUD: seed /dev/sr0");
+    vm.wait_for("INSTANCE-ID: iso-vm.ns");
+    let host = vm.wait_for("HOSTNAME: iso-vm");
+    vm.wait_for("ISO-USERDATA 25");
+    report("iso seed", &[("GUEST-BOOTED", booted), ("HOSTNAME", host)]);
+}
+
+#[test]
+fn uefi_disk_boot() {
+    let _l = qemu_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let images = build(tmp.path());
+    // vmi-alpine-efi.yaml boots a containerDisk with firmware.bootloader.efi.
+    let seed = seed(
+        tmp.path(),
+        "efi-vm",
+        "#!/bin/sh\necho \"EFI-USERDATA $((7*7))\"\n",
+    );
+    let mut vm = Qemu::start(
+        tmp.path(),
+        &VmSpec {
+            boot: Boot::DiskUefi(&images.disk),
+            seed: Some(&seed),
+            nic: false,
+            extra: &[],
+            // syslinux.efi 6.04 cannot place the kernel below ~224 MiB.
+            memory_mib: 256,
+        },
+    );
+    let booted = vm.wait_for("GUEST-BOOTED");
+    let host = vm.wait_for("HOSTNAME: efi-vm");
+    vm.wait_for("EFI-USERDATA 49");
+    let tick1 = vm.wait_for("TICK 1");
+    assert!(
+        !vm.console().contains("SYSLINUX 6"),
+        "expected the UEFI loader, not BIOS syslinux"
+    );
+    report(
+        "uefi disk boot",
+        &[
+            ("GUEST-BOOTED", booted),
+            ("HOSTNAME", host),
+            ("TICK 1", tick1),
+        ],
     );
 }

@@ -5,7 +5,10 @@
 //! - an initramfs (newc cpio written here, gzip) with busybox, the virtio,
 //!   filesystem and power-button modules and our `/init`;
 //! - a bootable raw disk image (MBR + one FAT partition holding syslinux,
-//!   the kernel and the initramfs) - the containerDisk base image;
+//!   the kernel and the initramfs) - the containerDisk base image. It boots
+//!   with BIOS (SeaBIOS -> mbr.bin -> syslinux) and with UEFI (OVMF ->
+//!   `\EFI\BOOT\BOOTX64.EFI` = syslinux.efi; unsigned, so not with Secure
+//!   Boot); both read the same syslinux.cfg;
 //! - a kernel-boot layout (`boot/vmlinuz-virt`, `boot/initramfs-virt`) for
 //!   KubeVirt `firmware.kernelBoot.container`.
 //!
@@ -33,7 +36,7 @@ pub use kernel::kernel_version_of;
 
 /// Bump when the guest's content or layout changes: it is part of the
 /// cache key of [`ensure_demo_images`].
-pub const BUILDER_VERSION: &str = "krvirt-demo-guest/1";
+pub const BUILDER_VERSION: &str = "krvirt-demo-guest/2";
 
 /// Kernel path inside the kernel-boot container layout.
 pub const KERNEL_PATH_IN_CONTAINER: &str = "/boot/vmlinuz-virt";
@@ -41,10 +44,10 @@ pub const KERNEL_PATH_IN_CONTAINER: &str = "/boot/vmlinuz-virt";
 pub const INITRD_PATH_IN_CONTAINER: &str = "/boot/initramfs-virt";
 
 /// Kernel command line baked into the disk image's syslinux.cfg. `quiet`
-/// keeps the (slow, polled) serial console output of the kernel short;
-/// `mitigations=off` saves the speculative-execution patching work, which
-/// is pure cost for a throwaway test guest under TCG.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet mitigations=off";
+/// keeps the kernel's (slow under TCG) serial console output short; other
+/// knobs tried (mitigations=off, cryptomgr.notests, tsc=reliable) made no
+/// measurable difference.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet";
 
 /// Format of [`DemoImages::disk`].
 pub const DISK_FORMAT: &str = "raw";
@@ -101,6 +104,9 @@ pub struct GuestBuildOptions {
     pub syslinux: Option<PathBuf>,
     /// syslinux MBR boot code; default `/usr/lib/syslinux/mbr/mbr.bin`.
     pub syslinux_mbr: Option<PathBuf>,
+    /// Directory with the x86-64 UEFI loader `syslinux.efi` and its core
+    /// module `ldlinux.e64`; default: Debian's (syslinux-efi, syslinux-common).
+    pub syslinux_efi: Option<PathBuf>,
     /// Kernel command line for the disk image; default [`DEFAULT_CMDLINE`].
     pub cmdline: Option<String>,
 }
@@ -116,6 +122,10 @@ pub struct GuestInputs {
     pub modules: Vec<PathBuf>,
     pub syslinux: PathBuf,
     pub syslinux_mbr: PathBuf,
+    /// UEFI loader (`syslinux.efi`).
+    pub syslinux_efi: PathBuf,
+    /// Its core module (`ldlinux.e64`).
+    pub syslinux_efi_core: PathBuf,
     pub cmdline: String,
 }
 
@@ -124,7 +134,10 @@ pub struct GuestInputs {
 pub struct DemoImages {
     /// Directory holding everything below.
     pub dir: PathBuf,
-    /// Bootable disk image (MBR, FAT partition, syslinux), format [`DISK_FORMAT`].
+    /// Bootable disk image (MBR, FAT partition, syslinux), format
+    /// [`DISK_FORMAT`]. Boots with BIOS and with UEFI (no Secure Boot); UEFI
+    /// boot needs at least 256 MiB of guest RAM (syslinux.efi 6.04 fails to
+    /// place the 51 MiB kernel init area in less).
     pub disk: PathBuf,
     /// Always `"raw"`.
     pub disk_format: String,
@@ -272,6 +285,16 @@ pub fn resolve_inputs(opts: &GuestBuildOptions) -> Result<GuestInputs> {
         mbr,
         "install the Debian packages syslinux and syslinux-common",
     )?;
+    let efi_hint = "install the Debian packages syslinux-efi and syslinux-common";
+    let (syslinux_efi, syslinux_efi_core) = match &opts.syslinux_efi {
+        Some(dir) => (dir.join("syslinux.efi"), dir.join("ldlinux.e64")),
+        None => (
+            PathBuf::from("/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi"),
+            PathBuf::from("/usr/lib/syslinux/modules/efi64/ldlinux.e64"),
+        ),
+    };
+    let syslinux_efi = require_file("syslinux UEFI loader", syslinux_efi, efi_hint)?;
+    let syslinux_efi_core = require_file("syslinux UEFI core module", syslinux_efi_core, efi_hint)?;
     let cmdline = opts
         .cmdline
         .clone()
@@ -290,6 +313,8 @@ pub fn resolve_inputs(opts: &GuestBuildOptions) -> Result<GuestInputs> {
         modules,
         syslinux,
         syslinux_mbr,
+        syslinux_efi,
+        syslinux_efi_core,
         cmdline,
     })
 }
@@ -325,6 +350,8 @@ pub fn input_hash(inputs: &GuestInputs) -> Result<String> {
         inputs.busybox.clone(),
         inputs.syslinux.clone(),
         inputs.syslinux_mbr.clone(),
+        inputs.syslinux_efi.clone(),
+        inputs.syslinux_efi_core.clone(),
         inputs.modules_dir.join("modules.dep"),
     ];
     files.extend(inputs.modules.iter().map(|m| inputs.modules_dir.join(m)));
@@ -615,7 +642,13 @@ fn build_disk(path: &Path, inputs: &GuestInputs, kernel: &[u8], initramfs: &[u8]
     let mbr_code = fs::read(&inputs.syslinux_mbr)
         .ctx(|| format!("reading {}", inputs.syslinux_mbr.display()))?;
     let cfg = syslinux_cfg(&inputs.cmdline);
-    let payload = (kernel.len() + initramfs.len() + cfg.len()) as u64 + 512 * 1024;
+    let efi = fs::read(&inputs.syslinux_efi)
+        .ctx(|| format!("reading {}", inputs.syslinux_efi.display()))?;
+    let efi_core = fs::read(&inputs.syslinux_efi_core)
+        .ctx(|| format!("reading {}", inputs.syslinux_efi_core.display()))?;
+    let payload = (kernel.len() + initramfs.len() + efi.len() + efi_core.len() + 2 * cfg.len())
+        as u64
+        + 512 * 1024;
     let part_size = (payload + payload / 10 + 2 * MIB).div_ceil(MIB) * MIB;
     let offset = u64::from(PART_START_LBA) * 512;
     let sectors = u32::try_from(part_size / 512).map_err(|_| Error::TooLarge {
@@ -655,6 +688,13 @@ fn build_disk(path: &Path, inputs: &GuestInputs, kernel: &[u8], initramfs: &[u8]
         fat::write_file(&fs, "syslinux.cfg", cfg.as_bytes())?;
         fat::write_file(&fs, "vmlinuz", kernel)?;
         fat::write_file(&fs, "initrd.gz", initramfs)?;
+        // UEFI: the removable-media default path; syslinux.efi reads the
+        // syslinux.cfg next to it.
+        fat::create_dir(&fs, "EFI")?;
+        fat::create_dir(&fs, "EFI/BOOT")?;
+        fat::write_file(&fs, "EFI/BOOT/BOOTX64.EFI", &efi)?;
+        fat::write_file(&fs, "EFI/BOOT/ldlinux.e64", &efi_core)?;
+        fat::write_file(&fs, "EFI/BOOT/syslinux.cfg", cfg.as_bytes())?;
         fs.unmount().ctx(|| "closing boot filesystem".into())?;
     }
     file.sync_all()

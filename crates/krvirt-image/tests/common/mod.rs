@@ -19,6 +19,8 @@ pub fn qemu_lock() -> MutexGuard<'static, ()> {
 }
 
 pub const QEMU: &str = "qemu-system-x86_64";
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 /// Generous limit for one marker under TCG on a loaded 2-core machine.
 pub const MARKER_TIMEOUT: Duration = Duration::from_secs(90);
@@ -40,6 +42,8 @@ pub fn require_qemu() {
 pub enum Boot<'a> {
     /// BIOS boot from this disk (first virtio disk).
     Disk(&'a Path),
+    /// UEFI (OVMF, no Secure Boot) boot from this disk.
+    DiskUefi(&'a Path),
     /// Direct kernel boot.
     Kernel {
         kernel: &'a Path,
@@ -52,6 +56,10 @@ pub struct VmSpec<'a> {
     pub boot: Boot<'a>,
     pub seed: Option<&'a Path>,
     pub nic: bool,
+    /// Extra QEMU arguments.
+    pub extra: &'a [&'a str],
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
 }
 
 pub struct Qemu {
@@ -70,25 +78,50 @@ impl Qemu {
         let qmp = dir.join("qmp.sock");
         let serial_sock = dir.join("serial.sock");
         let mut cmd = Command::new(QEMU);
-        cmd.args([
-            "-accel", "tcg", "-machine", "q35", "-m", "128M", "-smp", "1",
-        ])
-        .args(["-display", "none", "-monitor", "none", "-nodefaults"])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=ser0,path={},server=on,wait=off,logfile={},logappend=off",
-            serial_sock.display(),
-            log.display()
-        ))
-        .args(["-serial", "chardev:ser0"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        cmd.args(["-accel", "tcg", "-machine", "q35", "-smp", "1"])
+            .arg("-m")
+            .arg(format!("{}M", spec.memory_mib))
+            .args(["-display", "none", "-monitor", "none", "-nodefaults"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=ser0,path={},server=on,wait=off,logfile={},logappend=off",
+                serial_sock.display(),
+                log.display()
+            ))
+            .args(["-serial", "chardev:ser0"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
         match &spec.boot {
             Boot::Disk(disk) => {
                 cmd.arg("-drive").arg(format!(
                     "file={},format=raw,if=virtio,snapshot=on",
                     disk.display()
                 ));
+            }
+            Boot::DiskUefi(disk) => {
+                let code = Path::new(OVMF_CODE);
+                let vars = Path::new(OVMF_VARS);
+                assert!(
+                    code.is_file() && vars.is_file(),
+                    "{OVMF_CODE} / {OVMF_VARS} missing: install the Debian package ovmf"
+                );
+                let my_vars = dir.join("OVMF_VARS.fd");
+                std::fs::copy(vars, &my_vars).expect("copy OVMF vars");
+                cmd.arg("-drive")
+                    .arg(format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        code.display()
+                    ))
+                    .arg("-drive")
+                    .arg(format!(
+                        "if=pflash,format=raw,unit=1,file={}",
+                        my_vars.display()
+                    ))
+                    .arg("-drive")
+                    .arg(format!(
+                        "file={},format=raw,if=virtio,snapshot=on",
+                        disk.display()
+                    ));
             }
             Boot::Kernel {
                 kernel,
@@ -119,6 +152,7 @@ impl Qemu {
         } else {
             cmd.args(["-nic", "none"]);
         }
+        cmd.args(spec.extra);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
