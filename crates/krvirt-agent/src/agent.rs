@@ -845,6 +845,16 @@ impl Agent {
             &mut st.conditions,
             Condition::new(vmi_conditions::SYNCHRONIZED, ConditionStatus::True),
         );
+        if plan.config.start_paused {
+            set_condition(
+                &mut st.conditions,
+                Condition {
+                    reason: Some("StartedPaused".into()),
+                    message: Some("the guest was started paused; unpause it to run".into()),
+                    ..Condition::new(vmi_conditions::PAUSED, ConditionStatus::True)
+                },
+            );
+        }
         if self.inner.accel.accel == Accel::Tcg {
             set_condition(
                 &mut st.conditions,
@@ -992,18 +1002,27 @@ impl Agent {
             }
         };
         match state {
-            RunState::Running | RunState::Paused => {
+            // Started paused (`-S`) counts as paused until `cont`.
+            RunState::Running | RunState::Paused | RunState::Prelaunch => {
                 set_phase(&mut st, VmiPhase::Running);
                 set_condition(
                     &mut st.conditions,
                     Condition::new(vmi_conditions::READY, ConditionStatus::True),
                 );
-                if state == RunState::Paused {
+                if matches!(state, RunState::Paused | RunState::Prelaunch) {
+                    let (reason, message) = if state == RunState::Prelaunch {
+                        (
+                            "StartedPaused",
+                            "the guest was started paused; unpause it to run",
+                        )
+                    } else {
+                        ("PausedByUser", "VMI was paused by user")
+                    };
                     set_condition(
                         &mut st.conditions,
                         Condition {
-                            reason: Some("PausedByUser".into()),
-                            message: Some("VMI was paused by user".into()),
+                            reason: Some(reason.into()),
+                            message: Some(message.into()),
                             ..Condition::new(vmi_conditions::PAUSED, ConditionStatus::True)
                         },
                     );

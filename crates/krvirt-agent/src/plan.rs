@@ -383,7 +383,11 @@ pub fn plan(
         kernel_boot,
         firmware: Firmware::Bios,
         rng: spec.domain.devices.rng.is_some(),
-        start_paused: false,
+        start_paused: vmi
+            .metadata
+            .annotations
+            .get(krvirt_api::kubevirt::START_PAUSED_ANNOTATION)
+            .is_some_and(|v| v == "true"),
         run: RunPaths::in_dir(run_dir),
     };
     config

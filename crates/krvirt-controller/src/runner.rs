@@ -271,6 +271,19 @@ impl Controllers {
                     info!(%key, %uid, "deleting VMI");
                     self.delete_vmi(key, uid).await?;
                 }
+                Action::ClearStartPaused => {
+                    let patch = json!({"metadata": {"annotations": {
+                        krvirt_api::kubevirt::START_PAUSED_ANNOTATION: null}}});
+                    self.registry
+                        .merge_patch(
+                            self.vm_kind,
+                            &key.namespace,
+                            &key.name,
+                            &patch,
+                            Subresource::Main,
+                        )
+                        .await?;
+                }
                 Action::HaltVm => {
                     let patch = if vm.spec.running.is_some() {
                         json!({"spec": {"running": false}})

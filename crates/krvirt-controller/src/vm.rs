@@ -22,8 +22,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use krvirt_api::kubevirt::{
-    PrintableStatus, RunStrategy, StateChangeRequestAction, VirtualMachine, VirtualMachineInstance,
-    VirtualMachineStartFailure, VirtualMachineStatus, VmiPhase, vm_conditions, vmi_conditions,
+    PrintableStatus, RunStrategy, START_PAUSED_ANNOTATION, StateChangeRequestAction,
+    VirtualMachine, VirtualMachineInstance, VirtualMachineStartFailure, VirtualMachineStatus,
+    VmiPhase, vm_conditions, vmi_conditions,
 };
 use krvirt_api::meta::{
     Condition, ConditionStatus, ObjectMeta, OwnerReference, find_condition, parse_rfc3339,
@@ -47,6 +48,9 @@ pub enum Action {
     /// `Once` finished: set the VM's run strategy to `Halted`
     /// (or `running: false` for VMs using the deprecated field).
     HaltVm,
+    /// The VM's start-paused annotation was used for the VMI just created:
+    /// remove it so later starts run normally.
+    ClearStartPaused,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -85,9 +89,14 @@ fn is_owned_by(vmi: &VirtualMachineInstance, vm: &VirtualMachine) -> bool {
         .any(|o| o.kind == "VirtualMachine" && o.uid == uid && o.controller == Some(true))
 }
 
-/// The VMI a VM creates from its template.
-pub fn vmi_from_template(vm: &VirtualMachine) -> VirtualMachineInstance {
+/// The VMI a VM creates from its template; `paused`: its guest starts with
+/// the vCPUs stopped.
+pub fn vmi_from_template(vm: &VirtualMachine, paused: bool) -> VirtualMachineInstance {
     let tmpl = &vm.spec.template;
+    let mut annotations = tmpl.metadata.annotations.clone();
+    if paused {
+        annotations.insert(START_PAUSED_ANNOTATION.into(), "true".into());
+    }
     let mut labels: BTreeMap<String, String> = tmpl.metadata.labels.clone();
     labels
         .entry("kubevirt.io/vm".into())
@@ -97,7 +106,7 @@ pub fn vmi_from_template(vm: &VirtualMachine) -> VirtualMachineInstance {
             name: vm.metadata.name.clone(),
             namespace: vm.metadata.namespace.clone(),
             labels,
-            annotations: tmpl.metadata.annotations.clone(),
+            annotations,
             owner_references: vec![OwnerReference {
                 api_version: "kubevirt.io/v1".into(),
                 kind: "VirtualMachine".into(),
@@ -228,6 +237,11 @@ pub fn decide(
             .retain(|c| c.type_ != vm_conditions::FAILURE);
     }
 
+    let vm_start_paused = vm
+        .metadata
+        .annotations
+        .get(START_PAUSED_ANNOTATION)
+        .is_some_and(|v| v == "true");
     let create = |actions: &mut Vec<Action>, requeue: &mut Option<Duration>| {
         if in_backoff {
             let wait = retry_at
@@ -235,7 +249,13 @@ pub fn decide(
                 .unwrap_or_default();
             *requeue = Some(requeue.map_or(wait, |r| r.min(wait)));
         } else {
-            actions.push(Action::CreateVmi(Box::new(vmi_from_template(vm))));
+            actions.push(Action::CreateVmi(Box::new(vmi_from_template(
+                vm,
+                vm_start_paused,
+            ))));
+            if vm_start_paused {
+                actions.push(Action::ClearStartPaused);
+            }
         }
     };
 
@@ -264,7 +284,12 @@ pub fn decide(
                 }
                 StateChangeRequestAction::Start => {
                     if vmi.is_none() {
-                        actions.push(Action::CreateVmi(Box::new(vmi_from_template(vm))));
+                        let paused =
+                            vm_start_paused || req.data.get("paused").is_some_and(|v| v == "true");
+                        actions.push(Action::CreateVmi(Box::new(vmi_from_template(vm, paused))));
+                        if vm_start_paused {
+                            actions.push(Action::ClearStartPaused);
+                        }
                         consumed += 1;
                     } else if vmi_final && !vmi_deleting {
                         // Clear the ended VMI first; the start follows.
@@ -308,7 +333,7 @@ pub fn decide(
                 }
                 RunStrategy::Once => match vmi {
                     None if status.created != Some(true) => {
-                        actions.push(Action::CreateVmi(Box::new(vmi_from_template(vm))))
+                        create(&mut actions, &mut requeue_after)
                     }
                     Some(_) if vmi_final => actions.push(Action::HaltVm),
                     _ => {}

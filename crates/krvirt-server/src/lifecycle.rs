@@ -166,6 +166,9 @@ async fn get_opt(
 enum VmChange {
     /// `spec.runStrategy` Always/Halted, or `spec.running` when the VM uses it.
     SetRunning(bool),
+    /// `SetRunning(true)` with the VM annotated so its next VMI starts
+    /// paused (one write: the controller never sees one without the other).
+    SetRunningPaused,
     /// Requests appended to `status.stateChangeRequests`.
     Requests(Vec<Value>),
 }
@@ -180,6 +183,20 @@ fn start_request(paused: bool) -> Value {
 
 fn stop_request(vmi: &Value) -> Value {
     json!({"action": "Stop", "uid": uid(vmi)})
+}
+
+/// `spec.runStrategy` Always/Halted, or `spec.running` when the VM uses it.
+fn set_running(obj: &mut Value, run: bool) -> Result<(), ApiError> {
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return Err(ApiError::Internal("VirtualMachine has no spec".into()));
+    };
+    if spec.get("runStrategy").is_some_and(|v| !v.is_null()) {
+        let s = if run { "Always" } else { "Halted" };
+        spec.insert("runStrategy".into(), json!(s));
+    } else {
+        spec.insert("running".into(), json!(run));
+    }
+    Ok(())
 }
 
 /// Write `change` with compare-and-swap on the VM version that was read.
@@ -197,16 +214,25 @@ async fn apply_change(
         .to_string();
     let mut obj = vm.clone();
     match change {
-        VmChange::SetRunning(run) => {
-            let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
-                return Err(ApiError::Internal("VirtualMachine has no spec".into()));
+        VmChange::SetRunningPaused => {
+            let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+                return Err(ApiError::Internal("VirtualMachine has no metadata".into()));
             };
-            if spec.get("runStrategy").is_some_and(|v| !v.is_null()) {
-                let s = if run { "Always" } else { "Halted" };
-                spec.insert("runStrategy".into(), json!(s));
-            } else {
-                spec.insert("running".into(), json!(run));
+            let ann = meta.entry("annotations").or_insert_with(|| json!({}));
+            if !ann.is_object() {
+                *ann = json!({});
             }
+            if let Some(a) = ann.as_object_mut() {
+                a.insert(
+                    krvirt_api::kubevirt::START_PAUSED_ANNOTATION.into(),
+                    json!("true"),
+                );
+            }
+            set_running(&mut obj, true)?;
+            reg.replace(kind, &ns, name, obj).await?;
+        }
+        VmChange::SetRunning(run) => {
+            set_running(&mut obj, run)?;
             reg.replace(kind, &ns, name, obj).await?;
         }
         VmChange::Requests(changes) => {
@@ -364,7 +390,7 @@ pub async fn start_vm(
                     .and_then(Value::as_str)
                     == Some("Paused");
                 if opts.paused && !start_paused_already {
-                    VmChange::Requests(vec![start_request(true)])
+                    VmChange::SetRunningPaused
                 } else {
                     VmChange::SetRunning(true)
                 }

@@ -431,3 +431,34 @@ async fn unknown_image_fails_with_err_image_pull() {
     let msg = vm["status"]["conditions"].to_string();
     assert!(msg.contains("example.org/not/here:1"), "{vm}");
 }
+
+/// `start --paused`: the guest's vCPUs never run until unpause.
+#[tokio::test(flavor = "multi_thread")]
+async fn start_paused_runs_only_after_unpause() {
+    let inst = Instance::start().await;
+    apply(&inst, &vm_yaml("held", "Halted", "#!/bin/sh\necho go"));
+    inst.ok(&["wait", "held", "--for=Stopped", "--timeout=30s"]);
+    inst.ok(&["start", "--paused", "held"]);
+    let (uid, _) = inst.running_vmi("held", None).await;
+    inst.until("Paused", Duration::from_secs(20), || async {
+        (printable(&inst, "held").await == "Paused").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !inst.console_file(&uid).contains("GUEST-BOOTED"),
+        "a guest started paused must not run"
+    );
+    inst.ok(&["unpause", "vm", "held"]);
+    inst.console_shows("held", "GUEST-BOOTED").await;
+    inst.until("Running", Duration::from_secs(20), || async {
+        (printable(&inst, "held").await == "Running").then_some(())
+    })
+    .await;
+    // The request was one-off: a restart runs normally.
+    let vm = inst.vm("held").await.unwrap();
+    assert!(
+        vm["metadata"]["annotations"]["krvirt.io/start-paused"].is_null(),
+        "{vm}"
+    );
+}

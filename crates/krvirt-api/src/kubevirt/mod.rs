@@ -1061,3 +1061,9 @@ impl crate::meta::Object for VirtualMachineInstance {
 /// once the guest is stopped and its run directory cleaned up, so deleting a
 /// VMI never leaves a QEMU process behind.
 pub const VMI_HOST_FINALIZER: &str = "krvirt.io/host-cleanup";
+
+/// Annotation asking for a guest to start with its vCPUs paused
+/// (`krvirt start --paused`, KubeVirt's `virtctl start --paused`). On a VM it
+/// applies to the next VMI the controller creates; on a VMI the agent starts
+/// QEMU paused and reports the VMI Paused until it is unpaused.
+pub const START_PAUSED_ANNOTATION: &str = "krvirt.io/start-paused";

@@ -24,7 +24,7 @@ fn vm(strategy: Option<RunStrategy>) -> VirtualMachine {
 }
 
 fn vmi(vm: &VirtualMachine, uid: &str, phase: VmiPhase) -> VirtualMachineInstance {
-    let mut v = vmi_from_template(vm);
+    let mut v = vmi_from_template(vm, false);
     v.metadata.uid = Some(uid.into());
     v.status = Some(VirtualMachineInstanceStatus {
         phase: Some(phase),
@@ -365,4 +365,39 @@ fn unschedulable_vmi_shows_error_unschedulable() {
         printable(&decide(&m, Some(&v), t0())),
         PrintableStatus::ErrorUnschedulable
     );
+}
+
+#[test]
+fn start_paused_reaches_the_vmi_once() {
+    let mut m = vm(Some(RunStrategy::Always));
+    m.metadata
+        .annotations
+        .insert(START_PAUSED_ANNOTATION.into(), "true".into());
+    let d = decide(&m, None, t0());
+    let Action::CreateVmi(v) = &d.actions[0] else {
+        panic!("{:?}", d.actions)
+    };
+    assert_eq!(v.metadata.annotations[START_PAUSED_ANNOTATION], "true");
+    assert_eq!(d.actions[1], Action::ClearStartPaused);
+
+    let mut manual = vm(Some(RunStrategy::Manual));
+    manual.status = Some(VirtualMachineStatus {
+        state_change_requests: vec![VirtualMachineStateChangeRequest {
+            action: StateChangeRequestAction::Start,
+            data: [("paused".to_string(), "true".to_string())].into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let d = decide(&manual, None, t0());
+    let Action::CreateVmi(v) = &d.actions[0] else {
+        panic!("{:?}", d.actions)
+    };
+    assert_eq!(v.metadata.annotations[START_PAUSED_ANNOTATION], "true");
+    assert_eq!(d.actions.len(), 1);
+    let plain = decide(&vm(Some(RunStrategy::Always)), None, t0());
+    let Action::CreateVmi(v) = &plain.actions[0] else {
+        panic!()
+    };
+    assert!(!v.metadata.annotations.contains_key(START_PAUSED_ANNOTATION));
 }
