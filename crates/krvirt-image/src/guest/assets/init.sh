@@ -13,8 +13,9 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/krvirt /var/log /var/run /tmp /mnt
 exec </dev/console >/dev/console 2>&1
-# Keep routine kernel messages off the console (emergencies still print).
-echo 1 >/proc/sys/kernel/printk
+# Keep routine kernel messages off the console (like "quiet"; errors still
+# print), also when the kernel was started without "quiet".
+echo 4 >/proc/sys/kernel/printk
 hostname krvirt-demo
 ip link set lo up
 
@@ -36,13 +37,16 @@ find_seed() {
     findfs LABEL=cidata 2>/dev/null || findfs LABEL=CIDATA 2>/dev/null
 }
 seed=$(find_seed)
-n=0
-while [ -z "$seed" ] && [ $n -lt 15 ]; do
-    # Give late (e.g. SCSI) disks a moment; virtio-blk disks are already there.
-    sleep 0.1
-    seed=$(find_seed)
-    n=$((n + 1))
-done
+# virtio-blk disks exist as soon as insmod returns; SCSI disks and CD-ROMs
+# (virtio-scsi) are scanned asynchronously: give them up to 2 s.
+if [ -z "$seed" ] && ls /sys/class/scsi_host/host* >/dev/null 2>&1; then
+    n=0
+    while [ -z "$seed" ] && [ $n -lt 20 ]; do
+        sleep 0.1
+        seed=$(find_seed)
+        n=$((n + 1))
+    done
+fi
 seeddir=""
 if [ -n "$seed" ]; then
     mkdir -p /run/cidata
