@@ -146,18 +146,21 @@ async fn start_semantics() {
         "VM is already running",
     );
 
-    // Halted + paused -> Start request with data, runStrategy untouched
+    // Halted + paused -> Always, and the VM annotated (in the same write)
+    // so its next VMI starts paused; no request (a Halted VM with a Start
+    // request would have its new VMI deleted again by the controller).
     f.vm("hp", Some("Halted"), None).await;
     assert_eq!(
         f.verb("hp", "start", Some(json!({"paused": true}))).await.0,
         202
     );
     let after = f.get_vm("hp").await;
-    assert_eq!(after["spec"]["runStrategy"], "Halted");
+    assert_eq!(after["spec"]["runStrategy"], "Always");
     assert_eq!(
-        requests(&after),
-        json!([{"action": "Start", "data": {"paused": "true"}}])
+        after["metadata"]["annotations"]["krvirt.io/start-paused"],
+        "true"
     );
+    assert!(requests(&after).as_array().is_none_or(Vec::is_empty));
 
     // Manual, no VMI -> Start request
     f.vm("manual", Some("Manual"), None).await;
