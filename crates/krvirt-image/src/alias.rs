@@ -151,13 +151,52 @@ pub enum ImageError {
     /// Building the demo images failed.
     #[error("building the demo images: {0}")]
     Build(#[from] crate::Error),
+    /// No image or blob by that name in the catalog.
+    #[error("no image {image} in the image store (krvirt image list)")]
+    UnknownImage { image: String },
+    /// Invalid input (names, digests, formats).
+    #[error("invalid {what}: {reason}")]
+    Invalid { what: String, reason: String },
+    /// Content did not hash to the digest it was announced with.
+    #[error("{what}: digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    /// A stored blob no longer matches its digest: it is refused.
+    #[error(
+        "image blob {digest} is corrupt and refused: {reason} ({path}); re-import the image \
+         (krvirt image rm + import) and run krvirt image gc"
+    )]
+    Corrupt {
+        digest: String,
+        path: PathBuf,
+        reason: String,
+    },
+    /// Pulling from a registry or URL failed.
+    #[error("pulling {source_ref}: {reason}")]
+    Pull { source_ref: String, reason: String },
+    /// An I/O error with context.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A reference resolved to local files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResolvedImage {
-    /// Local image name (`demo-disk`, `demo-kernel` or an `aliases.json` image).
+    /// Local image name (`demo-disk`, `demo-kernel`, a catalog image or an `aliases.json` image).
     pub name: String,
+    /// Tag of a catalog image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Digest of a catalog image's blob (verified before use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     /// Disk image file, if the image has one.
     pub disk: Option<PathBuf>,
     /// Directory in which kernel-boot `kernelPath`/`initrdPath` are looked up.
@@ -192,8 +231,9 @@ struct ImageEntry {
 /// Local images (the demo guest plus `aliases.json` images) and the alias table.
 #[derive(Debug, Clone)]
 pub struct ImageStore {
-    dir: PathBuf,
-    demo: DemoImages,
+    pub(crate) dir: PathBuf,
+    pub(crate) demo: DemoImages,
+    pub(crate) lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl ImageStore {
@@ -218,8 +258,14 @@ impl ImageStore {
         let store = ImageStore {
             dir: dir.to_path_buf(),
             demo,
+            lock: Default::default(),
         };
         store.validate()?;
+        store.import_demo()?;
+        std::fs::create_dir_all(store.no_root()).map_err(|e| ImageError::Io {
+            context: format!("creating {}", store.no_root().display()),
+            source: e,
+        })?;
         Ok(store)
     }
 
@@ -299,23 +345,53 @@ impl ImageStore {
         Ok(())
     }
 
-    /// Names of all local images.
+    /// Names of all local images (catalog images, then `aliases.json` ones).
     pub fn image_names(&self) -> Result<Vec<String>, ImageError> {
         let file = self.load()?;
         let mut names = vec![DEMO_DISK.to_string(), DEMO_KERNEL.to_string()];
+        for n in self.catalog()?.images.keys() {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
         names.extend(file.images.keys().cloned());
         Ok(names)
     }
 
+    /// Root directory of images that have no file tree (kernel boot looks there in vain).
+    fn no_root(&self) -> PathBuf {
+        self.dir.join("noroot")
+    }
+
     fn image_from(&self, file: &AliasFile, name: &str) -> Option<ResolvedImage> {
+        if let Ok(cat) = self.catalog()
+            && let Some((nt, digest)) = self.catalog_blob(&cat, name)
+        {
+            let root = if nt.name == DEMO_DISK {
+                self.demo.kernel_boot_root.clone()
+            } else {
+                self.no_root()
+            };
+            return Some(ResolvedImage {
+                name: nt.name,
+                tag: Some(nt.tag),
+                disk: self.blob_path(&digest).ok(),
+                digest: Some(digest),
+                root,
+            });
+        }
         match name {
             DEMO_DISK => Some(ResolvedImage {
                 name: DEMO_DISK.into(),
+                tag: None,
+                digest: None,
                 disk: Some(self.demo.disk.clone()),
                 root: self.demo.kernel_boot_root.clone(),
             }),
             DEMO_KERNEL => Some(ResolvedImage {
                 name: DEMO_KERNEL.into(),
+                tag: None,
+                digest: None,
                 disk: None,
                 root: self.demo.kernel_boot_root.clone(),
             }),
@@ -331,6 +407,8 @@ impl ImageStore {
                 };
                 Some(ResolvedImage {
                     name: name.to_string(),
+                    tag: None,
+                    digest: None,
                     disk,
                     root,
                 })
@@ -351,6 +429,12 @@ impl ImageStore {
                     reason,
                 }
             })?;
+            if let Some(key) = crate::blobs::reference_key(reference_trim)
+                && let Some(target) = self.catalog()?.references.get(&key).cloned()
+                && let Some(img) = self.image_from(&file, &target)
+            {
+                return self.check_files(img);
+            }
             let user = best_match(
                 file.aliases.iter().map(|(p, t)| (p.as_str(), t.as_str())),
                 &parsed,
@@ -373,6 +457,21 @@ impl ImageStore {
                     path: self.aliases_file(),
                 })?
         };
+        self.check_files(image)
+    }
+
+    /// Like [`ImageStore::resolve`], then check the image's blob chain
+    /// against its digests (see [`ImageStore::verify`]): what a VM launch
+    /// uses. A corrupt blob is refused.
+    pub fn resolve_verified(&self, reference: &str) -> Result<ResolvedImage, ImageError> {
+        let img = self.resolve(reference)?;
+        if let Some(d) = &img.digest {
+            self.verify(d, false)?;
+        }
+        Ok(img)
+    }
+
+    fn check_files(&self, image: ResolvedImage) -> Result<ResolvedImage, ImageError> {
         if let Some(d) = &image.disk
             && !d.is_file()
         {
@@ -391,7 +490,7 @@ impl ImageStore {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name

@@ -8,14 +8,20 @@
 //! - [`cpio`]: the newc writer used for the initramfs.
 
 pub mod alias;
+pub mod blobs;
 pub mod cpio;
 mod error;
 mod fat;
 pub mod guest;
+pub mod pull;
 pub mod seed;
 
 pub use alias::{
     ImageError, ImageStore, KernelBootPaths, Reference, ResolvedImage, kernel_boot_paths,
+};
+pub use blobs::{
+    BlobFormat, BlobWriter, Catalog, GcReport, ImageSummary, ImportOptions, Imported, Inspection,
+    NameTag, sha256_file,
 };
 pub use error::{Error, Result};
 pub use guest::{
