@@ -1083,6 +1083,37 @@ impl Agent {
         self.vms().remove(&vm.uid);
     }
 
+    // ----- metrics -------------------------------------------------------------
+
+    /// Per-VM figures of every guest this agent runs, read now through the
+    /// agent's own QMP connections (QEMU's QMP socket serves one client, so
+    /// metrics never open a second one) and /proc.
+    pub async fn vm_stats(&self) -> Vec<crate::metrics::VmStats> {
+        let vms: Vec<Arc<LocalVm>> = self
+            .vms()
+            .values()
+            .filter(|v| !v.stopping.load(Ordering::SeqCst))
+            .cloned()
+            .collect();
+        let node = self.inner.cfg.node_name.clone();
+        futures::future::join_all(vms.iter().map(|vm| {
+            let id = crate::metrics::VmIdentity {
+                name: vm.key.name.clone(),
+                namespace: vm.key.namespace.clone(),
+                node: node.clone(),
+            };
+            crate::metrics::read_vm_stats(id, &vm.handle)
+        }))
+        .await
+    }
+
+    /// [`Agent::vm_stats`] as a prometheus-client collector.
+    pub async fn metrics(&self) -> crate::metrics::VmMetrics {
+        crate::metrics::VmMetrics {
+            vms: self.vm_stats().await,
+        }
+    }
+
     // ----- host-side operations (the API server's connector) -----------------
 
     fn local_by_vmi(&self, vmi: &Value) -> Result<(Arc<LocalVm>, String), AgentError> {

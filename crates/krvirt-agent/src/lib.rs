@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod inventory;
+pub mod metrics;
 pub mod plan;
 
 pub use agent::{Agent, AgentConfig, AgentError};

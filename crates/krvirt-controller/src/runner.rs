@@ -80,6 +80,11 @@ impl Controllers {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tasks = Vec::new();
         let me = Arc::new(self);
+        let metrics = krvirt_server::metrics::control_plane();
+        let q = me.vm_queue.clone();
+        metrics.register_queue("vm", move || q.len());
+        let q = me.placement_queue.clone();
+        metrics.register_queue("placement", move || q.len());
 
         // VMs feed the VM queue.
         let c = me.clone();
@@ -124,7 +129,11 @@ impl Controllers {
             let c = me.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some(key) = c.vm_queue.next().await {
-                    match c.reconcile_vm(&key).await {
+                    let started = std::time::Instant::now();
+                    let r = c.reconcile_vm(&key).await;
+                    krvirt_server::metrics::control_plane()
+                        .observe_work("vm", started.elapsed().as_secs_f64());
+                    match r {
                         Ok(Some(after)) => c.vm_queue.add_after(key.clone(), after),
                         Ok(None) => {}
                         Err(e) => {
@@ -140,7 +149,11 @@ impl Controllers {
         let c = me.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(key) = c.placement_queue.next().await {
-                match placement::reconcile(&c.registry, c.vmi_kind, c.host_kind, &key).await {
+                let started = std::time::Instant::now();
+                let r = placement::reconcile(&c.registry, c.vmi_kind, c.host_kind, &key).await;
+                krvirt_server::metrics::control_plane()
+                    .observe_work("placement", started.elapsed().as_secs_f64());
+                match r {
                     Ok(Some(after)) => c.placement_queue.add_after(key.clone(), after),
                     Ok(None) => {}
                     Err(e) => {

@@ -12,6 +12,7 @@ pub mod connector;
 pub mod error;
 mod http;
 pub mod lifecycle;
+pub mod metrics;
 pub mod openapi;
 pub mod patch;
 pub mod registry;
@@ -20,6 +21,7 @@ mod server;
 
 pub use connector::{ByteStream, ConsoleStream, HostConnector, NoHostConnector};
 pub use error::ApiError;
+pub use metrics::{InstrumentedStore, MetricsSource};
 pub use http::{MAX_BODY_BYTES, SubresourceMethod, implemented_subresources};
 pub use registry::{
     AdmitFn, DeleteOutcome, EventStream, EventType, Preconditions, Registry, Subresource,

@@ -32,6 +32,8 @@ pub struct AppState {
     /// Cancelled when the server shuts down: ends watch streams, console
     /// sessions and followed console logs.
     pub shutdown: CancellationToken,
+    /// Extra scrape-time sources of `/metrics` (the in-process host agent).
+    pub metrics_sources: Vec<Arc<dyn crate::metrics::MetricsSource>>,
 }
 
 impl AppState {
@@ -40,7 +42,14 @@ impl AppState {
             registry,
             connector,
             shutdown: CancellationToken::new(),
+            metrics_sources: Vec::new(),
         }
+    }
+
+    /// Add a scrape-time source to this server's `/metrics`.
+    pub fn with_metrics_source(mut self, source: Arc<dyn crate::metrics::MetricsSource>) -> Self {
+        self.metrics_sources.push(source);
+        self
     }
 }
 

@@ -78,6 +78,9 @@ pub struct AgentArgs {
     /// VM run directories
     #[arg(long, env = "KRVIRT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Serve this host's Prometheus `/metrics` (per-VM figures) on this address
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -148,6 +151,16 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
 
 /// The API server's way to the in-process agent.
 struct LocalHost(Agent);
+
+/// The agent's per-VM figures as a `/metrics` source.
+struct AgentMetrics(Agent);
+
+#[async_trait]
+impl krvirt_server::MetricsSource for AgentMetrics {
+    async fn collect(&self) -> Box<dyn krvirt_server::metrics::Collector> {
+        Box::new(self.0.metrics().await)
+    }
+}
 
 fn host_err(e: AgentError, vmi: &Value) -> ApiError {
     let name = vmi
@@ -279,7 +292,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let _lock = lock_data_dir(&data_dir)?;
     let store = EmbeddedStore::open(&data_dir.join("state.db"))
         .with_context(|| format!("opening the store in {}", data_dir.display()))?;
-    let registry = Registry::new(Arc::new(store));
+    let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(Arc::new(
+        store,
+    ))));
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -292,7 +307,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let accel = agent.accelerator().clone();
 
     let shutdown = CancellationToken::new();
-    let state = AppState::new(registry.clone(), Arc::new(LocalHost(agent.clone())));
+    let state = AppState::new(registry.clone(), Arc::new(LocalHost(agent.clone())))
+        .with_metrics_source(Arc::new(AgentMetrics(agent.clone())));
     let server = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -349,7 +365,9 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let _lock = lock_data_dir(&data_dir)?;
     let store = EmbeddedStore::open(&data_dir.join("state.db"))?;
-    let registry = Registry::new(Arc::new(store));
+    let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(Arc::new(
+        store,
+    ))));
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -383,6 +401,25 @@ pub async fn agent(args: AgentArgs, server: Option<String>) -> Result<()> {
         shutdown_signal().await;
         sd.cancel();
     });
+    if let Some(addr) = args.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-listen {addr}"))?;
+        eprintln!(
+            "krvirt agent metrics on http://{}/metrics",
+            listener.local_addr()?
+        );
+        let sources: Vec<Arc<dyn krvirt_server::MetricsSource>> =
+            vec![Arc::new(AgentMetrics(agent.clone()))];
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                krvirt_server::metrics::serve_metrics(listener, sources, sd.cancelled_owned()).await
+            {
+                warn!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
     agent.run(shutdown).await?;
     Ok(())
 }
