@@ -193,6 +193,8 @@ struct Inner {
     /// Running (or stopping) QEMUs by VMI uid.
     vms: Mutex<HashMap<String, Arc<LocalVm>>>,
     queue: WorkQueue,
+    /// Volume provisioning and resolution (local storage pools).
+    volumes: crate::storage::Volumes,
 }
 
 /// A host agent. Cheap to clone.
@@ -218,6 +220,16 @@ impl Agent {
         if accel.accel == Accel::Tcg {
             warn!(reason = %accel.reason, "using TCG software emulation");
         }
+        let volumes = crate::storage::Volumes::new(
+            client.clone(),
+            cfg.node_name.clone(),
+            cfg.data_dir.clone(),
+            images.clone(),
+        )
+        .map_err(|e| AgentError::Io {
+            context: "volumes".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         Ok(Agent {
             inner: Arc::new(Inner {
                 cfg,
@@ -229,6 +241,7 @@ impl Agent {
                 host_kind: kind("hosts")?,
                 vms: Mutex::new(HashMap::new()),
                 queue: WorkQueue::new(),
+                volumes,
             }),
         })
     }
@@ -269,6 +282,10 @@ impl Agent {
         tasks.push(tokio::spawn(async move { me.watch_loop().await }));
         let me = self.clone();
         tasks.push(tokio::spawn(async move { me.resync_loop().await }));
+        let volumes = self.inner.volumes.clone();
+        tasks.push(tokio::spawn(async move {
+            volumes.run(Duration::from_millis(500)).await
+        }));
         for _ in 0..4 {
             let me = self.clone();
             tasks.push(tokio::spawn(async move { me.worker().await }));
@@ -805,7 +822,23 @@ impl Agent {
     ) -> Result<Option<Duration>, AgentError> {
         let uid = vmi.metadata.uid.clone().unwrap_or_default();
         let run_dir = self.run_dir(&uid);
-        let plan = match plan::plan(vmi, self.inner.accel.accel, &run_dir, &self.inner.images) {
+        let volumes = match self.inner.volumes.resolve(vmi).await {
+            Ok(v) => v,
+            Err(crate::storage::ResolveError::Wait(why)) => {
+                debug!(%key, %why, "waiting for volumes");
+                return Ok(Some(Duration::from_secs(1)));
+            }
+            Err(crate::storage::ResolveError::Fail(why)) => {
+                return self.fail(key, rv, vmi, "VolumeFailed", why).await;
+            }
+        };
+        let plan = match plan::plan_with_volumes(
+            vmi,
+            self.inner.accel.accel,
+            &run_dir,
+            &self.inner.images,
+            &volumes,
+        ) {
             Ok(p) => p,
             Err(e) => {
                 let reason = if e.is_image() {

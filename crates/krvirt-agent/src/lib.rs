@@ -7,5 +7,6 @@ pub mod agent;
 pub mod inventory;
 pub mod metrics;
 pub mod plan;
+pub mod storage;
 
 pub use agent::{Agent, AgentConfig, AgentError};

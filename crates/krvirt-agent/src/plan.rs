@@ -48,6 +48,17 @@ pub enum PrepStep {
     Seed { path: PathBuf, seed: NoCloudSeed },
 }
 
+/// A krvirt Volume (`persistentVolumeClaim` / `dataVolume`) as the agent
+/// resolved it: the file QEMU opens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedVolume {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+/// Resolved Volumes by Volume name (the VMI's namespace).
+pub type ResolvedVolumes = std::collections::BTreeMap<String, ResolvedVolume>;
+
 /// Everything needed to start a VMI.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -196,12 +207,25 @@ fn refuse_unhonoured(vmi: &VirtualMachineInstance) -> Result<(), PlanError> {
     Ok(())
 }
 
-/// Plan the VMI's run in `run_dir` with accelerator `accel`.
+/// Plan the VMI's run in `run_dir` with accelerator `accel` (a VMI using
+/// krvirt Volumes needs [`plan_with_volumes`]).
 pub fn plan(
     vmi: &VirtualMachineInstance,
     accel: Accel,
     run_dir: &Path,
     images: &dyn ImageResolver,
+) -> Result<Plan, PlanError> {
+    plan_with_volumes(vmi, accel, run_dir, images, &ResolvedVolumes::new())
+}
+
+/// Plan with the VMI's `persistentVolumeClaim` / `dataVolume` volumes
+/// resolved to files (`volumes`, by Volume name).
+pub fn plan_with_volumes(
+    vmi: &VirtualMachineInstance,
+    accel: Accel,
+    run_dir: &Path,
+    images: &dyn ImageResolver,
+    volumes: &ResolvedVolumes,
 ) -> Result<Plan, PlanError> {
     let spec = &vmi.spec;
     let uid = vmi.metadata.uid.clone().unwrap_or_default();
@@ -281,6 +305,20 @@ pub fn plan(
                 path: config.path.clone(),
                 size_bytes: size,
             });
+        } else if let Some(claim) = volume.claim() {
+            let r = volumes.get(claim).ok_or_else(|| {
+                unsupported(&vfield, format!("Volume {claim:?} is not provisioned"))
+            })?;
+            config.path = r.path.clone();
+            config.format = r.format;
+            if volume
+                .persistent_volume_claim
+                .as_ref()
+                .and_then(|p| p.read_only)
+                == Some(true)
+            {
+                config.read_only = true;
+            }
         } else if let Some(ci) = &volume.cloud_init_no_cloud {
             let user_data = ci
                 .user_data_bytes()

@@ -99,8 +99,6 @@ pub(crate) const VMI_SPEC_NOT_IMPLEMENTED: &[&str] = &[
     "domain.devices.interfaces.state",
     "networks.multus",
     "networks.pod.vmIPv6NetworkCIDR",
-    "volumes.persistentVolumeClaim",
-    "volumes.dataVolume",
     "volumes.hostDisk",
     "volumes.cloudInitConfigDrive",
     "volumes.sysprep",
@@ -121,7 +119,35 @@ pub(crate) const VMI_SPEC_NOT_IMPLEMENTED: &[&str] = &[
 pub(crate) const VM_SPEC_NOT_IMPLEMENTED: &[&str] = &[
     "instancetype",
     "preference",
-    "dataVolumeTemplates",
+    "dataVolumeTemplates.spec.sourceRef",
+    "dataVolumeTemplates.spec.contentType",
+    "dataVolumeTemplates.spec.preallocation",
+    "dataVolumeTemplates.spec.priorityClassName",
+    "dataVolumeTemplates.spec.checkpoints",
+    "dataVolumeTemplates.spec.finalCheckpoint",
+    "dataVolumeTemplates.spec.source.s3",
+    "dataVolumeTemplates.spec.source.gcs",
+    "dataVolumeTemplates.spec.source.imageio",
+    "dataVolumeTemplates.spec.source.vddk",
+    "dataVolumeTemplates.spec.source.snapshot",
+    "dataVolumeTemplates.spec.source.registry.secretRef",
+    "dataVolumeTemplates.spec.source.registry.certConfigMap",
+    "dataVolumeTemplates.spec.source.registry.pullMethod",
+    "dataVolumeTemplates.spec.source.registry.imageStream",
+    "dataVolumeTemplates.spec.source.http.secretRef",
+    "dataVolumeTemplates.spec.source.http.certConfigMap",
+    "dataVolumeTemplates.spec.source.http.extraHeaders",
+    "dataVolumeTemplates.spec.pvc.dataSource",
+    "dataVolumeTemplates.spec.pvc.dataSourceRef",
+    "dataVolumeTemplates.spec.pvc.selector",
+    "dataVolumeTemplates.spec.pvc.volumeName",
+    "dataVolumeTemplates.spec.pvc.volumeAttributesClassName",
+    "dataVolumeTemplates.spec.pvc.resources.limits",
+    "dataVolumeTemplates.spec.storage.dataSource",
+    "dataVolumeTemplates.spec.storage.dataSourceRef",
+    "dataVolumeTemplates.spec.storage.selector",
+    "dataVolumeTemplates.spec.storage.volumeName",
+    "dataVolumeTemplates.spec.storage.resources.limits",
     "updateVolumesStrategy",
 ];
 
@@ -441,7 +467,7 @@ mod tests {
         ));
         assert!(!vm_not_implemented("spec.domain.devices.gpus"));
         assert!(vmi_not_implemented("spec.domain.devices.gpus"));
-        assert!(vmi_not_implemented("spec.volumes.persistentVolumeClaim"));
+        assert!(vmi_not_implemented("spec.volumes.hostDisk"));
         assert!(!vmi_not_implemented("spec.instancetype"));
         assert!(!vmi_not_implemented("metadata.gpus"));
     }

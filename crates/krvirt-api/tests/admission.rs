@@ -150,16 +150,28 @@ fn vm_template_paths_are_prefixed() {
         set(vm(), "/spec/instancetype", json!({"name": "csmall"})),
     );
     assert_cause(&e, reason::NOT_SUPPORTED, "spec.instancetype");
-    let e = refused(vm_kind(), set(vm(), "/spec/dataVolumeTemplates", json!([])));
-    assert_cause(&e, reason::NOT_SUPPORTED, "spec.dataVolumeTemplates");
+    let e = refused(
+        vm_kind(),
+        set(
+            vm(),
+            "/spec/dataVolumeTemplates",
+            json!([{"metadata": {"name": "d"}, "spec": {"source": {"blank": {}},
+                "pvc": {"resources": {"requests": {"storage": "1Gi"}}, "dataSource": {}}}}]),
+        ),
+    );
+    assert_cause(
+        &e,
+        reason::NOT_SUPPORTED,
+        "spec.dataVolumeTemplates[0].spec.pvc.dataSource",
+    );
 }
 
 #[test]
 fn list_entries_have_indices() {
     let obj = set(
         vmi(),
-        "/spec/volumes/0/persistentVolumeClaim",
-        json!({"claimName": "c"}),
+        "/spec/volumes/0/hostDisk",
+        json!({"path": "/x", "type": "Disk"}),
     );
     let obj = set(obj, "/spec/domain/devices/disks/0/lun", json!({}));
     let obj = set(
@@ -173,11 +185,7 @@ fn list_entries_have_indices() {
         json!([{"name": "default", "multus": {"networkName": "n"}}]),
     );
     let e = refused(vmi_kind(), obj);
-    assert_cause(
-        &e,
-        reason::NOT_SUPPORTED,
-        "spec.volumes[0].persistentVolumeClaim",
-    );
+    assert_cause(&e, reason::NOT_SUPPORTED, "spec.volumes[0].hostDisk");
     assert_cause(
         &e,
         reason::NOT_SUPPORTED,

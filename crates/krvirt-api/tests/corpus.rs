@@ -99,7 +99,7 @@ fn table(rows: &[Row]) -> String {
          \"supported by KubeVirt but not implemented by krvirt yet\". \
          VirtualMachineInstance paths (for a VirtualMachine the same paths \
          apply under `spec.template.spec`, plus `spec.instancetype`, \
-         `spec.preference`, `spec.dataVolumeTemplates` and \
+         `spec.preference` and \
          `spec.updateVolumesStrategy`):\n\n",
     );
     let vmi = krvirt_api::find_kind("vmi").expect("VMI is served");

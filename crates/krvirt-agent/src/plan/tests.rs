@@ -127,13 +127,16 @@ fn golden(name: &str, file: &str, accel: Accel) {
     let vmi = vmi_of(corpus(file));
     let run_dir = Path::new("/var/lib/krvirt/run/vmi/0a1b2c3d-0000-4000-8000-00000000cafe");
     let plan = plan(&vmi, accel, run_dir, &Table::demo()).unwrap();
-    let got = render(&plan);
+    check_golden(name, &render(&plan));
+}
+
+fn check_golden(name: &str, got: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden/plan")
         .join(format!("{name}.txt"));
     if std::env::var_os("KRVIRT_BLESS").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, &got).unwrap();
+        std::fs::write(&path, got).unwrap();
     }
     let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
@@ -142,6 +145,34 @@ fn golden(name: &str, file: &str, accel: Accel) {
         )
     });
     assert_eq!(got, want, "golden file {} differs", path.display());
+}
+
+/// krvirt Volumes as the agent resolves them: a qcow2 in a dir pool and a
+/// raw file in a btrfs subvolume.
+#[test]
+fn golden_vm_multipvc() {
+    let vmi = vmi_of(corpus("vm-alpine-multipvc.yaml"));
+    let run_dir = Path::new("/var/lib/krvirt/run/vmi/0a1b2c3d-0000-4000-8000-00000000cafe");
+    let mut volumes = ResolvedVolumes::new();
+    volumes.insert(
+        "disk-alpine".into(),
+        ResolvedVolume {
+            path: "/var/lib/krvirt/pools/default/default.disk-alpine.qcow2".into(),
+            format: DiskFormat::Qcow2,
+        },
+    );
+    volumes.insert(
+        "disk-custom".into(),
+        ResolvedVolume {
+            path: "/mnt/btrfs/pool/default.disk-custom/disk.raw".into(),
+            format: DiskFormat::Raw,
+        },
+    );
+    let p = plan_with_volumes(&vmi, Accel::Tcg, run_dir, &Table::demo(), &volumes).unwrap();
+    check_golden("vm-alpine-multipvc", &render(&p));
+    // Without the Volumes resolved, planning names the missing one.
+    let err = plan(&vmi, Accel::Tcg, run_dir, &Table::demo()).unwrap_err();
+    assert!(err.to_string().contains("disk-alpine"), "{err}");
 }
 
 #[test]

@@ -109,6 +109,13 @@ pub struct VirtualMachineSpec {
     /// when neither `running` nor `runStrategy` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_strategy: Option<RunStrategy>,
+    /// Volumes (`krvirt.io/v1` Volume) created with the VM, CDI DataVolume shape.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub data_volume_templates: Vec<crate::storage::DataVolumeTemplateSpec>,
     /// The VirtualMachineInstance created when the VM runs.
     pub template: VirtualMachineInstanceTemplateSpec,
 }
@@ -774,6 +781,23 @@ pub struct Volume {
     pub empty_disk: Option<EmptyDiskSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init_no_cloud: Option<CloudInitNoCloudSource>,
+    /// A krvirt Volume (`krvirt.io/v1`) named `claimName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<crate::storage::PersistentVolumeClaimVolumeSource>,
+    /// A krvirt Volume named `name` (made from `dataVolumeTemplates` or by hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_volume: Option<crate::storage::DataVolumeVolumeSource>,
+}
+
+impl Volume {
+    /// The krvirt Volume this VMI volume refers to, if it is a
+    /// `persistentVolumeClaim` or `dataVolume`.
+    pub fn claim(&self) -> Option<&str> {
+        self.persistent_volume_claim
+            .as_ref()
+            .map(|p| p.claim_name.as_str())
+            .or(self.data_volume.as_ref().map(|d| d.name.as_str()))
+    }
 }
 
 /// A disk image shipped in a container image (KubeVirt containerDisk

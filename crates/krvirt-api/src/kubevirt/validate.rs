@@ -37,6 +37,7 @@ impl Admit for VirtualMachine {
             );
         }
         labels_and_annotations(&self.spec.template.metadata, "spec.template.metadata", c);
+        crate::storage::validate_templates(&self.spec.data_volume_templates, c);
         behaviour_annotations(&self.spec.template.metadata, "spec.template.metadata", c);
         vmi_spec(&self.spec.template.spec, "spec.template.spec", c);
     }
@@ -711,7 +712,22 @@ fn volumes(spec: &VirtualMachineInstanceSpec, p: &str, c: &mut Causes) {
         }
         let sources = usize::from(v.container_disk.is_some())
             + usize::from(v.empty_disk.is_some())
-            + usize::from(v.cloud_init_no_cloud.is_some());
+            + usize::from(v.cloud_init_no_cloud.is_some())
+            + usize::from(v.persistent_volume_claim.is_some())
+            + usize::from(v.data_volume.is_some());
+        if let Some(claim) = v.claim()
+            && util::dns1123_subdomain(claim, 253).is_some()
+        {
+            let which = if v.data_volume.is_some() {
+                "dataVolume.name"
+            } else {
+                "persistentVolumeClaim.claimName"
+            };
+            c.invalid(
+                join(&f, which),
+                format!("{claim:?} is not a valid Volume name"),
+            );
+        }
         if sources != 1 {
             c.invalid(&f, format!("{f} must have exactly one source type set"));
         }

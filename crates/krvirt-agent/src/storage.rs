@@ -1,0 +1,529 @@
+//! Volumes on this host: provisioning `krvirt.io/v1` Volumes into local
+//! StoragePools (dir, btrfs), resizing and deleting them, resolving a VMI's
+//! `persistentVolumeClaim` / `dataVolume` volumes to files for the plan, and
+//! hot-plugging Volumes into running guests.
+//!
+//! Local pools live on one host, so the host's agent provisions their
+//! Volumes (the server may not even see the pool's directory). A Volume is
+//! claimed by the first agent that provisions it (`status.host`); every
+//! later operation on it happens on that host.
+//!
+//! Backend volume names are `{namespace}.{name}` (namespaces have no dots).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use krvirt_api::KindInfo;
+use krvirt_api::kubevirt::VirtualMachineInstance;
+use krvirt_api::quantity::Quantity;
+use krvirt_api::storage::{
+    CloneType, DEFAULT_POOL, PoolType, StoragePool, StorageVolume, VolumePhase, VolumeStatus,
+};
+use krvirt_client::{Client, ClientError, ListParams, PatchTarget};
+use krvirt_hypervisor::DiskFormat;
+use krvirt_image::ImageStore;
+use krvirt_storage::{CloneMode, DiskSource, Format, PoolConfig, StorageBackend, StorageError};
+use serde_json::{Value, json};
+use tracing::{debug, info, warn};
+
+use crate::plan::{ResolvedVolume, ResolvedVolumes};
+
+/// Finalizer on provisioned Volumes: the agent removes the backing volume
+/// before the object goes.
+pub const VOLUME_FINALIZER: &str = "krvirt.io/volume-cleanup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot decode {what}: {source}")]
+    Decode {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("StoragePool {0:?} not found")]
+    PoolNotFound(String),
+    #[error("StoragePool {pool:?}: {message}")]
+    Pool { pool: String, message: String },
+    #[error("{0}")]
+    Source(String),
+    #[error("kind {0} is not registered")]
+    UnknownKind(&'static str),
+    #[error("blocking task failed: {0}")]
+    Join(String),
+}
+
+/// Why a VMI's Volumes cannot be opened yet.
+#[derive(Debug)]
+pub enum ResolveError {
+    /// Not there yet (missing, provisioning): try again later.
+    Wait(String),
+    /// Will not work (failed Volume, other host, broken pool).
+    Fail(String),
+}
+
+fn kind(name: &'static str) -> Result<&'static KindInfo, VolumeError> {
+    krvirt_api::find_kind(name).ok_or(VolumeError::UnknownKind(name))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T, VolumeError> {
+    serde_json::from_value(v).map_err(|source| VolumeError::Decode {
+        what: what.to_string(),
+        source,
+    })
+}
+
+/// The name of a Volume in its pool.
+pub fn backend_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}.{name}")
+}
+
+fn image_format(path: &Path) -> Format {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)) {
+        Ok(()) if magic == *b"QFI\xfb" => Format::Qcow2,
+        _ => Format::Raw,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, VolumeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| VolumeError::Join(e.to_string()))?
+        .map_err(VolumeError::from)
+}
+
+/// Volume provisioning on this host.
+#[derive(Clone)]
+pub struct Volumes {
+    client: Client,
+    node: String,
+    data_dir: PathBuf,
+    images: Arc<ImageStore>,
+    vol_kind: &'static KindInfo,
+    pool_kind: &'static KindInfo,
+}
+
+impl Volumes {
+    pub fn new(
+        client: Client,
+        node: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+        images: Arc<ImageStore>,
+    ) -> Result<Self, VolumeError> {
+        Ok(Volumes {
+            client,
+            node: node.into(),
+            data_dir: data_dir.into(),
+            images,
+            vol_kind: kind("volumes")?,
+            pool_kind: kind("storagepools")?,
+        })
+    }
+
+    /// Reconcile every Volume, every `interval`, forever.
+    pub async fn run(self, interval: Duration) {
+        loop {
+            if let Err(e) = self.sync_all().await {
+                debug!(error = %e, "volume sync failed; retrying");
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// One pass over all Volumes.
+    pub async fn sync_all(&self) -> Result<(), VolumeError> {
+        let list = self
+            .client
+            .list(self.vol_kind, &ListParams::all_namespaces())
+            .await?;
+        for raw in list.items {
+            let v: StorageVolume = decode("Volume", raw)?;
+            let ns = v.metadata.namespace().to_string();
+            let name = v.metadata.name().to_string();
+            if let Err(e) = self.sync(&v).await {
+                warn!(volume = %format!("{ns}/{name}"), error = %e, "volume sync failed");
+                let msg = e.to_string();
+                let mut st = v.status.clone().unwrap_or_default();
+                if st.message.as_deref() != Some(msg.as_str()) {
+                    st.message = Some(msg);
+                    if !matches!(st.phase, Some(VolumePhase::Succeeded)) {
+                        st.phase = Some(VolumePhase::Failed);
+                    }
+                    let _ = self.write_status(&ns, &name, &st).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool's configuration; the `default` pool is created (a `dir`
+    /// pool under the data directory) the first time it is needed.
+    pub async fn pool(&self, name: &str) -> Result<PoolConfig, VolumeError> {
+        let raw = match self.client.get(self.pool_kind, "", name).await {
+            Ok(v) => v,
+            Err(e) if e.code() == Some(404) && name == DEFAULT_POOL => {
+                let path = self.data_dir.join("pools").join(DEFAULT_POOL);
+                let obj = json!({
+                    "apiVersion": "krvirt.io/v1", "kind": "StoragePool",
+                    "metadata": {"name": DEFAULT_POOL},
+                    "spec": {"type": "dir", "path": path.display().to_string()},
+                });
+                match self.client.create(self.pool_kind, "", &obj).await {
+                    Ok(v) => v,
+                    Err(e) if e.code() == Some(409) => {
+                        self.client.get(self.pool_kind, "", name).await?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) if e.code() == Some(404) => {
+                return Err(VolumeError::PoolNotFound(name.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let pool: StoragePool = decode("StoragePool", raw)?;
+        let path = || {
+            pool.spec
+                .path
+                .clone()
+                .map(PathBuf::from)
+                .ok_or_else(|| VolumeError::Pool {
+                    pool: name.to_string(),
+                    message: "no spec.path".into(),
+                })
+        };
+        match pool.spec.type_ {
+            PoolType::Dir => Ok(PoolConfig::Dir { path: path()? }),
+            PoolType::Btrfs => Ok(PoolConfig::Btrfs { path: path()? }),
+            PoolType::Rbd => Err(VolumeError::Pool {
+                pool: name.to_string(),
+                message: "the rbd backend is not implemented yet".into(),
+            }),
+        }
+    }
+
+    async fn backend(&self, pool: &str) -> Result<Arc<dyn StorageBackend>, VolumeError> {
+        let cfg = self.pool(pool).await?;
+        let b = blocking(move || krvirt_storage::open(&cfg)).await?;
+        Ok(Arc::from(b))
+    }
+
+    async fn write_status(
+        &self,
+        ns: &str,
+        name: &str,
+        st: &VolumeStatus,
+    ) -> Result<(), VolumeError> {
+        self.client
+            .merge_patch(
+                self.vol_kind,
+                ns,
+                name,
+                &json!({ "status": st }),
+                PatchTarget::Status,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn set_finalizers(
+        &self,
+        v: &StorageVolume,
+        finalizers: Vec<String>,
+    ) -> Result<(), VolumeError> {
+        self.client
+            .merge_patch(
+                self.vol_kind,
+                v.metadata.namespace(),
+                v.metadata.name(),
+                &json!({"metadata": {"finalizers": finalizers}}),
+                PatchTarget::Main,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn get_volume(&self, ns: &str, name: &str) -> Result<Option<StorageVolume>, VolumeError> {
+        match self.client.get(self.vol_kind, ns, name).await {
+            Ok(v) => Ok(Some(decode("Volume", v)?)),
+            Err(e) if e.code() == Some(404) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Bring one Volume to its desired state.
+    pub async fn sync(&self, v: &StorageVolume) -> Result<(), VolumeError> {
+        let ns = v.metadata.namespace().to_string();
+        let name = v.metadata.name().to_string();
+        let st = v.status.clone().unwrap_or_default();
+        if st.host.as_deref().is_some_and(|h| h != self.node) {
+            return Ok(());
+        }
+        let bname = backend_name(&ns, &name);
+        let has_finalizer = v.metadata.finalizers.iter().any(|f| f == VOLUME_FINALIZER);
+
+        if v.metadata.deletion_timestamp.is_some() {
+            if has_finalizer {
+                if st.host.is_some() {
+                    let b = self.backend(v.pool()).await?;
+                    let n = bname.clone();
+                    blocking(move || b.delete(&n)).await?;
+                    info!(volume = %format!("{ns}/{name}"), "volume deleted from pool");
+                }
+                let rest = v
+                    .metadata
+                    .finalizers
+                    .iter()
+                    .filter(|f| f.as_str() != VOLUME_FINALIZER)
+                    .cloned()
+                    .collect();
+                self.set_finalizers(v, rest).await?;
+            }
+            return Ok(());
+        }
+
+        match st.phase {
+            Some(VolumePhase::Failed) => Ok(()),
+            Some(VolumePhase::Succeeded) => self.maybe_resize(v, &bname, st).await,
+            _ => self.provision(v, &bname, st, has_finalizer).await,
+        }
+    }
+
+    async fn maybe_resize(
+        &self,
+        v: &StorageVolume,
+        bname: &str,
+        mut st: VolumeStatus,
+    ) -> Result<(), VolumeError> {
+        let want = v.spec.capacity.as_ref().and_then(|q| q.value().ok());
+        let have = st.capacity.as_ref().and_then(|q| q.value().ok());
+        let (Some(want), Some(have)) = (want, have) else {
+            return Ok(());
+        };
+        if want <= have {
+            return Ok(());
+        }
+        let b = self.backend(v.pool()).await?;
+        let n = bname.to_string();
+        let info = blocking(move || {
+            b.resize(&n, want)?;
+            b.info(&n)
+        })
+        .await?;
+        st.capacity = Some(Quantity::new(info.capacity.to_string()));
+        st.allocation = Some(Quantity::new(info.allocation.to_string()));
+        st.message = None;
+        self.write_status(v.metadata.namespace(), v.metadata.name(), &st)
+            .await
+    }
+
+    async fn provision(
+        &self,
+        v: &StorageVolume,
+        bname: &str,
+        mut st: VolumeStatus,
+        has_finalizer: bool,
+    ) -> Result<(), VolumeError> {
+        let ns = v.metadata.namespace().to_string();
+        let name = v.metadata.name().to_string();
+        let src = &v.spec.source;
+        // Sources that depend on another Volume wait for it.
+        let source_volume = src
+            .volume
+            .as_ref()
+            .map(|r| r.name.clone())
+            .or(src.snapshot.as_ref().map(|s| s.volume.clone()));
+        if let Some(sv) = &source_volume {
+            let Some(other) = self.get_volume(&ns, sv).await? else {
+                return self
+                    .pending(&ns, &name, st, format!("source Volume {sv:?} not found"))
+                    .await;
+            };
+            if other.phase() != Some(VolumePhase::Succeeded) {
+                return self
+                    .pending(&ns, &name, st, format!("source Volume {sv:?} is not ready"))
+                    .await;
+            }
+            if other.pool() != v.pool() {
+                return Err(VolumeError::Source(format!(
+                    "source Volume {sv:?} is in pool {:?}; cloning across pools is not supported",
+                    other.pool()
+                )));
+            }
+        }
+        let backend = self.backend(v.pool()).await?;
+        if !has_finalizer {
+            let mut f = v.metadata.finalizers.clone();
+            f.push(VOLUME_FINALIZER.to_string());
+            self.set_finalizers(v, f).await?;
+        }
+        st.host = Some(self.node.clone());
+        st.phase = Some(if source_volume.is_some() {
+            VolumePhase::CloneInProgress
+        } else {
+            VolumePhase::ImportInProgress
+        });
+        st.message = None;
+        self.write_status(&ns, &name, &st).await?;
+
+        let size = v
+            .spec
+            .capacity
+            .as_ref()
+            .map(|q| q.value())
+            .transpose()
+            .map_err(|e| VolumeError::Source(format!("spec.capacity: {e}")))?;
+        enum Op {
+            Blank(u64),
+            Image(PathBuf, Format, CloneMode),
+            Clone(String),
+            Snapshot(String, String),
+        }
+        let op =
+            if src.blank.is_some() {
+                Op::Blank(size.ok_or_else(|| {
+                    VolumeError::Source("a blank Volume needs spec.capacity".into())
+                })?)
+            } else if let Some(img) = &src.image {
+                let resolved = self
+                    .images
+                    .resolve(&img.name)
+                    .map_err(|e| VolumeError::Source(e.to_string()))?;
+                let disk = resolved.disk.ok_or_else(|| {
+                    VolumeError::Source(format!("image {:?} has no disk", img.name))
+                })?;
+                let format = image_format(&disk);
+                let mode = match img.clone.unwrap_or_default() {
+                    CloneType::Linked => CloneMode::Linked,
+                    CloneType::Full => CloneMode::Full,
+                };
+                Op::Image(disk, format, mode)
+            } else if let Some(r) = &src.volume {
+                Op::Clone(backend_name(&ns, &r.name))
+            } else if let Some(s) = &src.snapshot {
+                Op::Snapshot(backend_name(&ns, &s.volume), s.name.clone())
+            } else {
+                return Err(VolumeError::Source(
+                    "this Volume source is not implemented by the agent".into(),
+                ));
+            };
+        let n = bname.to_string();
+        let info = blocking(move || {
+            // A previous attempt that died half-way leaves a partial volume.
+            if backend.exists(&n)? {
+                backend.delete(&n)?;
+            }
+            match op {
+                Op::Blank(size) => backend.create(&n, size)?,
+                Op::Image(path, format, mode) => backend.import(&n, &path, format, mode, size)?,
+                Op::Clone(src) => {
+                    backend.clone_volume(&src, &n)?;
+                    grow(&*backend, &n, size)?
+                }
+                Op::Snapshot(src, snap) => {
+                    backend.create_from_snapshot(&src, &snap, &n)?;
+                    grow(&*backend, &n, size)?
+                }
+            }
+            backend.info(&n)
+        })
+        .await?;
+        st.phase = Some(VolumePhase::Succeeded);
+        st.capacity = Some(Quantity::new(info.capacity.to_string()));
+        st.allocation = Some(Quantity::new(info.allocation.to_string()));
+        st.message = None;
+        info!(volume = %format!("{ns}/{name}"), capacity = info.capacity, "volume provisioned");
+        self.write_status(&ns, &name, &st).await
+    }
+
+    async fn pending(
+        &self,
+        ns: &str,
+        name: &str,
+        mut st: VolumeStatus,
+        message: String,
+    ) -> Result<(), VolumeError> {
+        if st.phase != Some(VolumePhase::Pending) || st.message.as_deref() != Some(&message) {
+            st.phase = Some(VolumePhase::Pending);
+            st.message = Some(message);
+            self.write_status(ns, name, &st).await?;
+        }
+        Ok(())
+    }
+
+    /// How QEMU opens Volume `ns/name`, once it is provisioned here.
+    pub async fn open(&self, ns: &str, name: &str) -> Result<ResolvedVolume, ResolveError> {
+        let v = self
+            .get_volume(ns, name)
+            .await
+            .map_err(|e| ResolveError::Wait(e.to_string()))?
+            .ok_or_else(|| ResolveError::Wait(format!("Volume {name:?} not found")))?;
+        match v.phase() {
+            Some(VolumePhase::Succeeded) => {}
+            Some(VolumePhase::Failed) => {
+                return Err(ResolveError::Fail(format!(
+                    "Volume {name:?} failed: {}",
+                    v.status
+                        .as_ref()
+                        .and_then(|s| s.message.clone())
+                        .unwrap_or_default()
+                )));
+            }
+            _ => return Err(ResolveError::Wait(format!("Volume {name:?} is not ready"))),
+        }
+        if v.status.as_ref().and_then(|s| s.host.as_deref()) != Some(self.node.as_str()) {
+            return Err(ResolveError::Fail(format!(
+                "Volume {name:?} is on another host"
+            )));
+        }
+        let backend = self
+            .backend(v.pool())
+            .await
+            .map_err(|e| ResolveError::Fail(e.to_string()))?;
+        let n = backend_name(ns, name);
+        let src = blocking(move || backend.disk(&n))
+            .await
+            .map_err(|e| ResolveError::Fail(e.to_string()))?;
+        let DiskSource::File { path, format } = src;
+        Ok(ResolvedVolume {
+            path,
+            format: match format {
+                Format::Qcow2 => DiskFormat::Qcow2,
+                Format::Raw => DiskFormat::Raw,
+            },
+        })
+    }
+
+    /// Every krvirt Volume a VMI uses.
+    pub async fn resolve(
+        &self,
+        vmi: &VirtualMachineInstance,
+    ) -> Result<ResolvedVolumes, ResolveError> {
+        let ns = vmi.metadata.namespace();
+        let mut out = ResolvedVolumes::new();
+        for vol in &vmi.spec.volumes {
+            if let Some(claim) = vol.claim() {
+                let r = self.open(ns, claim).await?;
+                out.insert(claim.to_string(), r);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn grow(b: &dyn StorageBackend, name: &str, size: Option<u64>) -> Result<(), StorageError> {
+    if let Some(size) = size
+        && size > b.info(name)?.capacity
+    {
+        b.resize(name, size)?;
+    }
+    Ok(())
+}

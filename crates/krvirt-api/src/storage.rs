@@ -1,0 +1,600 @@
+//! `krvirt.io/v1` StoragePool (cluster-scoped) and Volume (namespaced, the
+//! role of CDI's DataVolume and of a bound PVC).
+//!
+//! A pool is `dir` (qcow2 files in a directory), `btrfs` (subvolumes on a
+//! btrfs) or `rbd` (Ceph RBD; refused as not implemented yet). A Volume is
+//! provisioned into a pool from a source (blank, image, another volume, a
+//! volume snapshot); `status` carries the DataVolume-style phase, capacity
+//! and allocation. VMs use Volumes through `persistentVolumeClaim:
+//! {claimName}`, `dataVolume: {name}` and `dataVolumeTemplates`.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::admission::{Admit, Causes, join};
+use crate::kubevirt::validate::{immutable_identity, metadata};
+use crate::meta::{Condition, ObjectMeta, null_default};
+use crate::quantity::Quantity;
+
+pub const API_VERSION: &str = "krvirt.io/v1";
+const MAX_NAME: usize = 253;
+/// The pool a Volume without `spec.pool` lands in (the agent creates it as
+/// a `dir` pool under its data directory when it does not exist).
+pub const DEFAULT_POOL: &str = "default";
+/// Annotation on a Volume made from a VM's `dataVolumeTemplates`.
+pub const VOLUME_OWNER_VM_ANNOTATION: &str = "krvirt.io/owner-vm";
+
+/// Backend type of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolType {
+    Dir,
+    Btrfs,
+    Rbd,
+}
+
+/// A storage pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoragePool {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: StoragePoolSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StoragePoolStatus>,
+}
+
+/// Where a pool keeps its volumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoragePoolSpec {
+    #[serde(rename = "type")]
+    pub type_: PoolType,
+    /// `dir`, `btrfs`: absolute directory on the host (for btrfs, on a
+    /// mounted btrfs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `rbd`: the Ceph pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// `rbd`: path of `ceph.conf`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conf: Option<String>,
+}
+
+/// What the agent observed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoragePoolStatus {
+    /// `Ready` (True when the agent opened the pool).
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub conditions: Vec<Condition>,
+}
+
+/// Empty marker object (`blank: {}`, `upload: {}`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// Linked (shares the source's blocks) or full (independent copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneType {
+    #[default]
+    Linked,
+    Full,
+}
+
+/// A volume's content at creation; exactly one field set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blank: Option<Empty>,
+    /// A local image, named like a containerDisk image (the alias table
+    /// resolves it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageVolumeSource>,
+    /// Import from an HTTP(S) URL (not implemented yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpVolumeSource>,
+    /// Filled by an upload (not implemented yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<Empty>,
+    /// A clone of another Volume of the same namespace and pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeRef>,
+    /// A new volume from a snapshot of a Volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<VolumeSnapshotRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageVolumeSource {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<CloneType>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpVolumeSource {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeRef {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSnapshotRef {
+    /// The Volume.
+    pub volume: String,
+    /// The snapshot's name in the pool.
+    pub name: String,
+}
+
+/// A virtual disk in a pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StorageVolume {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: VolumeSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VolumeStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// StoragePool name (default `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Size the guest sees. Required for `blank`; for other sources the
+    /// volume is grown to it when larger. May be increased later (resize).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Quantity>,
+    pub source: VolumeSource,
+}
+
+/// DataVolume phases krvirt uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum VolumePhase {
+    Pending,
+    ImportInProgress,
+    CloneInProgress,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<VolumePhase>,
+    /// Virtual size (bytes, as a quantity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Quantity>,
+    /// Bytes used in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<Quantity>,
+    /// Host holding the volume (local pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub conditions: Vec<Condition>,
+}
+
+impl StorageVolume {
+    pub fn pool(&self) -> &str {
+        self.spec.pool.as_deref().unwrap_or(DEFAULT_POOL)
+    }
+    pub fn phase(&self) -> Option<VolumePhase> {
+        self.status.as_ref().and_then(|s| s.phase)
+    }
+}
+
+/// The registered kind (both are in `types::KINDS`; looked up by name so
+/// the table's order does not matter).
+fn served(kind: &str) -> &'static crate::KindInfo {
+    crate::types::KINDS
+        .iter()
+        .find(|k| k.group == "krvirt.io" && k.kind == kind)
+        .expect("storage kinds are registered in types::KINDS")
+}
+
+impl crate::meta::Object for StoragePool {
+    fn kind_info() -> &'static crate::KindInfo {
+        served("StoragePool")
+    }
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl crate::meta::Object for StorageVolume {
+    fn kind_info() -> &'static crate::KindInfo {
+        served("Volume")
+    }
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl Admit for StoragePool {
+    fn not_implemented(_path: &str) -> bool {
+        false
+    }
+    fn apply_defaults(&mut self) {}
+    fn validate(&self, old: Option<&Self>, c: &mut Causes) {
+        metadata(&self.metadata, "metadata", MAX_NAME, false, c);
+        if let Some(old) = old {
+            immutable_identity(&old.metadata, &self.metadata, c);
+            if old.spec != self.spec {
+                c.forbidden("spec", "the spec of a StoragePool is immutable");
+            }
+        }
+        let s = &self.spec;
+        match s.type_ {
+            PoolType::Dir | PoolType::Btrfs => match s.path.as_deref() {
+                Some(p) if crate::util::clean_absolute_path(p).is_ok() => {}
+                Some(p) => c.invalid("spec.path", format!("{p:?} is not a clean absolute path")),
+                None => c.required("spec.path", "a dir or btrfs pool needs a path"),
+            },
+            PoolType::Rbd => c.not_implemented("spec.type", "the rbd backend"),
+        }
+    }
+}
+
+fn size(q: &Option<Quantity>, c: &mut Causes) -> Option<u64> {
+    let q = q.as_ref()?;
+    match q.value() {
+        Ok(0) => {
+            c.invalid("spec.capacity", "must be positive");
+            None
+        }
+        Ok(v) => Some(v),
+        Err(e) => {
+            c.invalid("spec.capacity", e.to_string());
+            None
+        }
+    }
+}
+
+impl Admit for StorageVolume {
+    fn not_implemented(_path: &str) -> bool {
+        false
+    }
+    fn apply_defaults(&mut self) {}
+    fn validate(&self, old: Option<&Self>, c: &mut Causes) {
+        metadata(&self.metadata, "metadata", MAX_NAME, true, c);
+        let cap = size(&self.spec.capacity, c);
+        if let Some(old) = old {
+            immutable_identity(&old.metadata, &self.metadata, c);
+            if old.spec.source != self.spec.source || old.spec.pool != self.spec.pool {
+                c.forbidden("spec", "only spec.capacity of a Volume may change");
+            }
+            let old_cap = old.spec.capacity.as_ref().and_then(|q| q.value().ok());
+            if let (Some(o), Some(n)) = (old_cap, cap)
+                && n < o
+            {
+                c.forbidden("spec.capacity", "a Volume can grow but not shrink");
+            }
+            if old_cap.is_some() && cap.is_none() {
+                c.forbidden("spec.capacity", "cannot be removed");
+            }
+        }
+        let s = &self.spec.source;
+        let set = [
+            s.blank.is_some(),
+            s.image.is_some(),
+            s.http.is_some(),
+            s.upload.is_some(),
+            s.volume.is_some(),
+            s.snapshot.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if set != 1 {
+            c.invalid(
+                "spec.source",
+                "exactly one of blank, image, http, upload, volume, snapshot is required",
+            );
+        }
+        if s.blank.is_some() && self.spec.capacity.is_none() {
+            c.required("spec.capacity", "a blank volume needs a capacity");
+        }
+        if s.http.is_some() {
+            c.not_implemented("spec.source.http", "HTTP import into a Volume");
+        }
+        if s.upload.is_some() {
+            c.not_implemented("spec.source.upload", "upload into a Volume");
+        }
+        if let Some(i) = &s.image
+            && i.name.is_empty()
+        {
+            c.required(join("spec.source.image", "name"), "Required value");
+        }
+        if let Some(v) = &s.volume
+            && crate::util::dns1123_subdomain(&v.name, MAX_NAME).is_some()
+        {
+            c.invalid("spec.source.volume.name", "not a valid Volume name");
+        }
+        if let Some(v) = &s.snapshot {
+            if v.volume.is_empty() {
+                c.required("spec.source.snapshot.volume", "Required value");
+            }
+            if v.name.is_empty() {
+                c.required("spec.source.snapshot.name", "Required value");
+            }
+        }
+        if let Some(p) = &self.spec.pool
+            && crate::util::dns1123_subdomain(p, MAX_NAME).is_some()
+        {
+            c.invalid("spec.pool", "not a valid StoragePool name");
+        }
+    }
+}
+
+// ----- KubeVirt / CDI side: dataVolumeTemplates, PVC and DataVolume volumes --
+
+/// `persistentVolumeClaim` volume of a VMI: the Volume named `claimName`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PersistentVolumeClaimVolumeSource {
+    #[serde(default)]
+    pub claim_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotpluggable: Option<bool>,
+}
+
+/// `dataVolume` volume of a VMI: the Volume named `name`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataVolumeVolumeSource {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotpluggable: Option<bool>,
+}
+
+/// An entry of a VM's `dataVolumeTemplates` (CDI DataVolume shape).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataVolumeTemplateSpec {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: DataVolumeSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataVolumeSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<DataVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<ClaimSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<ClaimSpec>,
+}
+
+/// CDI `DataVolumeSource`: the kinds krvirt maps to a Volume source.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataVolumeSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blank: Option<Empty>,
+    /// `docker://IMAGE`: the local image of that name (alias table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<UrlSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<UrlSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<Empty>,
+    /// Clone of a Volume (`namespace` must be the VM's, if given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<NamespacedRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UrlSource {
+    #[serde(default)]
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespacedRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// The part of a PVC spec krvirt reads: size and class (= pool).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimSpec {
+    /// Accepted; every krvirt volume is attached to one VM at a time.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub access_modes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ClaimResources>,
+    /// The StoragePool, when one of that name exists; else `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// `Filesystem` or `Block`: both give the guest a block device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimResources {
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "std::collections::BTreeMap::is_empty"
+    )]
+    pub requests: std::collections::BTreeMap<String, Quantity>,
+}
+
+impl DataVolumeSpec {
+    fn claim(&self) -> Option<&ClaimSpec> {
+        self.storage.as_ref().or(self.pvc.as_ref())
+    }
+
+    /// `storageClassName`, which names the pool.
+    pub fn storage_class(&self) -> Option<&str> {
+        self.claim().and_then(|c| c.storage_class_name.as_deref())
+    }
+}
+
+impl DataVolumeTemplateSpec {
+    /// The Volume this template asks for (pool: the storage class, which the
+    /// caller replaces by `default` if no such pool exists).
+    pub fn to_volume(&self, namespace: &str) -> Result<StorageVolume, (String, String)> {
+        let err = |f: &str, m: &str| (f.to_string(), m.to_string());
+        let name = self
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| err("metadata.name", "Required value"))?;
+        let capacity = self
+            .spec
+            .claim()
+            .and_then(|c| c.resources.as_ref())
+            .and_then(|r| r.requests.get("storage"))
+            .cloned();
+        let src = self
+            .spec
+            .source
+            .as_ref()
+            .ok_or_else(|| err("spec.source", "Required value"))?;
+        let source = if src.blank.is_some() {
+            VolumeSource {
+                blank: Some(Empty {}),
+                ..Default::default()
+            }
+        } else if let Some(r) = &src.registry {
+            let image = r.url.strip_prefix("docker://").unwrap_or(&r.url);
+            if image.is_empty() {
+                return Err(err("spec.source.registry.url", "Required value"));
+            }
+            VolumeSource {
+                image: Some(ImageVolumeSource {
+                    name: image.to_string(),
+                    clone: None,
+                }),
+                ..Default::default()
+            }
+        } else if let Some(p) = &src.pvc {
+            if p.namespace.as_deref().is_some_and(|n| n != namespace) {
+                return Err(err(
+                    "spec.source.pvc.namespace",
+                    "cloning across namespaces is not supported",
+                ));
+            }
+            VolumeSource {
+                volume: Some(VolumeRef {
+                    name: p.name.clone(),
+                }),
+                ..Default::default()
+            }
+        } else if src.http.is_some() {
+            return Err(err(
+                "spec.source.http",
+                "supported by KubeVirt but not implemented by krvirt yet (HTTP import)",
+            ));
+        } else if src.upload.is_some() {
+            return Err(err(
+                "spec.source.upload",
+                "supported by KubeVirt but not implemented by krvirt yet (upload)",
+            ));
+        } else {
+            return Err(err("spec.source", "exactly one source is required"));
+        };
+        Ok(StorageVolume {
+            api_version: API_VERSION.to_string(),
+            kind: "Volume".to_string(),
+            metadata: ObjectMeta {
+                name: Some(name),
+                namespace: Some(namespace.to_string()),
+                labels: self.metadata.labels.clone(),
+                annotations: self.metadata.annotations.clone(),
+                ..Default::default()
+            },
+            spec: VolumeSpec {
+                pool: self.spec.storage_class().map(str::to_string),
+                capacity,
+                source,
+            },
+            status: None,
+        })
+    }
+}
+
+/// Admission of a VM's `dataVolumeTemplates`.
+pub(crate) fn validate_templates(t: &[DataVolumeTemplateSpec], c: &mut Causes) {
+    let mut seen = std::collections::HashSet::new();
+    for (i, dv) in t.iter().enumerate() {
+        let p = crate::admission::idx("spec.dataVolumeTemplates", i);
+        match dv.to_volume("default") {
+            Err((f, m)) => {
+                if m.starts_with(crate::admission::NOT_IMPLEMENTED) {
+                    c.not_supported(join(&p, &f), m);
+                } else {
+                    c.invalid(join(&p, &f), m);
+                }
+            }
+            Ok(v) => {
+                let mut inner = Causes::default();
+                v.validate(None, &mut inner);
+                for cause in inner.0 {
+                    c.push(&cause.reason, join(&p, &cause.field), cause.message);
+                }
+                if !seen.insert(v.metadata.name.clone()) {
+                    c.duplicate(join(&p, "metadata.name"), "duplicate DataVolume name");
+                }
+            }
+        }
+    }
+}
