@@ -280,7 +280,7 @@ impl Event {
 
 impl crate::meta::Object for Event {
     fn kind_info() -> &'static crate::KindInfo {
-        &crate::types::KINDS[crate::types::EVENT]
+        &crate::types::EVENT_KIND
     }
     fn metadata(&self) -> &ObjectMeta {
         &self.metadata

@@ -11,7 +11,6 @@
 //! - [`quantity`]: Kubernetes quantities (`128Mi`, `500m`).
 //! - [`kubevirt`]: `kubevirt.io/v1` VirtualMachine / VirtualMachineInstance.
 //! - [`host`]: `krvirt.io/v1` Host.
-//! - [`storage`]: `krvirt.io/v1` StoragePool and Volume, DataVolume templates.
 //! - [`event`]: core `v1` Event (what happened to an object).
 //! - [`webhook`]: `krvirt.io/v1` Webhook (events delivered over HTTP).
 
@@ -19,13 +18,11 @@ pub mod admission;
 pub mod error;
 pub mod event;
 pub mod host;
-pub mod image;
 pub mod kinds;
 pub mod kubevirt;
 pub mod meta;
 mod openapi;
 pub mod quantity;
-pub mod storage;
 mod types;
 mod util;
 pub mod webhook;

@@ -6,10 +6,8 @@ use utoipa::openapi::{Components, ComponentsBuilder, RefOr};
 
 use crate::event::Event;
 use crate::host::Host;
-use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::meta::{Condition, ObjectMeta};
-use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 
 fn add<T: ToSchema>(schemas: &mut Vec<(String, RefOr<Schema>)>) {
@@ -24,9 +22,6 @@ pub fn openapi_components() -> Components {
     add::<VirtualMachine>(&mut schemas);
     add::<VirtualMachineInstance>(&mut schemas);
     add::<Host>(&mut schemas);
-    add::<Image>(&mut schemas);
-    add::<StoragePool>(&mut schemas);
-    add::<StorageVolume>(&mut schemas);
     add::<Event>(&mut schemas);
     add::<Webhook>(&mut schemas);
     add::<ObjectMeta>(&mut schemas);

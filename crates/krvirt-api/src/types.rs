@@ -6,17 +6,39 @@ use crate::admission::{Causes, admit_typed, strip_bookkeeping};
 use crate::error::reason;
 use crate::event::Event;
 use crate::host::Host;
-use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
-use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 use crate::{KindInfo, ValidationError};
 
 pub(crate) const VM: usize = 0;
 pub(crate) const VMI: usize = 1;
 pub(crate) const HOST: usize = 2;
-pub(crate) const EVENT: usize = 3;
-pub(crate) const WEBHOOK: usize = 4;
+
+/// core `v1` Event (a named constant: its position in [`KINDS`] may move).
+pub(crate) const EVENT_KIND: KindInfo = KindInfo {
+    group: "",
+    version: "v1",
+    kind: "Event",
+    plural: "events",
+    singular: "event",
+    short_names: &["ev"],
+    namespaced: true,
+    subresources: &[],
+    schema_name: "Event",
+};
+
+/// `krvirt.io/v1` Webhook.
+pub(crate) const WEBHOOK_KIND: KindInfo = KindInfo {
+    group: "krvirt.io",
+    version: "v1",
+    kind: "Webhook",
+    plural: "webhooks",
+    singular: "webhook",
+    short_names: &[],
+    namespaced: true,
+    subresources: &[],
+    schema_name: "Webhook",
+};
 
 pub(crate) static KINDS: &[KindInfo] = &[
     KindInfo {
@@ -44,28 +66,6 @@ pub(crate) static KINDS: &[KindInfo] = &[
     KindInfo {
         group: "krvirt.io",
         version: "v1",
-        kind: "StoragePool",
-        plural: "storagepools",
-        singular: "storagepool",
-        short_names: &["pool", "pools"],
-        namespaced: false,
-        subresources: &[],
-        schema_name: "StoragePool",
-    },
-    KindInfo {
-        group: "krvirt.io",
-        version: "v1",
-        kind: "Volume",
-        plural: "volumes",
-        singular: "volume",
-        short_names: &["vol", "vols"],
-        namespaced: true,
-        subresources: &[],
-        schema_name: "StorageVolume",
-    },
-    KindInfo {
-        group: "krvirt.io",
-        version: "v1",
         kind: "Host",
         plural: "hosts",
         singular: "host",
@@ -74,39 +74,8 @@ pub(crate) static KINDS: &[KindInfo] = &[
         subresources: &[],
         schema_name: "Host",
     },
-    KindInfo {
-        group: "",
-        version: "v1",
-        kind: "Event",
-        plural: "events",
-        singular: "event",
-        short_names: &["ev"],
-        namespaced: true,
-        subresources: &[],
-        schema_name: "Event",
-    },
-    KindInfo {
-        group: "krvirt.io",
-        version: "v1",
-        kind: "Webhook",
-        plural: "webhooks",
-        singular: "webhook",
-        short_names: &[],
-        namespaced: true,
-        subresources: &[],
-        schema_name: "Webhook",
-    },
-    KindInfo {
-        group: "krvirt.io",
-        version: "v1",
-        kind: "Image",
-        plural: "images",
-        singular: "image",
-        short_names: &["img"],
-        namespaced: false,
-        subresources: &[],
-        schema_name: "Image",
-    },
+    EVENT_KIND,
+    WEBHOOK_KIND,
 ];
 
 /// Check (or fill in, when absent) `apiVersion` and `kind` against the
@@ -164,10 +133,7 @@ pub(crate) fn admit(
         ("kubevirt.io", "VirtualMachineInstance") => {
             admit_typed::<VirtualMachineInstance>(obj, old)
         }
-        ("krvirt.io", "StoragePool") => admit_typed::<StoragePool>(obj, old),
-        ("krvirt.io", "Volume") => admit_typed::<StorageVolume>(obj, old),
         ("krvirt.io", "Host") => admit_typed::<Host>(obj, old),
-        ("krvirt.io", "Image") => admit_typed::<Image>(obj, old),
         ("", "Event") => admit_typed::<Event>(obj, old),
         ("krvirt.io", "Webhook") => admit_typed::<Webhook>(obj, old),
         _ => Err(ValidationError::new(

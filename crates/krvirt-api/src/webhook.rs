@@ -137,7 +137,7 @@ impl WebhookSpec {
 
 impl crate::meta::Object for Webhook {
     fn kind_info() -> &'static crate::KindInfo {
-        &crate::types::KINDS[crate::types::WEBHOOK]
+        &crate::types::WEBHOOK_KIND
     }
     fn metadata(&self) -> &ObjectMeta {
         &self.metadata
