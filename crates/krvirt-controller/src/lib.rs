@@ -12,6 +12,7 @@ pub mod placement;
 pub mod queue;
 mod runner;
 pub mod vm;
+mod volumes;
 
 pub use runner::{ControllerError, Controllers};
 

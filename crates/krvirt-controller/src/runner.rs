@@ -238,6 +238,7 @@ impl Controllers {
             .cloned()
             .unwrap_or(Value::Null);
         let vm: VirtualMachine = decode("VM", vm_raw)?;
+        crate::volumes::ensure_templates(&self.registry, &vm).await?;
         let vmi: Option<VirtualMachineInstance> = vmi_raw.map(|v| decode("VMI", v)).transpose()?;
         let mut d = vm::decide(&vm, vmi.as_ref(), chrono::Utc::now());
 

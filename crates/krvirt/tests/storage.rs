@@ -1,0 +1,294 @@
+//! Storage end to end, under TCG: Volumes in a `dir` pool and in a `btrfs`
+//! pool (a real btrfs on a loop-mounted sparse file) provisioned by the
+//! agent from the demo image, guests booting from them, a data Volume that
+//! keeps what the guest wrote across a restart, deletion freeing the pool.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const IMAGE: &str = "quay.io/kubevirt/cirros-container-disk-demo";
+
+fn apply(inst: &Instance, name: &str, yaml: &str) {
+    let path = inst.dir.path().join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    inst.ok(&["apply", "-f", path.to_str().unwrap()]);
+}
+
+fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} cannot be run (is it installed?): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A btrfs on a loop-mounted sparse file, unmounted on drop.
+struct BtrfsMount {
+    dir: tempfile::TempDir,
+}
+
+impl BtrfsMount {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("krvirt-btrfs-")
+            .tempdir()
+            .unwrap();
+        let file = dir.path().join("fs.img");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        sh("mkfs.btrfs", &["-q", file.to_str().unwrap()]);
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        sh(
+            "mount",
+            &["-o", "loop", file.to_str().unwrap(), mnt.to_str().unwrap()],
+        );
+        BtrfsMount { dir }
+    }
+
+    fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for BtrfsMount {
+    fn drop(&mut self) {
+        kill_processes_under(&self.mnt());
+        for _ in 0..50 {
+            if Command::new("umount")
+                .arg(self.mnt())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
+    }
+}
+
+/// Type `commands` on a VM's serial console; returns what came back.
+async fn console(inst: &Instance, vm: &str, commands: &str) -> String {
+    let mut child = Command::new(BIN)
+        .args(["--server", &inst.url, "console", vm])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        stdin
+            .write_all(format!("\n{commands}\n").as_bytes())
+            .unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_secs(4));
+        stdin.write_all(&[0x1d]).unwrap();
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn volume(inst: &Instance, name: &str) -> Option<Value> {
+    inst.get(&format!(
+        "/apis/krvirt.io/v1/namespaces/default/volumes/{name}"
+    ))
+    .await
+    .ok()
+}
+
+async fn volume_ready(inst: &Instance, name: &str) -> Value {
+    inst.until(
+        &format!("Volume {name} Succeeded"),
+        Duration::from_secs(60),
+        || async {
+            let v = volume(inst, name).await?;
+            (v["status"]["phase"] == "Succeeded").then_some(v)
+        },
+    )
+    .await
+}
+
+fn vm_with_volumes(name: &str, root: &str, extra: &str) -> String {
+    format!(
+        r#"apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: {name}
+spec:
+  runStrategy: Always
+{extra}  template:
+    spec:
+      domain:
+        devices:
+          disks:
+          - name: root
+            disk: {{bus: virtio}}
+          - name: data
+            disk: {{bus: virtio}}
+        memory:
+          guest: 128Mi
+      terminationGracePeriodSeconds: 0
+      volumes:
+      - name: root
+{root}
+      - name: data
+        persistentVolumeClaim:
+          claimName: {name}-data
+"#
+    )
+}
+
+fn blank_volume(name: &str, pool: &str) -> String {
+    format!(
+        r#"apiVersion: krvirt.io/v1
+kind: Volume
+metadata:
+  name: {name}
+spec:
+  pool: {pool}
+  capacity: 64Mi
+  source:
+    blank: {{}}
+"#
+    )
+}
+
+fn pool_file(path: &Path) -> bool {
+    path.exists()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_in_dir_and_btrfs_pools_boot_and_keep_data() {
+    let fs = BtrfsMount::new();
+    let inst = Instance::start().await;
+    let btrfs_pool = fs.mnt().join("pool");
+    apply(
+        &inst,
+        "pool",
+        &format!(
+            "apiVersion: krvirt.io/v1\nkind: StoragePool\nmetadata:\n  name: fast\nspec:\n  type: btrfs\n  path: {}\n",
+            btrfs_pool.display()
+        ),
+    );
+
+    // dir pool (the default one): a root Volume cloned from the image, used
+    // through persistentVolumeClaim.
+    apply(
+        &inst,
+        "root-dir",
+        &format!(
+            "apiVersion: krvirt.io/v1\nkind: Volume\nmetadata:\n  name: root-dir\nspec:\n  capacity: 256Mi\n  source:\n    image:\n      name: {IMAGE}\n"
+        ),
+    );
+    apply(&inst, "d1", &blank_volume("vm-dir-data", "default"));
+    apply(
+        &inst,
+        "vm-dir",
+        &vm_with_volumes(
+            "vm-dir",
+            "        persistentVolumeClaim:\n          claimName: root-dir",
+            "",
+        ),
+    );
+    // btrfs pool: the root Volume comes from the VM's dataVolumeTemplates
+    // (storageClassName names the pool), used through dataVolume.
+    apply(&inst, "d2", &blank_volume("vm-btrfs-data", "fast"));
+    apply(
+        &inst,
+        "vm-btrfs",
+        &vm_with_volumes(
+            "vm-btrfs",
+            "        dataVolume:\n          name: root-btrfs",
+            &format!(
+                "  dataVolumeTemplates:\n  - metadata:\n      name: root-btrfs\n    spec:\n      source:\n        registry:\n          url: docker://{IMAGE}\n      storage:\n        storageClassName: fast\n        resources:\n          requests:\n            storage: 256Mi\n"
+            ),
+        ),
+    );
+
+    let root_dir = volume_ready(&inst, "root-dir").await;
+    assert_eq!(root_dir["status"]["host"], "e2e-host");
+    assert_eq!(root_dir["status"]["capacity"], (256u64 << 20).to_string());
+    let root_btrfs = volume_ready(&inst, "root-btrfs").await;
+    assert_eq!(root_btrfs["spec"]["pool"], "fast", "{root_btrfs}");
+    assert_eq!(
+        root_btrfs["metadata"]["ownerReferences"][0]["name"],
+        "vm-btrfs"
+    );
+    // The Volumes are where their pools keep them.
+    let dir_pool = inst.data_dir().join("pools/default");
+    assert!(pool_file(&dir_pool.join("default.root-dir.qcow2")));
+    assert!(pool_file(&btrfs_pool.join("default.root-btrfs/disk.raw")));
+    let subvols = sh("btrfs", &["subvolume", "list", fs.mnt().to_str().unwrap()]);
+    assert!(subvols.contains("pool/default.root-btrfs"), "{subvols}");
+    assert!(subvols.contains("pool/default.vm-btrfs-data"), "{subvols}");
+
+    for vm in ["vm-dir", "vm-btrfs"] {
+        inst.running_vmi(vm, None).await;
+        inst.console_shows(vm, "GUEST-BOOTED").await;
+    }
+
+    // The guest writes to its data Volume; a restart (new VMI, new QEMU)
+    // reads it back: the Volume outlives the VMI.
+    for vm in ["vm-dir", "vm-btrfs"] {
+        let out = console(
+            &inst,
+            vm,
+            &format!("printf KEEP-{vm}. > /dev/vdb; sync; echo WROTE-$((40+2))"),
+        )
+        .await;
+        assert!(out.contains("WROTE-42"), "{vm}: {out}");
+        let (uid, _) = inst.running_vmi(vm, None).await;
+        inst.ok(&["restart", vm]);
+        inst.running_vmi(vm, Some(&uid)).await;
+        inst.console_shows(vm, "GUEST-BOOTED").await;
+        let out = console(
+            &inst,
+            vm,
+            "echo READ-$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1)",
+        )
+        .await;
+        assert!(out.contains(&format!("READ-KEEP-{vm}")), "{vm}: {out}");
+    }
+
+    // Deleting the VMs and then the Volumes frees the pools.
+    for vm in ["vm-dir", "vm-btrfs"] {
+        inst.ok(&["delete", "vm", vm]);
+    }
+    inst.until("VMIs gone", Duration::from_secs(60), || async {
+        (inst.vmi("vm-dir").await.is_none() && inst.vmi("vm-btrfs").await.is_none()).then_some(())
+    })
+    .await;
+    for v in ["root-dir", "vm-dir-data", "root-btrfs", "vm-btrfs-data"] {
+        inst.ok(&["delete", "volume", v]);
+    }
+    inst.until("Volumes gone", Duration::from_secs(30), || async {
+        for v in ["root-dir", "vm-dir-data", "root-btrfs", "vm-btrfs-data"] {
+            if volume(&inst, v).await.is_some() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert!(!pool_file(&dir_pool.join("default.root-dir.qcow2")));
+    assert!(!pool_file(&btrfs_pool.join("default.root-btrfs")));
+}
