@@ -13,8 +13,8 @@
 //!   sender's egress chain (`out-TAP`, allowed traffic `return`s, the rest
 //!   is dropped; a port whose groups have no egress rule at all may send
 //!   anything) and `ip daddr vmap` to the receiver's ingress chain (`in-TAP`:
-//!   DHCP replies, then the groups' ingress rules `accept`, then `drop`:
-//!   default deny ingress). Bridged traffic reaches these hooks because
+//!   DHCP replies, then a jump to each of its groups' chain `gi-N` whose
+//!   rules `accept`, then `drop`: default deny ingress). Bridged traffic reaches these hooks because
 //!   krvirt's bridges have `nf_call_iptables` on; addresses are trustworthy
 //!   there because of the anti-spoofing chains.
 //! - one named set `sg-N` per group with the addresses of its member ports,
@@ -211,8 +211,13 @@ fn rule_matches(
     let mut out = Vec::new();
     if !r.cidrs.is_empty() {
         let mut e = base.clone();
-        let set: Vec<Value> = r.cidrs.iter().map(cidr_value).collect();
-        e.push(m("==", addr.clone(), json!({"set": set})));
+        // One CIDR: a plain prefix match (an anonymous set per rule costs
+        // the kernel a set object each).
+        let right = match r.cidrs.as_slice() {
+            [one] => cidr_value(one),
+            many => json!({"set": many.iter().map(cidr_value).collect::<Vec<_>>()}),
+        };
+        e.push(m("==", addr.clone(), right));
         out.push(e);
     }
     if let Some(g) = &r.remote_group {
@@ -358,6 +363,21 @@ pub fn compile(rs: &Ruleset, table: &str) -> Result<Value, NetError> {
         }
         t.cmds.push(json!({"add": {"set": set}}));
     }
+    // Each group's ingress rules once, in `gi-N` (allowed traffic is
+    // accepted there); ports jump to the chains of their groups, so a
+    // group's size does not multiply with the number of its ports.
+    for (i, g) in rs.groups.iter().enumerate() {
+        let chain = format!("gi-{i}");
+        t.chain(&chain, None);
+        for (k, r) in g.ingress.iter().enumerate() {
+            for mut e in rule_matches(r, true, &group_set, "ingress rule")
+                .map_err(|e| invalid("security group", format!("{} ingress[{k}]: {e}", g.name)))?
+            {
+                e.push(verdict("accept"));
+                t.rule(&chain, e);
+            }
+        }
+    }
     t.chain("forward", Some(("forward", 0)));
     t.chain("output", Some(("output", 0)));
     let mut in_map = Vec::new();
@@ -392,14 +412,8 @@ pub fn compile(rs: &Ruleset, table: &str) -> Result<Value, NetError> {
             ],
         );
         for g in &groups {
-            for (k, r) in g.ingress.iter().enumerate() {
-                let field = "ingress rule";
-                for mut e in rule_matches(r, true, &group_set, field).map_err(|e| {
-                    invalid("security group", format!("{} ingress[{k}]: {e}", g.name))
-                })? {
-                    e.push(verdict("accept"));
-                    t.rule(&inc, e);
-                }
+            if let Some(i) = group_index(&g.name) {
+                t.rule(&inc, vec![jump(&format!("gi-{i}"))]);
             }
         }
         t.rule(&inc, vec![verdict("drop")]);
@@ -505,6 +519,102 @@ pub fn compile(rs: &Ruleset, table: &str) -> Result<Value, NetError> {
     Ok(json!({ "nftables": cmds }))
 }
 
+/// A host's firewall with the last ruleset it applied: a change that only
+/// touches security-group ingress rules (same ports, groups and zones) is
+/// applied as one transaction that flushes and refills just the changed
+/// groups' `gi-N` chains; anything else replaces both tables. Either way
+/// it is ONE atomic `nft -j -f -`.
+#[derive(Debug)]
+pub struct Firewall {
+    table: String,
+    last: Option<Ruleset>,
+}
+
+impl Firewall {
+    pub fn new(table: &str) -> Result<Firewall, NetError> {
+        check_table(table)?;
+        Ok(Firewall {
+            table: table.to_string(),
+            last: None,
+        })
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The transaction that brings the tables from the last applied
+    /// ruleset to `rs` (the full one when there is no usable last).
+    pub fn plan(&self, rs: &Ruleset) -> Result<Value, NetError> {
+        let Some(last) = &self.last else {
+            return compile(rs, &self.table);
+        };
+        let same_shape = last.ports == rs.ports
+            && last.zones == rs.zones
+            && last.groups.len() == rs.groups.len()
+            && last
+                .groups
+                .iter()
+                .zip(&rs.groups)
+                .all(|(a, b)| a.name == b.name && a.egress == b.egress);
+        if !same_shape {
+            return compile(rs, &self.table);
+        }
+        let group_set = |name: &str| {
+            rs.groups
+                .iter()
+                .position(|g| g.name == name)
+                .map(|i| format!("sg-{i}"))
+        };
+        let mut t = Tx {
+            cmds: Vec::new(),
+            family: "inet",
+            table: self.table.clone(),
+        };
+        for (i, (old, new)) in last.groups.iter().zip(&rs.groups).enumerate() {
+            if old.ingress == new.ingress {
+                continue;
+            }
+            let chain = format!("gi-{i}");
+            t.cmds.push(
+                json!({"flush": {"chain": {"family": "inet", "table": self.table, "name": chain}}}),
+            );
+            for (k, r) in new.ingress.iter().enumerate() {
+                for mut e in rule_matches(r, true, &group_set, "ingress rule").map_err(|e| {
+                    invalid("security group", format!("{} ingress[{k}]: {e}", new.name))
+                })? {
+                    e.push(verdict("accept"));
+                    t.rule(&chain, e);
+                }
+            }
+        }
+        Ok(json!({ "nftables": t.cmds }))
+    }
+
+    /// Apply `rs`. On failure the next apply replaces everything.
+    pub fn apply(&mut self, rs: &Ruleset) -> Result<(), NetError> {
+        let doc = self.plan(rs)?;
+        let empty = doc["nftables"].as_array().is_some_and(|a| a.is_empty());
+        let res = if empty { Ok(()) } else { apply(&doc) };
+        match res {
+            Ok(()) => {
+                self.last = Some(rs.clone());
+                Ok(())
+            }
+            Err(e) => {
+                self.last = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Forget the last ruleset: the next apply replaces both tables (use
+    /// after a restart or when the tables may have been touched).
+    pub fn invalidate(&mut self) {
+        self.last = None;
+    }
+}
+
 /// Run `nft -j -f -` with `doc` as one transaction.
 pub fn apply(doc: &Value) -> Result<(), NetError> {
     let body = serde_json::to_vec(doc).map_err(|e| invalid("nft document", e.to_string()))?;
@@ -608,6 +718,7 @@ mod tests {
         assert!(s.contains("\"elem\":[\"10.1.0.5\"]"));
         // kvtb has no groups: anti-spoofing only, no ingress chain.
         assert!(s.contains("sp-kvtb") && !s.contains("in-kvtb"));
+        assert!(s.contains("\"target\":\"gi-0\""));
         // no egress rules: no egress chain.
         assert!(!s.contains("out-kvta"));
     }

@@ -57,11 +57,11 @@ impl std::fmt::Display for Cidr {
 impl FromStr for Cidr {
     type Err = NetError;
     fn from_str(s: &str) -> Result<Cidr, NetError> {
-        let bad = || invalid("CIDR", format!("{s:?} is not a.b.c.d/len (len 8..=30)"));
+        let bad = || invalid("CIDR", format!("{s:?} is not a.b.c.d/len (len 0..=32)"));
         let (a, p) = s.split_once('/').ok_or_else(bad)?;
         let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
         let prefix: u8 = p.parse().map_err(|_| bad())?;
-        if !(8..=30).contains(&prefix) {
+        if prefix > 32 {
             return Err(bad());
         }
         let c = Cidr { addr, prefix };
@@ -95,6 +95,12 @@ impl Pool {
     ) -> Result<Pool, NetError> {
         if network.is_empty() || network.contains('/') {
             return Err(invalid("network name", format!("{network:?}")));
+        }
+        if !(8..=30).contains(&subnet.prefix) {
+            return Err(invalid(
+                "subnet",
+                format!("{subnet}: a network needs a prefix of 8..=30"),
+            ));
         }
         if !subnet.is_host(gateway) {
             return Err(invalid(
@@ -329,7 +335,9 @@ mod tests {
         assert_eq!(c.nth_host(254), Some(Ipv4Addr::new(10, 88, 0, 254)));
         assert_eq!(c.nth_host(255), None);
         assert!("10.88.0.1/24".parse::<Cidr>().is_err());
-        assert!("10.88.0.0/31".parse::<Cidr>().is_err());
+        assert!("10.88.0.0/33".parse::<Cidr>().is_err());
+        assert_eq!("10.88.0.7/32".parse::<Cidr>().unwrap().prefix, 32);
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().mask(), 0);
         assert!("nonsense".parse::<Cidr>().is_err());
     }
 
@@ -343,5 +351,6 @@ mod tests {
         let r = (Ipv4Addr::new(10, 88, 0, 50), Ipv4Addr::new(10, 88, 0, 40));
         assert!(Pool::new("n", c, gw, Some(r)).is_err());
         assert!(Pool::new("a/b", c, gw, None).is_err());
+        assert!(Pool::new("n", "10.0.0.0/31".parse().unwrap(), gw, None).is_err());
     }
 }

@@ -444,3 +444,49 @@ async fn dhcp_hands_out_exactly_the_ipam_address() {
     server.stop().unwrap();
     assert_eq!(server.pid(), None);
 }
+
+#[tokio::test]
+async fn incremental_group_changes_equal_a_full_replace() {
+    let mut lab = Lab::new();
+    let nl = Netlink::connect().unwrap();
+    let (a, b) = lab.subnet(0);
+    let ip = |h: u8| Ipv4Addr::new(10, a, b, h);
+    let br = bridge(&mut lab, &nl, 0, Some(ip(1))).await;
+    let server = lab.guest(&br, 1, ip(10), 24);
+    let client = lab.guest(&br, 2, ip(20), 24);
+    lab.http_server(&server, "inc");
+    let url = format!("http://{}/", server.ip);
+    let table = lab.table();
+    let mut fw = firewall::Firewall::new(&table).unwrap();
+    let rs = |ingress: Vec<Rule>| Ruleset {
+        groups: vec![Group {
+            name: "g".into(),
+            ingress,
+            egress: vec![],
+        }],
+        ports: vec![port(&server, &["g"]), port(&client, &[])],
+        zones: vec![],
+    };
+    let allow = Rule {
+        proto: Proto::Tcp,
+        ports: Some((80, 80)),
+        cidrs: vec![
+            format!("{}/32", client.ip)
+                .parse()
+                .unwrap_or_else(|_| format!("10.{a}.{b}.0/24").parse().unwrap()),
+        ],
+        remote_group: None,
+    };
+    fw.apply(&rs(vec![])).unwrap();
+    assert_eq!(client.get(&url), None);
+    // Only the group's chain changes: the plan is a flush + refill.
+    let plan = fw.plan(&rs(vec![allow.clone()])).unwrap().to_string();
+    assert!(
+        plan.contains("\"flush\"") && !plan.contains("\"delete\""),
+        "{plan}"
+    );
+    fw.apply(&rs(vec![allow])).unwrap();
+    assert_eq!(client.get(&url).as_deref(), Some("inc"));
+    fw.apply(&rs(vec![])).unwrap();
+    assert_eq!(client.get(&url), None);
+}
