@@ -11,6 +11,7 @@
 //! - [`quantity`]: Kubernetes quantities (`128Mi`, `500m`).
 //! - [`kubevirt`]: `kubevirt.io/v1` VirtualMachine / VirtualMachineInstance.
 //! - [`host`]: `krvirt.io/v1` Host.
+//! - [`storage`]: `krvirt.io/v1` StoragePool and Volume, DataVolume templates.
 //! - [`event`]: core `v1` Event (what happened to an object).
 //! - [`webhook`]: `krvirt.io/v1` Webhook (events delivered over HTTP).
 
@@ -23,6 +24,7 @@ pub mod kubevirt;
 pub mod meta;
 mod openapi;
 pub mod quantity;
+pub mod storage;
 mod types;
 mod util;
 pub mod webhook;

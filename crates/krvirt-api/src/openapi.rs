@@ -8,6 +8,7 @@ use crate::event::Event;
 use crate::host::Host;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::meta::{Condition, ObjectMeta};
+use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 
 fn add<T: ToSchema>(schemas: &mut Vec<(String, RefOr<Schema>)>) {
@@ -22,6 +23,8 @@ pub fn openapi_components() -> Components {
     add::<VirtualMachine>(&mut schemas);
     add::<VirtualMachineInstance>(&mut schemas);
     add::<Host>(&mut schemas);
+    add::<StoragePool>(&mut schemas);
+    add::<StorageVolume>(&mut schemas);
     add::<Event>(&mut schemas);
     add::<Webhook>(&mut schemas);
     add::<ObjectMeta>(&mut schemas);

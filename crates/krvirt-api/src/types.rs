@@ -7,6 +7,7 @@ use crate::error::reason;
 use crate::event::Event;
 use crate::host::Host;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
+use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 use crate::{KindInfo, ValidationError};
 
@@ -62,6 +63,28 @@ pub(crate) static KINDS: &[KindInfo] = &[
         namespaced: true,
         subresources: &["pause", "unpause", "console", "consolelog"],
         schema_name: "VirtualMachineInstance",
+    },
+    KindInfo {
+        group: "krvirt.io",
+        version: "v1",
+        kind: "StoragePool",
+        plural: "storagepools",
+        singular: "storagepool",
+        short_names: &["pool", "pools"],
+        namespaced: false,
+        subresources: &[],
+        schema_name: "StoragePool",
+    },
+    KindInfo {
+        group: "krvirt.io",
+        version: "v1",
+        kind: "Volume",
+        plural: "volumes",
+        singular: "volume",
+        short_names: &["vol", "vols"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "StorageVolume",
     },
     KindInfo {
         group: "krvirt.io",
@@ -133,6 +156,8 @@ pub(crate) fn admit(
         ("kubevirt.io", "VirtualMachineInstance") => {
             admit_typed::<VirtualMachineInstance>(obj, old)
         }
+        ("krvirt.io", "StoragePool") => admit_typed::<StoragePool>(obj, old),
+        ("krvirt.io", "Volume") => admit_typed::<StorageVolume>(obj, old),
         ("krvirt.io", "Host") => admit_typed::<Host>(obj, old),
         ("", "Event") => admit_typed::<Event>(obj, old),
         ("krvirt.io", "Webhook") => admit_typed::<Webhook>(obj, old),
