@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use krvirt_api::KindInfo;
+use krvirt_api::event::{NORMAL, ObjectReference, WARNING, reason as event_reason};
 use krvirt_api::host::{
     AcceleratorStatus, Host, HostAddress, HostCpu, HostResources, HostSpec, HostStatus,
     HugepagesPool, NumaNode,
@@ -31,6 +32,7 @@ use krvirt_api::kubevirt::{
 };
 use krvirt_api::meta::{Condition, ConditionStatus, ObjectMeta, now_rfc3339, set_condition};
 use krvirt_api::quantity::Quantity;
+use krvirt_client::events::EventRecorder;
 use krvirt_client::{Client, ClientError, ListParams, PatchTarget, ResumeOptions};
 use krvirt_controller::queue::{Key, WorkQueue};
 use krvirt_hypervisor::{
@@ -195,6 +197,23 @@ struct Inner {
     queue: WorkQueue,
     /// Volume provisioning and resolution (local storage pools).
     volumes: crate::storage::Volumes,
+    /// Lifecycle events (`source.component` = [`COMPONENT`]).
+    events: EventRecorder,
+}
+
+/// `source.component` of the agent's events.
+pub const COMPONENT: &str = "krvirt-agent";
+
+/// Event reference to a VMI.
+fn vmi_ref(vmi: &VirtualMachineInstance) -> ObjectReference {
+    ObjectReference {
+        kind: Some("VirtualMachineInstance".into()),
+        namespace: vmi.metadata.namespace.clone(),
+        name: vmi.metadata.name.clone(),
+        uid: vmi.metadata.uid.clone(),
+        api_version: Some("kubevirt.io/v1".into()),
+        ..Default::default()
+    }
 }
 
 /// A host agent. Cheap to clone.
@@ -220,6 +239,7 @@ impl Agent {
         if accel.accel == Accel::Tcg {
             warn!(reason = %accel.reason, "using TCG software emulation");
         }
+        let events = EventRecorder::new(client.clone(), COMPONENT, Some(&cfg.node_name));
         let volumes = crate::storage::Volumes::new(
             client.clone(),
             cfg.node_name.clone(),
@@ -232,6 +252,7 @@ impl Agent {
         })?;
         Ok(Agent {
             inner: Arc::new(Inner {
+                events,
                 cfg,
                 client,
                 images: Images(images),
@@ -683,8 +704,15 @@ impl Agent {
                     let grace = grace_period(&vmi);
                     info!(%key, grace_s = grace.as_secs(), "stopping guest of deleted VMI");
                     let me = self.clone();
+                    let involved = vmi_ref(&vmi);
                     tokio::spawn(async move {
                         me.stop_local(&vm, grace).await;
+                        me.inner.events.record_ref(
+                            involved,
+                            NORMAL,
+                            event_reason::STOPPED,
+                            "The virtual machine instance was stopped",
+                        );
                         me.inner.queue.add(vm.key.clone());
                     });
                 }
@@ -791,6 +819,9 @@ impl Agent {
         message: String,
     ) -> Result<Option<Duration>, AgentError> {
         warn!(%key, %reason, %message, "VMI failed");
+        self.inner
+            .events
+            .record_ref(vmi_ref(vmi), WARNING, reason, &message);
         let mut st = vmi.status.clone().unwrap_or_default();
         set_phase(&mut st, VmiPhase::Failed);
         st.reason = Some(reason.to_string());
@@ -865,6 +896,15 @@ impl Agent {
         };
         let pid = handle.pid();
         info!(%key, pid, "guest started");
+        self.inner.events.record_ref(
+            vmi_ref(vmi),
+            NORMAL,
+            event_reason::STARTED,
+            &format!(
+                "VirtualMachineInstance started on host {}",
+                self.inner.cfg.node_name
+            ),
+        );
         self.adopt(key.clone(), uid.clone(), handle);
 
         let mut st = vmi.status.clone().unwrap_or_default();
@@ -1068,6 +1108,12 @@ impl Agent {
             }
             RunState::Shutdown => {
                 info!(%key, "guest powered off");
+                self.inner.events.record_ref(
+                    vmi_ref(vmi),
+                    NORMAL,
+                    event_reason::SHUTDOWN,
+                    "The guest powered itself off",
+                );
                 self.stop_local(vm, Duration::ZERO).await;
                 set_phase(&mut st, VmiPhase::Succeeded);
                 st.reason = Some(REASON_GUEST_SHUTDOWN.into());
@@ -1170,6 +1216,12 @@ impl Agent {
     pub async fn pause(&self, vmi: &Value) -> Result<(), AgentError> {
         let (vm, _) = self.local_by_vmi(vmi)?;
         vm.handle.pause().await?;
+        self.inner.events.record(
+            vmi,
+            NORMAL,
+            event_reason::PAUSED,
+            "The virtual machine instance was paused",
+        );
         self.inner.queue.add(vm.key.clone());
         Ok(())
     }
@@ -1178,6 +1230,12 @@ impl Agent {
     pub async fn unpause(&self, vmi: &Value) -> Result<(), AgentError> {
         let (vm, _) = self.local_by_vmi(vmi)?;
         vm.handle.resume().await?;
+        self.inner.events.record(
+            vmi,
+            NORMAL,
+            event_reason::UNPAUSED,
+            "The virtual machine instance was unpaused",
+        );
         self.inner.queue.add(vm.key.clone());
         Ok(())
     }

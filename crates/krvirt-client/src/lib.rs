@@ -19,6 +19,7 @@
 mod client;
 mod console;
 mod error;
+pub mod events;
 mod watch;
 
 pub use client::{

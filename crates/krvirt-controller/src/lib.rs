@@ -7,12 +7,17 @@
 //!   printableStatus, crash-loop back-off; deletes VMIs whose VM is gone.
 //! - [`placement`]: binds pending VMIs to a Ready host (the one host of
 //!   `krvirt up`; the cluster scheduler replaces it later).
+//! - [`webhook`]: delivers Events to Webhooks (signed, retried, bounded).
+//!
+//! Every step is recorded as an Event (`krvirt events`), and events older
+//! than an hour (or beyond 100 per object) are expired.
 
 pub mod placement;
 pub mod queue;
 mod runner;
 pub mod vm;
 mod volumes;
+pub mod webhook;
 
 pub use runner::{ControllerError, Controllers};
 

@@ -14,11 +14,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use krvirt_api::KindInfo;
+use krvirt_api::event::{NORMAL, ObjectReference, WARNING, reason as event_reason};
 use krvirt_api::host::Host;
 use krvirt_api::kubevirt::{PhaseTransitionTimestamp, VirtualMachineInstance, VmiPhase};
 use krvirt_api::meta::{
     Condition, ConditionStatus, find_condition, now_rfc3339, parse_rfc3339, set_condition,
 };
+use krvirt_server::events::EventRecorder;
 use krvirt_server::{Registry, Selector, Subresource};
 use serde_json::{Value, json};
 use tracing::info;
@@ -154,12 +156,14 @@ pub async fn reconcile(
     vmi_kind: &'static KindInfo,
     host_kind: &'static KindInfo,
     key: &Key,
+    events: &EventRecorder,
 ) -> Result<Option<Duration>, ControllerError> {
     let raw = match registry.get(vmi_kind, &key.namespace, &key.name).await {
         Ok(v) => v,
         Err(e) if e.is_not_found() => return Ok(None),
         Err(e) => return Err(e.into()),
     };
+    let involved = ObjectReference::to_object(&raw);
     let rv = raw
         .pointer("/metadata/resourceVersion")
         .cloned()
@@ -243,9 +247,19 @@ pub async fn reconcile(
                            "status": status}),
                 )
                 .await?;
+            events.record_ref(
+                involved,
+                NORMAL,
+                event_reason::SCHEDULED,
+                &format!(
+                    "Successfully assigned {}/{} to {host}",
+                    key.namespace, key.name
+                ),
+            );
             return Ok(None);
         }
         Err(msg) => {
+            events.record_ref(involved, WARNING, event_reason::FAILED_SCHEDULING, &msg);
             if status.phase.is_none() || status.phase == Some(VmiPhase::Pending) {
                 if status.phase_transition_timestamps.is_empty() {
                     status

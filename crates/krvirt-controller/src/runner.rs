@@ -4,11 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use krvirt_api::event::{NORMAL, ObjectReference, WARNING, reason};
 use krvirt_api::kubevirt::{
     PrintableStatus, VirtualMachine, VirtualMachineInstance, vm_conditions,
 };
 use krvirt_api::meta::{Condition, ConditionStatus, set_condition};
 use krvirt_api::{KindInfo, find_kind};
+use krvirt_server::events::{DEFAULT_MAX_PER_OBJECT, DEFAULT_TTL, EventRecorder, expire_events};
 use krvirt_server::{ApiError, Preconditions, Registry, Selector, Subresource};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +22,10 @@ use crate::vm::{self, Action};
 
 /// How often every object is reconciled even without a change.
 const RESYNC: Duration = Duration::from_secs(30);
+/// How often old events are expired.
+const EVENT_GC: Duration = Duration::from_secs(60);
+/// `source.component` of the controllers' events.
+pub const COMPONENT: &str = "krvirt-controller";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -62,10 +68,12 @@ pub struct Controllers {
     vm_kind: &'static KindInfo,
     vmi_kind: &'static KindInfo,
     host_kind: &'static KindInfo,
+    events: EventRecorder,
 }
 
 impl Controllers {
     pub fn new(registry: Registry) -> Result<Self, ControllerError> {
+        let registry_for_events = registry.clone();
         Ok(Controllers {
             registry,
             vm_queue: WorkQueue::new(),
@@ -73,7 +81,13 @@ impl Controllers {
             vm_kind: kind("virtualmachines")?,
             vmi_kind: kind("virtualmachineinstances")?,
             host_kind: kind("hosts")?,
+            events: EventRecorder::new(registry_for_events, COMPONENT, None),
         })
+    }
+
+    /// The recorder the controllers write their events with.
+    pub fn events(&self) -> &EventRecorder {
+        &self.events
     }
 
     /// Run until `shutdown` is cancelled.
@@ -125,6 +139,23 @@ impl Controllers {
                 }
             }
         }));
+        // Old events expire.
+        let c = me.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match expire_events(&c.registry, DEFAULT_TTL, DEFAULT_MAX_PER_OBJECT).await {
+                    Ok(0) => {}
+                    Ok(n) => debug!(deleted = n, "expired events"),
+                    Err(e) => debug!(error = %e, "event expiry failed"),
+                }
+                tokio::time::sleep(EVENT_GC).await;
+            }
+        }));
+        // Webhooks.
+        if let (Ok(wk), Ok(ek)) = (kind("webhooks"), kind("events")) {
+            let hooks = crate::webhook::WebhookController::new(me.registry.clone(), wk, ek);
+            tasks.push(tokio::spawn(hooks.run()));
+        }
         for _ in 0..2 {
             let c = me.clone();
             tasks.push(tokio::spawn(async move {
@@ -150,7 +181,8 @@ impl Controllers {
         tasks.push(tokio::spawn(async move {
             while let Some(key) = c.placement_queue.next().await {
                 let started = std::time::Instant::now();
-                let r = placement::reconcile(&c.registry, c.vmi_kind, c.host_kind, &key).await;
+                let r = placement::reconcile(&c.registry, c.vmi_kind, c.host_kind, &key, &c.events)
+                    .await;
                 krvirt_server::metrics::control_plane()
                     .observe_work("placement", started.elapsed().as_secs_f64());
                 match r {
@@ -229,6 +261,19 @@ impl Controllers {
                     info!(%key, "deleting VMI of deleted VM");
                     self.delete_vmi(key, vmi.metadata.uid.as_deref().unwrap_or_default())
                         .await?;
+                    self.events.record_ref(
+                        ObjectReference {
+                            kind: Some("VirtualMachineInstance".into()),
+                            namespace: Some(key.namespace.clone()),
+                            name: Some(key.name.clone()),
+                            uid: vmi.metadata.uid.clone(),
+                            api_version: Some("kubevirt.io/v1".into()),
+                            ..Default::default()
+                        },
+                        NORMAL,
+                        reason::SUCCESSFUL_DELETE,
+                        "Deleted the virtual machine instance of a deleted virtual machine",
+                    );
                 }
             }
             return Ok(None);
@@ -237,6 +282,7 @@ impl Controllers {
             .pointer("/metadata/resourceVersion")
             .cloned()
             .unwrap_or(Value::Null);
+        let vm_ref = ObjectReference::to_object(&vm_raw);
         let vm: VirtualMachine = decode("VM", vm_raw)?;
         crate::volumes::ensure_templates(&self.registry, &vm).await?;
         let vmi: Option<VirtualMachineInstance> = vmi_raw.map(|v| decode("VMI", v)).transpose()?;
@@ -257,7 +303,18 @@ impl Controllers {
                         .create(self.vmi_kind, &key.namespace, obj)
                         .await
                     {
-                        Ok(_) => info!(%key, "created VMI"),
+                        Ok(_) => {
+                            info!(%key, "created VMI");
+                            self.events.record_ref(
+                                vm_ref.clone(),
+                                NORMAL,
+                                reason::SUCCESSFUL_CREATE,
+                                &format!(
+                                    "Started the virtual machine by creating the new virtual machine instance {}",
+                                    key.name
+                                ),
+                            );
+                        }
                         // An earlier pass was first: look again.
                         Err(ApiError::AlreadyExists { .. }) => {
                             return Ok(Some(Duration::from_millis(50)));
@@ -266,6 +323,12 @@ impl Controllers {
                         // VM's status instead of retrying in a loop.
                         Err(e @ (ApiError::Invalid { .. } | ApiError::BadRequest(_))) => {
                             warn!(%key, error = %e, "VM template does not admit as a VMI");
+                            self.events.record_ref(
+                                vm_ref.clone(),
+                                WARNING,
+                                reason::FAILED_CREATE,
+                                &format!("Error creating the virtual machine instance: {e}"),
+                            );
                             set_condition(
                                 &mut d.status.conditions,
                                 Condition {
@@ -284,6 +347,14 @@ impl Controllers {
                 Action::DeleteVmi { uid } => {
                     info!(%key, %uid, "deleting VMI");
                     self.delete_vmi(key, uid).await?;
+                    self.events.record_ref(
+                        vm_ref.clone(),
+                        NORMAL,
+                        reason::SUCCESSFUL_DELETE,
+                        &format!(
+                            "Stopped the virtual machine by deleting the virtual machine instance {uid}"
+                        ),
+                    );
                 }
                 Action::ClearStartPaused => {
                     let patch = json!({"metadata": {"annotations": {

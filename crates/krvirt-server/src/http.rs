@@ -892,8 +892,13 @@ pub(crate) fn build(state: AppState) -> Router {
     router = router.route("/livez", mr().get(|| async { "ok" }));
     router = router.route("/metrics", mr().get(crate::metrics::handler));
 
+    let audit = state.audit.clone();
     router
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            audit,
+            crate::audit::layer,
+        ))
         .layer(axum::middleware::from_fn(crate::metrics::track_http))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

@@ -7,9 +7,13 @@
 //! - [`router`] / [`serve`]: the HTTP server over an [`AppState`].
 //! - [`connector::HostConnector`]: the host side of VMI subresources
 //!   (pause, console, console log).
+//! - [`events::EventRecorder`]: best-effort Event recording, aggregation, expiry.
+//! - [`audit`]: request ids and the hash-chained audit log of mutating requests.
 
+pub mod audit;
 pub mod connector;
 pub mod error;
+pub mod events;
 mod http;
 pub mod lifecycle;
 pub mod metrics;
@@ -21,8 +25,8 @@ mod server;
 
 pub use connector::{ByteStream, ConsoleStream, HostConnector, NoHostConnector};
 pub use error::ApiError;
-pub use metrics::{InstrumentedStore, MetricsSource};
 pub use http::{MAX_BODY_BYTES, SubresourceMethod, implemented_subresources};
+pub use metrics::{InstrumentedStore, MetricsSource};
 pub use registry::{
     AdmitFn, DeleteOutcome, EventStream, EventType, Preconditions, Registry, Subresource,
     WatchEvent,

@@ -18,6 +18,13 @@ pub const FIELD_SELECTOR_FIELDS: &[&str] = &[
     "metadata.namespace",
     "status.nodeName",
     "status.phase",
+    // Events (`kubectl get events --field-selector involvedObject.name=x`)
+    "involvedObject.kind",
+    "involvedObject.namespace",
+    "involvedObject.name",
+    "involvedObject.uid",
+    "reason",
+    "type",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditLog;
 use crate::connector::HostConnector;
 use crate::registry::Registry;
 
@@ -34,6 +35,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Extra scrape-time sources of `/metrics` (the in-process host agent).
     pub metrics_sources: Vec<Arc<dyn crate::metrics::MetricsSource>>,
+    /// Where mutating requests are audited (none: not audited; request
+    /// ids are returned either way).
+    pub audit: Option<AuditLog>,
 }
 
 impl AppState {
@@ -43,7 +47,14 @@ impl AppState {
             connector,
             shutdown: CancellationToken::new(),
             metrics_sources: Vec::new(),
+            audit: None,
         }
+    }
+
+    /// Audit mutating requests to `log`.
+    pub fn with_audit(mut self, log: AuditLog) -> Self {
+        self.audit = Some(log);
+        self
     }
 
     /// Add a scrape-time source to this server's `/metrics`.
@@ -69,12 +80,15 @@ where
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "API server listening");
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            token.cancel();
-        })
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        token.cancel();
+    })
+    .await
 }
 
 /// Bind `config.listen` and [`serve`].
