@@ -322,6 +322,16 @@ fn nic_args(a: &mut Argv, n: &NicConfig, microvm: bool) {
             }
             a.opt("-netdev", s);
         }
+        NicBackend::Tap { ifname } => {
+            // Validated to [A-Za-z0-9_-]{1,15}: nothing to escape.
+            a.opt(
+                "-netdev",
+                format!(
+                    "tap,id={},ifname={ifname},script=no,downscript=no,vnet_hdr=on",
+                    n.netdev_id()
+                ),
+            );
+        }
     }
     let model = match (n.model, microvm) {
         (NicModel::Virtio, true) => "virtio-net-device",

@@ -316,6 +316,14 @@ pub enum NicBackend {
         #[serde(default)]
         hostfwd: Vec<PortForward>,
     },
+    /// A tap device that already exists: created by the agent (TUNSETIFF,
+    /// `IFF_TAP|IFF_NO_PI|IFF_VNET_HDR`, persistent, owned by the user QEMU
+    /// runs as) and attached to its network's bridge. QEMU only opens it
+    /// by name (`script=no,downscript=no`), so it needs no privileges.
+    Tap {
+        /// Interface name (1..=15 of `[A-Za-z0-9_-]`).
+        ifname: String,
+    },
 }
 
 fn default_user_net() -> String {
@@ -605,6 +613,19 @@ impl VmConfig {
                     dhcp_start,
                     hostfwd,
                 } => validate_user_net(&f("backend"), net, host, dhcp_start, hostfwd)?,
+                NicBackend::Tap { ifname } => {
+                    if ifname.is_empty()
+                        || ifname.len() > 15
+                        || !ifname
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    {
+                        return err(
+                            f("backend.ifname"),
+                            format!("{ifname:?} is not an interface name (1-15 of A-Za-z0-9_-)"),
+                        );
+                    }
+                }
             }
         }
         Ok(())
@@ -973,6 +994,18 @@ mod tests {
         n.id = "second".into();
         c.nics.push(n);
         assert_eq!(field_of(&c), "nics[1].mac");
+        for ifname in ["", "0123456789abcdef", "tap,x", "a b", "../x"] {
+            let mut c = base();
+            c.nics[0].backend = NicBackend::Tap {
+                ifname: ifname.into(),
+            };
+            assert_eq!(field_of(&c), "nics[0].backend.ifname", "{ifname:?}");
+        }
+        let mut c = base();
+        c.nics[0].backend = NicBackend::Tap {
+            ifname: "kvt0a1b2c3d4e0".into(),
+        };
+        c.validate().unwrap();
         let bad_user = [
             ("10.0.2.0/33", "10.0.2.1", "10.0.2.2", "nics[0].backend.net"),
             ("10.0.2.1/24", "10.0.2.1", "10.0.2.2", "nics[0].backend.net"),

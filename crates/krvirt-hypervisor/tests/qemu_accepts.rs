@@ -153,6 +153,7 @@ fn materialize(cfg: &mut VmConfig, dir: &Path, kernel: &Path, initrd: &Path) {
                     f.host_port = free_port(f.proto, f.host_addr);
                 }
             }
+            NicBackend::Tap { .. } => {}
             other => panic!("unexpected backend {other:?}"),
         }
     }
@@ -177,6 +178,32 @@ fn names(v: &Value) -> HashSet<String> {
         .iter()
         .filter_map(|e| e.get("name").and_then(Value::as_str).map(str::to_string))
         .collect()
+}
+
+/// Persistent taps for a config's tap NICs, deleted on drop.
+struct TapGuard(Vec<String>);
+
+impl TapGuard {
+    fn create(cfg: &mut VmConfig) -> TapGuard {
+        let mut names = Vec::new();
+        for (i, n) in cfg.nics.iter_mut().enumerate() {
+            if let NicBackend::Tap { ifname } = &mut n.backend {
+                *ifname = format!("kvq{}n{i}", std::process::id() % 100_000);
+                krvirt_net::tap::create(ifname, nix::unistd::geteuid().as_raw())
+                    .unwrap_or_else(|e| panic!("creating tap {ifname} (needs root): {e}"));
+                names.push(ifname.clone());
+            }
+        }
+        TapGuard(names)
+    }
+}
+
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = krvirt_net::tap::delete(n);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,10 +231,33 @@ async fn qemu_accepts_every_golden_config() {
             &kernel,
             &initrd,
         );
+        // Tap NICs: created beforehand the way the agent does (persistent,
+        // owned by the user QEMU runs as), under names of this test.
+        let taps = TapGuard::create(&mut cfg);
         let h = launch(&cfg, &qemu)
             .await
             .unwrap_or_else(|e| panic!("{name}: QEMU refused the golden config: {e}"));
         let _guard = common::QemuGuard::new(&h, cfg.run.dir.to_string_lossy().into_owned());
+        if !taps.0.is_empty() {
+            // QEMU holds each tap open: a tun fd whose fdinfo names it.
+            let pid = fs::read_to_string(&cfg.run.pidfile).unwrap();
+            let mut held = Vec::new();
+            for e in fs::read_dir(format!("/proc/{}/fdinfo", pid.trim()))
+                .unwrap()
+                .flatten()
+            {
+                let info = fs::read_to_string(e.path()).unwrap_or_default();
+                if let Some(l) = info.lines().find(|l| l.starts_with("iff:")) {
+                    held.push(l.trim_start_matches("iff:").trim().to_string());
+                }
+            }
+            for t in &taps.0 {
+                assert!(
+                    held.contains(t),
+                    "{name}: QEMU does not hold tap {t}: {held:?}"
+                );
+            }
+        }
         let q = h.qmp();
 
         assert_eq!(h.status().await.unwrap(), RunState::Prelaunch, "{name}");
