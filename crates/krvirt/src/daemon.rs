@@ -85,7 +85,18 @@ pub struct AgentArgs {
     pub host: HostArgs,
 }
 
-fn default_data_dir() -> PathBuf {
+/// The audit log of a data directory (`krvirt audit verify` reads it).
+pub fn audit_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("audit.log")
+}
+
+fn open_audit(data_dir: &Path) -> Result<krvirt_server::audit::AuditLog> {
+    let path = audit_path(data_dir);
+    krvirt_server::audit::AuditLog::open(&path)
+        .with_context(|| format!("opening the audit log {}", path.display()))
+}
+
+pub(crate) fn default_data_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         PathBuf::from("/var/lib/krvirt")
     } else {
@@ -308,7 +319,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
     let shutdown = CancellationToken::new();
     let state = AppState::new(registry.clone(), Arc::new(LocalHost(agent.clone())))
-        .with_metrics_source(Arc::new(AgentMetrics(agent.clone())));
+        .with_metrics_source(Arc::new(AgentMetrics(agent.clone())))
+        .with_audit(open_audit(&data_dir)?);
     let server = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -372,7 +384,8 @@ pub async fn server(args: ServerArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let shutdown = CancellationToken::new();
-    let state = AppState::new(registry.clone(), Arc::new(krvirt_server::NoHostConnector));
+    let state = AppState::new(registry.clone(), Arc::new(krvirt_server::NoHostConnector))
+        .with_audit(open_audit(&data_dir)?);
     let ctl = tokio::spawn(krvirt_controller::Controllers::new(registry)?.run(shutdown.clone()));
     eprintln!(
         "krvirt server listening on http://{}",

@@ -151,10 +151,24 @@ fn domain_lines(d: &mut Doc, indent: usize, spec: &Value) {
 }
 
 /// The text `describe` prints for one object (`vmi`: a VM's instance).
+/// [`render_with_events`] without events.
+#[cfg(test)]
 pub fn render(
     kind: &krvirt_api::KindInfo,
     obj: &Value,
     vmi: Option<&Value>,
+    now: DateTime<Utc>,
+) -> String {
+    render_with_events(kind, obj, vmi, &[], now)
+}
+
+/// The `describe` text of `obj` (and its VMI for a VM), with the events
+/// about them (oldest first) in the Events section.
+pub fn render_with_events(
+    kind: &krvirt_api::KindInfo,
+    obj: &Value,
+    vmi: Option<&Value>,
+    events: &[Value],
     now: DateTime<Utc>,
 ) -> String {
     let mut d = Doc { out: String::new() };
@@ -314,7 +328,29 @@ pub fn render(
     if let Some(rows) = transitions {
         d.section_table("Phase Transitions", &["PHASE", "TIME"], rows);
     }
-    d.field(0, "Events", "<none>");
+    let rows = events
+        .iter()
+        .map(|e| {
+            let s = |p: &str| {
+                e.pointer(p)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            };
+            vec![
+                s("/type"),
+                s("/reason"),
+                super::events::seen(e, now),
+                super::events::from(e),
+                s("/message"),
+            ]
+        })
+        .collect();
+    d.section_table(
+        "Events",
+        &["TYPE", "REASON", "AGE", "FROM", "MESSAGE"],
+        rows,
+    );
     d.out
 }
 
@@ -341,7 +377,20 @@ pub async fn describe(ctx: &Ctx, args: DescribeArgs) -> Result<ExitCode> {
                 out("\n\n")?;
             }
             first = false;
-            out(&render(kind, &obj, vmi.as_ref(), Utc::now()))?;
+            let about: &[&str] = match Layout::of(kind) {
+                Layout::Vm => &["VirtualMachine", "VirtualMachineInstance"],
+                _ => &[kind.kind],
+            };
+            let events = super::events::events_for(&ctx.client, &ctx.ns.name, about, &name)
+                .await
+                .unwrap_or_default();
+            out(&render_with_events(
+                kind,
+                &obj,
+                vmi.as_ref(),
+                &events,
+                Utc::now(),
+            ))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -428,5 +477,24 @@ mod tests {
         let w = json!({"metadata": {"name": "w"}, "spec": {"size": 3}});
         let text = render(&other, &w, None, now);
         assert!(text.contains("Spec:\n  size: 3\n"), "{text}");
+    }
+
+    #[test]
+    fn events_section_lists_events_with_counts() {
+        let kind = krvirt_api::find_kind("vm").unwrap();
+        let vm = serde_json::json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": "web", "namespace": "default"}, "spec": {}});
+        let now = Utc::now();
+        let ts = krvirt_api::meta::to_rfc3339(now - chrono::Duration::seconds(30));
+        let ev = serde_json::json!({"type": "Warning", "reason": "ErrImagePull",
+            "message": "image not found", "count": 3, "firstTimestamp": ts, "lastTimestamp": ts,
+            "source": {"component": "krvirt-agent", "host": "h1"}});
+        let text = render_with_events(kind, &vm, None, &[ev], now);
+        let section = text.split("Events:\n").nth(1).expect("an Events section");
+        assert!(section.contains("ErrImagePull"), "{text}");
+        assert!(section.contains("(x3 over"), "{text}");
+        assert!(section.contains("krvirt-agent, h1"), "{text}");
+        assert!(section.contains("image not found"), "{text}");
+        assert!(render(kind, &vm, None, now).contains("Events:             <none>"));
     }
 }

@@ -6,8 +6,10 @@
 //! (`up`, `server`, `agent`) and hands client verbs to [`run`].
 
 mod apply;
+mod audit;
 mod console;
 mod describe;
+mod events;
 mod get;
 mod lifecycle;
 pub mod manifest;
@@ -66,6 +68,10 @@ pub enum ClientCommand {
     Logs(console::LogsArgs),
     /// Wait until an object reaches a state (uses a watch)
     Wait(wait::WaitArgs),
+    /// List events (what happened to objects); -w keeps streaming
+    Events(events::EventsArgs),
+    /// Verify or show the audit log of a data directory
+    Audit(audit::AuditArgs),
     /// Print client and server versions
     Version,
 }
@@ -133,6 +139,8 @@ async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> Result<ExitCode> {
         ClientCommand::Console(a) => console::console(ctx, a).await,
         ClientCommand::Logs(a) => console::logs(ctx, a).await,
         ClientCommand::Wait(a) => wait::wait(ctx, a).await,
+        ClientCommand::Events(a) => events::events(ctx, a).await,
+        ClientCommand::Audit(a) => audit::audit(a).await,
         ClientCommand::Version => version(ctx).await,
     }
 }
