@@ -11,6 +11,7 @@
 //! - [`quantity`]: Kubernetes quantities (`128Mi`, `500m`).
 //! - [`kubevirt`]: `kubevirt.io/v1` VirtualMachine / VirtualMachineInstance.
 //! - [`host`]: `krvirt.io/v1` Host.
+//! - [`network`]: `krvirt.io/v1` Network and SecurityGroup.
 //! - [`storage`]: `krvirt.io/v1` StoragePool and Volume, DataVolume templates.
 //! - [`event`]: core `v1` Event (what happened to an object).
 //! - [`webhook`]: `krvirt.io/v1` Webhook (events delivered over HTTP).
@@ -22,6 +23,7 @@ pub mod host;
 pub mod kinds;
 pub mod kubevirt;
 pub mod meta;
+pub mod network;
 mod openapi;
 pub mod quantity;
 pub mod storage;

@@ -8,6 +8,7 @@ use crate::event::Event;
 use crate::host::Host;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::meta::{Condition, ObjectMeta};
+use crate::network::{Network, SecurityGroup};
 use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 
@@ -23,6 +24,8 @@ pub fn openapi_components() -> Components {
     add::<VirtualMachine>(&mut schemas);
     add::<VirtualMachineInstance>(&mut schemas);
     add::<Host>(&mut schemas);
+    add::<Network>(&mut schemas);
+    add::<SecurityGroup>(&mut schemas);
     add::<StoragePool>(&mut schemas);
     add::<StorageVolume>(&mut schemas);
     add::<Event>(&mut schemas);

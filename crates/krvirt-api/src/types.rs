@@ -7,6 +7,7 @@ use crate::error::reason;
 use crate::event::Event;
 use crate::host::Host;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
+use crate::network::{Network, SecurityGroup};
 use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 use crate::{KindInfo, ValidationError};
@@ -99,6 +100,28 @@ pub(crate) static KINDS: &[KindInfo] = &[
     },
     EVENT_KIND,
     WEBHOOK_KIND,
+    KindInfo {
+        group: "krvirt.io",
+        version: "v1",
+        kind: "Network",
+        plural: "networks",
+        singular: "network",
+        short_names: &["net", "nets"],
+        namespaced: false,
+        subresources: &[],
+        schema_name: "Network",
+    },
+    KindInfo {
+        group: "krvirt.io",
+        version: "v1",
+        kind: "SecurityGroup",
+        plural: "securitygroups",
+        singular: "securitygroup",
+        short_names: &["sg", "sgs"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "SecurityGroup",
+    },
 ];
 
 /// Check (or fill in, when absent) `apiVersion` and `kind` against the
@@ -159,6 +182,8 @@ pub(crate) fn admit(
         ("krvirt.io", "StoragePool") => admit_typed::<StoragePool>(obj, old),
         ("krvirt.io", "Volume") => admit_typed::<StorageVolume>(obj, old),
         ("krvirt.io", "Host") => admit_typed::<Host>(obj, old),
+        ("krvirt.io", "Network") => admit_typed::<Network>(obj, old),
+        ("krvirt.io", "SecurityGroup") => admit_typed::<SecurityGroup>(obj, old),
         ("", "Event") => admit_typed::<Event>(obj, old),
         ("krvirt.io", "Webhook") => admit_typed::<Webhook>(obj, old),
         _ => Err(ValidationError::new(
