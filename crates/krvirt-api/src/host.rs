@@ -197,7 +197,7 @@ pub mod host_conditions {
 
 impl crate::meta::Object for Host {
     fn kind_info() -> &'static crate::KindInfo {
-        &crate::types::KINDS[crate::types::HOST]
+        crate::types::kind_named("Host")
     }
     fn metadata(&self) -> &ObjectMeta {
         &self.metadata

@@ -12,9 +12,16 @@ use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 use crate::{KindInfo, ValidationError};
 
-pub(crate) const VM: usize = 0;
-pub(crate) const VMI: usize = 1;
-pub(crate) const HOST: usize = 2;
+/// The registered kind named `kind` (a `KindInfo::kind` such as `Host`).
+/// Looked up by name, never by position: kinds are added concurrently and
+/// positions move. Only called with names of kinds this crate defines, which
+/// `every_object_type_resolves_to_its_own_kind` holds to.
+pub(crate) fn kind_named(kind: &str) -> &'static KindInfo {
+    KINDS
+        .iter()
+        .find(|k| k.kind == kind)
+        .expect("a kind this crate defines is registered in KINDS")
+}
 
 /// core `v1` Event (a named constant: its position in [`KINDS`] may move).
 pub(crate) const EVENT_KIND: KindInfo = KindInfo {
@@ -232,4 +239,19 @@ pub(crate) fn kind_for_object(obj: &Value) -> Result<&'static KindInfo, Validati
         ));
     }
     Ok(info)
+}
+
+#[cfg(test)]
+mod kind_lookup_tests {
+    use crate::meta::Object;
+
+    #[test]
+    fn every_object_type_resolves_to_its_own_kind() {
+        assert_eq!(crate::kubevirt::VirtualMachine::kind_info().kind, "VirtualMachine");
+        assert_eq!(
+            crate::kubevirt::VirtualMachineInstance::kind_info().kind,
+            "VirtualMachineInstance"
+        );
+        assert_eq!(crate::host::Host::kind_info().kind, "Host");
+    }
 }

@@ -1059,7 +1059,7 @@ pub mod vm_conditions {
 
 impl crate::meta::Object for VirtualMachine {
     fn kind_info() -> &'static crate::KindInfo {
-        &crate::types::KINDS[crate::types::VM]
+        crate::types::kind_named("VirtualMachine")
     }
     fn metadata(&self) -> &ObjectMeta {
         &self.metadata
@@ -1071,7 +1071,7 @@ impl crate::meta::Object for VirtualMachine {
 
 impl crate::meta::Object for VirtualMachineInstance {
     fn kind_info() -> &'static crate::KindInfo {
-        &crate::types::KINDS[crate::types::VMI]
+        crate::types::kind_named("VirtualMachineInstance")
     }
     fn metadata(&self) -> &ObjectMeta {
         &self.metadata
