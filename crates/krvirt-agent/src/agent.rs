@@ -1105,6 +1105,11 @@ impl Agent {
                 let pid = vm.handle.pid();
                 let rt = st.krvirt_runtime.get_or_insert_with(Default::default);
                 rt.pid = Some(pid);
+                st.volume_status = self
+                    .inner
+                    .volumes
+                    .sync_hotplug(key, vmi, vm.handle.qmp())
+                    .await;
             }
             RunState::Shutdown => {
                 info!(%key, "guest powered off");

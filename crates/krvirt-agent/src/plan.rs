@@ -48,6 +48,10 @@ pub enum PrepStep {
     Seed { path: PathBuf, seed: NoCloudSeed },
 }
 
+/// Spare PCIe root ports every q35 guest gets, for Volumes hot-plugged
+/// later (`krvirt addvolume`).
+pub const HOTPLUG_SLOTS: u32 = 2;
+
 /// A krvirt Volume (`persistentVolumeClaim` / `dataVolume`) as the agent
 /// resolved it: the file QEMU opens.
 #[derive(Debug, Clone, PartialEq)]
@@ -426,6 +430,7 @@ pub fn plan_with_volumes(
             .annotations
             .get(krvirt_api::kubevirt::START_PAUSED_ANNOTATION)
             .is_some_and(|v| v == "true"),
+        hotplug_slots: HOTPLUG_SLOTS,
         run: RunPaths::in_dir(run_dir),
     };
     config

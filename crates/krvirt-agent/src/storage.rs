@@ -18,16 +18,17 @@ use krvirt_api::KindInfo;
 use krvirt_api::kubevirt::VirtualMachineInstance;
 use krvirt_api::quantity::Quantity;
 use krvirt_api::storage::{
-    CloneType, DEFAULT_POOL, PoolType, StoragePool, StorageVolume, VolumePhase, VolumeStatus,
+    ClaimInfo, CloneType, DEFAULT_POOL, Empty, PoolType, StoragePool, StorageVolume, VolumePhase,
+    VolumeStatus, VolumeStatusEntry, hotplug_requests,
 };
 use krvirt_client::{Client, ClientError, ListParams, PatchTarget};
-use krvirt_hypervisor::DiskFormat;
+use krvirt_hypervisor::{DiskFormat, QmpClient};
 use krvirt_image::ImageStore;
 use krvirt_storage::{CloneMode, DiskSource, Format, PoolConfig, StorageBackend, StorageError};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
-use crate::plan::{ResolvedVolume, ResolvedVolumes};
+use crate::plan::{HOTPLUG_SLOTS, ResolvedVolume, ResolvedVolumes};
 
 /// Finalizer on provisioned Volumes: the agent removes the backing volume
 /// before the object goes.
@@ -516,6 +517,227 @@ impl Volumes {
             }
         }
         Ok(out)
+    }
+}
+
+/// `hp{slot}-{disk}` device ids of hot-plugged disks.
+fn parse_hotplug_id(id: &str) -> Option<(u32, &str)> {
+    let (slot, disk) = id.strip_prefix("hp")?.split_once('-')?;
+    Some((slot.parse().ok()?, disk))
+}
+
+fn entry(disk: &str, volume: &str, phase: &str, message: Option<String>) -> VolumeStatusEntry {
+    VolumeStatusEntry {
+        name: disk.to_string(),
+        target: None,
+        phase: Some(phase.to_string()),
+        reason: None,
+        message,
+        persistent_volume_claim_info: Some(ClaimInfo {
+            claim_name: volume.to_string(),
+        }),
+        hotplug_volume: Some(Empty {}),
+    }
+}
+
+/// Ids of the guest's hot-plugged disks: disk → (slot, device id).
+async fn hotplugged(
+    qmp: &QmpClient,
+) -> Result<std::collections::BTreeMap<String, (u32, String)>, krvirt_hypervisor::QmpError> {
+    let list = qmp
+        .execute("qom-list", Some(json!({"path": "/machine/peripheral"})))
+        .await?;
+    let mut out = std::collections::BTreeMap::new();
+    for item in list.as_array().into_iter().flatten() {
+        let Some(id) = item["name"].as_str() else {
+            continue;
+        };
+        if let Some((slot, disk)) = parse_hotplug_id(id) {
+            out.insert(disk.to_string(), (slot, id.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+async fn block_nodes(qmp: &QmpClient) -> Vec<String> {
+    match qmp
+        .execute("query-named-block-nodes", Some(json!({"flat": true})))
+        .await
+    {
+        Ok(v) => v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["node-name"].as_str().map(str::to_string))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+impl Volumes {
+    /// Make the guest's hot-plugged disks match the VMI's hot-plug
+    /// annotation: attach (`blockdev-add` + `device_add virtio-blk-pci` on a
+    /// spare root port) and detach (`device_del`, which the guest
+    /// acknowledges, then `blockdev-del`). Returns the hot-plug status.
+    pub async fn sync_hotplug(
+        &self,
+        key: &impl std::fmt::Display,
+        vmi: &VirtualMachineInstance,
+        qmp: &QmpClient,
+    ) -> Vec<VolumeStatusEntry> {
+        let wanted = match hotplug_requests(&vmi.metadata.annotations) {
+            Ok(w) => w,
+            Err(e) => return vec![entry("", "", "Failed", Some(e))],
+        };
+        let mut present = match hotplugged(qmp).await {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(%key, error = %e, "qom-list failed");
+                return vmi
+                    .status
+                    .as_ref()
+                    .map(|s| s.volume_status.clone())
+                    .unwrap_or_default();
+            }
+        };
+        if wanted.is_empty() && present.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+
+        // Detach what is no longer wanted.
+        let unwanted: Vec<(String, (u32, String))> = present
+            .iter()
+            .filter(|(d, _)| !wanted.contains_key(*d))
+            .map(|(d, v)| (d.clone(), v.clone()))
+            .collect();
+        for (disk, (slot, id)) in unwanted {
+            if let Err(e) = qmp.execute("device_del", Some(json!({"id": id}))).await {
+                debug!(%key, %id, error = %e, "device_del");
+            }
+            let mut gone = false;
+            for _ in 0..150 {
+                if hotplugged(qmp).await.is_ok_and(|p| !p.contains_key(&disk)) {
+                    gone = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if gone {
+                let node = format!("hp{slot}-{disk}-fmt");
+                if let Err(e) = qmp
+                    .execute("blockdev-del", Some(json!({"node-name": node})))
+                    .await
+                {
+                    warn!(%key, %node, error = %e, "blockdev-del after unplug failed");
+                }
+                info!(%key, %disk, "volume unplugged");
+                present.remove(&disk);
+            } else {
+                let mut e = entry(
+                    &disk,
+                    "",
+                    "Detaching",
+                    Some("waiting for the guest to release the device".into()),
+                );
+                e.target = Some(id);
+                out.push(e);
+            }
+        }
+
+        // Attach what is wanted and missing.
+        let nodes = block_nodes(qmp).await;
+        for (disk, volume) in &wanted {
+            if let Some((_, id)) = present.get(disk) {
+                let mut e = entry(disk, volume, "Ready", None);
+                e.target = Some(id.clone());
+                out.push(e);
+                continue;
+            }
+            if vmi.spec.volumes.iter().any(|v| &v.name == disk)
+                || krvirt_api::storage::check_disk_name(disk).is_err()
+            {
+                out.push(entry(
+                    disk,
+                    volume,
+                    "Failed",
+                    Some(format!("{disk:?} is not a free, valid disk name")),
+                ));
+                continue;
+            }
+            let r = match self.open(vmi.metadata.namespace(), volume).await {
+                Ok(r) => r,
+                Err(ResolveError::Wait(m)) => {
+                    out.push(entry(disk, volume, "Pending", Some(m)));
+                    continue;
+                }
+                Err(ResolveError::Fail(m)) => {
+                    out.push(entry(disk, volume, "Failed", Some(m)));
+                    continue;
+                }
+            };
+            let used: Vec<u32> = present.values().map(|(s, _)| *s).collect();
+            let Some(slot) = (0..HOTPLUG_SLOTS).find(|s| !used.contains(s)) else {
+                out.push(entry(
+                    disk,
+                    volume,
+                    "Failed",
+                    Some(format!(
+                        "no free hot-plug slot (a guest has {HOTPLUG_SLOTS})"
+                    )),
+                ));
+                continue;
+            };
+            let node = format!("hp{slot}-{disk}-fmt");
+            let id = format!("hp{slot}-{disk}");
+            if nodes.contains(&node) {
+                let _ = qmp
+                    .execute("blockdev-del", Some(json!({"node-name": node})))
+                    .await;
+            }
+            let add = qmp
+                .execute(
+                    "blockdev-add",
+                    Some(json!({
+                        "driver": r.format.qemu_driver(),
+                        "node-name": node,
+                        "file": {"driver": "file", "filename": r.path},
+                    })),
+                )
+                .await;
+            let dev = match add {
+                Ok(_) => {
+                    qmp.execute(
+                        "device_add",
+                        Some(json!({
+                            "driver": "virtio-blk-pci",
+                            "id": id,
+                            "drive": node,
+                            "bus": format!("hotplug{slot}"),
+                            "serial": disk.chars().take(20).collect::<String>(),
+                        })),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match dev {
+                Ok(_) => {
+                    info!(%key, %disk, %volume, %id, "volume hot-plugged");
+                    present.insert(disk.clone(), (slot, id.clone()));
+                    let mut e = entry(disk, volume, "Ready", None);
+                    e.target = Some(id);
+                    out.push(e);
+                }
+                Err(e) => {
+                    let _ = qmp
+                        .execute("blockdev-del", Some(json!({"node-name": node})))
+                        .await;
+                    out.push(entry(disk, volume, "Failed", Some(e.to_string())));
+                }
+            }
+        }
+        out
     }
 }
 

@@ -598,3 +598,64 @@ pub(crate) fn validate_templates(t: &[DataVolumeTemplateSpec], c: &mut Causes) {
         }
     }
 }
+
+// ----- hot-plug ---------------------------------------------------------------
+
+/// VMI annotation holding the Volumes hot-plugged into the running guest:
+/// a JSON object `{"DISK": "VOLUME", …}` (`krvirt addvolume` /
+/// `removevolume` edit it; the host agent attaches and detaches to match).
+pub const HOTPLUG_ANNOTATION: &str = "krvirt.io/hotplug-volumes";
+
+/// The disks the hot-plug annotation asks for (disk name → Volume name).
+pub fn hotplug_requests(
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    match annotations.get(HOTPLUG_ANNOTATION) {
+        None => Ok(Default::default()),
+        Some(s) => {
+            serde_json::from_str(s).map_err(|e| format!("annotation {HOTPLUG_ANNOTATION}: {e}"))
+        }
+    }
+}
+
+/// Hot-plug state of one volume of a VMI (KubeVirt `VolumeStatus`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeStatusEntry {
+    /// Disk name.
+    pub name: String,
+    /// Device id in the guest's machine (`hp0-data`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// `Pending`, `Ready`, `Detaching`, `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The Volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim_info: Option<ClaimInfo>,
+    /// Present for hot-plugged volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_volume: Option<Empty>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimInfo {
+    pub claim_name: String,
+}
+
+/// A hot-plugged disk's name: a DNS label of at most 40 characters (it
+/// becomes part of QEMU device and node names).
+pub fn check_disk_name(name: &str) -> Result<(), String> {
+    if name.len() > 40 {
+        return Err(format!("{name:?}: at most 40 characters"));
+    }
+    match crate::util::dns1123_label(name) {
+        Some(problem) => Err(format!("{name:?}: {problem}")),
+        None => Ok(()),
+    }
+}

@@ -242,6 +242,18 @@ pub fn qemu_argv(cfg: &VmConfig) -> Vec<String> {
         a.opt("-device", format!("{model},id=rng0,rng=objrng0"));
     }
 
+    // Spare PCIe root ports for hot-plug (`device_add ...,bus=hotplugN`).
+    if cfg.machine == Machine::Q35 {
+        for i in 0..cfg.hotplug_slots {
+            a.opt(
+                "-device",
+                format!(
+                    "pcie-root-port,id=hotplug{i},chassis={},bus=pcie.0",
+                    100 + i
+                ),
+            );
+        }
+    }
     a.flag("-daemonize");
     a.opt("-pidfile", path_str(&cfg.run.pidfile));
     a.0

@@ -63,6 +63,10 @@ pub struct VmConfig {
     /// Start with vCPUs stopped (`-S`); `cont` (or [`crate::process::QemuHandle::resume`]) starts them.
     #[serde(default)]
     pub start_paused: bool,
+    /// Spare PCIe root ports (q35) for devices hot-plugged later, as
+    /// `bus=hotplug{N}`; the root bus of q35 cannot take hot-plugged devices.
+    #[serde(default)]
+    pub hotplug_slots: u32,
     /// Where QEMU's sockets, console log and pidfile live.
     pub run: RunPaths,
 }
@@ -850,6 +854,7 @@ mod tests {
             kernel_boot: None,
             firmware: Firmware::Bios,
             rng: false,
+            hotplug_slots: 0,
             start_paused: false,
             run: RunPaths::in_dir("/run/krvirt/vmi/u1"),
         }

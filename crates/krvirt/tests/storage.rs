@@ -292,3 +292,96 @@ async fn volumes_in_dir_and_btrfs_pools_boot_and_keep_data() {
     assert!(!pool_file(&dir_pool.join("default.root-dir.qcow2")));
     assert!(!pool_file(&btrfs_pool.join("default.root-btrfs")));
 }
+
+/// `ls /sys/block` in the guest, as `vda,vdb,`.
+async fn guest_block_devices(inst: &Instance, vm: &str) -> String {
+    let out = console(inst, vm, "echo BLK-$(ls /sys/block | tr '\\n' ,)END").await;
+    out.split("BLK-")
+        .filter_map(|s| s.split_once("END").map(|(l, _)| l.to_string()))
+        .find(|l| !l.starts_with('$'))
+        .unwrap_or_else(|| panic!("no answer on the console: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hotplug_volume_appears_in_guest_and_goes_away() {
+    let inst = Instance::start().await;
+    apply(&inst, "extra", &blank_volume("extra", "default"));
+    apply(
+        &inst,
+        "hp-vm",
+        &format!(
+            r#"apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: hp-vm
+spec:
+  runStrategy: Always
+  template:
+    spec:
+      domain:
+        devices:
+          disks:
+          - name: containerdisk
+            disk: {{bus: virtio}}
+        memory:
+          guest: 128Mi
+      terminationGracePeriodSeconds: 0
+      volumes:
+      - name: containerdisk
+        containerDisk:
+          image: {IMAGE}
+"#
+        ),
+    );
+    volume_ready(&inst, "extra").await;
+    inst.running_vmi("hp-vm", None).await;
+    inst.console_shows("hp-vm", "GUEST-BOOTED").await;
+    let before = guest_block_devices(&inst, "hp-vm").await;
+    assert!(
+        before.contains("vda") && !before.contains("vdb"),
+        "{before}"
+    );
+
+    inst.ok(&["addvolume", "hp-vm", "--volume", "extra"]);
+    inst.until(
+        "hot-plugged volume Ready",
+        Duration::from_secs(30),
+        || async {
+            let v = inst.vmi("hp-vm").await?;
+            (v["status"]["volumeStatus"][0]["phase"] == "Ready").then_some(())
+        },
+    )
+    .await;
+    let mut seen = String::new();
+    for _ in 0..10 {
+        seen = guest_block_devices(&inst, "hp-vm").await;
+        if seen.contains("vdb") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("vdb"),
+        "hot-plugged disk not in /sys/block: {seen}"
+    );
+    let out = console(&inst, "hp-vm", "echo SIZE-$(cat /sys/block/vdb/size)").await;
+    assert!(
+        out.contains("SIZE-131072"),
+        "64 MiB = 131072 sectors: {out}"
+    );
+
+    inst.ok(&["removevolume", "hp-vm", "--volume", "extra"]);
+    inst.until(
+        "hot-plugged volume gone",
+        Duration::from_secs(60),
+        || async {
+            let v = inst.vmi("hp-vm").await?;
+            v["status"]["volumeStatus"].is_null().then_some(())
+        },
+    )
+    .await;
+    let after = guest_block_devices(&inst, "hp-vm").await;
+    assert!(
+        !after.contains("vdb"),
+        "unplugged disk still in /sys/block: {after}"
+    );
+}

@@ -930,6 +930,13 @@ pub struct VirtualMachineInstanceStatus {
     /// `Guaranteed`, `Burstable` or `BestEffort`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos_class: Option<String>,
+    /// Hot-plugged volumes and their state (KubeVirt `volumeStatus`).
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub volume_status: Vec<crate::storage::VolumeStatusEntry>,
     /// krvirt extension (not in KubeVirt): what the host agent runs for
     /// this VMI.
     #[serde(default, skip_serializing_if = "Option::is_none")]

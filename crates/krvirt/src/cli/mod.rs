@@ -15,6 +15,7 @@ mod lifecycle;
 pub mod manifest;
 mod output;
 pub mod table;
+mod volume;
 mod wait;
 
 use std::io::Write;
@@ -72,6 +73,10 @@ pub enum ClientCommand {
     Events(events::EventsArgs),
     /// Verify or show the audit log of a data directory
     Audit(audit::AuditArgs),
+    /// Hot-plug a Volume into a running virtual machine
+    Addvolume(volume::AddVolumeArgs),
+    /// Detach a hot-plugged Volume from a running virtual machine
+    Removevolume(volume::RemoveVolumeArgs),
     /// Print client and server versions
     Version,
 }
@@ -141,6 +146,8 @@ async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> Result<ExitCode> {
         ClientCommand::Wait(a) => wait::wait(ctx, a).await,
         ClientCommand::Events(a) => events::events(ctx, a).await,
         ClientCommand::Audit(a) => audit::audit(a).await,
+        ClientCommand::Addvolume(a) => volume::add(ctx, a).await,
+        ClientCommand::Removevolume(a) => volume::remove(ctx, a).await,
         ClientCommand::Version => version(ctx).await,
     }
 }
