@@ -162,7 +162,7 @@ fn disk_format(image: &str, path: &Path) -> Result<DiskFormat, ImageError> {
 
 impl ImageResolver for Images {
     fn disk(&self, reference: &str) -> Result<(PathBuf, DiskFormat), ImageError> {
-        let resolved = self.0.resolve(reference)?;
+        let resolved = self.0.resolve_verified(reference)?;
         let disk = resolved.disk.ok_or_else(|| ImageError::FileNotFound {
             image: resolved.name.clone(),
             path: "disk (this image has none; it is a kernel-boot image)".into(),

@@ -20,6 +20,7 @@ pub mod admission;
 pub mod error;
 pub mod event;
 pub mod host;
+pub mod image;
 pub mod kinds;
 pub mod kubevirt;
 pub mod meta;

@@ -6,6 +6,7 @@ use utoipa::openapi::{Components, ComponentsBuilder, RefOr};
 
 use crate::event::Event;
 use crate::host::Host;
+use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::meta::{Condition, ObjectMeta};
 use crate::network::{Network, SecurityGroup};
@@ -24,6 +25,7 @@ pub fn openapi_components() -> Components {
     add::<VirtualMachine>(&mut schemas);
     add::<VirtualMachineInstance>(&mut schemas);
     add::<Host>(&mut schemas);
+    add::<Image>(&mut schemas);
     add::<Network>(&mut schemas);
     add::<SecurityGroup>(&mut schemas);
     add::<StoragePool>(&mut schemas);

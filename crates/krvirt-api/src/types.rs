@@ -6,6 +6,7 @@ use crate::admission::{Causes, admit_typed, strip_bookkeeping};
 use crate::error::reason;
 use crate::event::Event;
 use crate::host::Host;
+use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::network::{Network, SecurityGroup};
 use crate::storage::{StoragePool, StorageVolume};
@@ -129,6 +130,17 @@ pub(crate) static KINDS: &[KindInfo] = &[
         subresources: &[],
         schema_name: "SecurityGroup",
     },
+    KindInfo {
+        group: "krvirt.io",
+        version: "v1",
+        kind: "Image",
+        plural: "images",
+        singular: "image",
+        short_names: &["img"],
+        namespaced: false,
+        subresources: &[],
+        schema_name: "Image",
+    },
 ];
 
 /// Check (or fill in, when absent) `apiVersion` and `kind` against the
@@ -189,6 +201,7 @@ pub(crate) fn admit(
         ("krvirt.io", "StoragePool") => admit_typed::<StoragePool>(obj, old),
         ("krvirt.io", "Volume") => admit_typed::<StorageVolume>(obj, old),
         ("krvirt.io", "Host") => admit_typed::<Host>(obj, old),
+        ("krvirt.io", "Image") => admit_typed::<Image>(obj, old),
         ("krvirt.io", "Network") => admit_typed::<Network>(obj, old),
         ("krvirt.io", "SecurityGroup") => admit_typed::<SecurityGroup>(obj, old),
         ("", "Event") => admit_typed::<Event>(obj, old),

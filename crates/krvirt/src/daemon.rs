@@ -313,8 +313,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
     let images = open_images(&data_dir, &args.host)?;
     let client = krvirt_client::Client::new(&format!("http://{addr}"))?;
-    let agent = Agent::new(agent_config(&data_dir, &args.host)?, client, images)
+    let agent = Agent::new(agent_config(&data_dir, &args.host)?, client, images.clone())
         .context("starting the host agent")?;
+    let image_svc = crate::images::ImageService::new(
+        images,
+        registry.clone(),
+        agent.node_name().to_string(),
+        data_dir.join("run").join("vmi"),
+    );
     let accel = agent.accelerator().clone();
 
     let shutdown = CancellationToken::new();
@@ -323,10 +329,15 @@ pub async fn up(args: UpArgs) -> Result<()> {
         .with_audit(open_audit(&data_dir)?);
     let server = {
         let shutdown = shutdown.clone();
+        let images = crate::images::routes(image_svc.clone());
         tokio::spawn(async move {
-            krvirt_server::serve(listener, state, async move { shutdown.cancelled().await }).await
+            crate::images::serve(listener, state, images, async move {
+                shutdown.cancelled().await
+            })
+            .await
         })
     };
+    tokio::spawn(image_svc.clone().mirror_loop(shutdown.clone()));
     let controllers = krvirt_controller::Controllers::new(registry.clone())?;
     let ctl = tokio::spawn(controllers.run(shutdown.clone()));
     let agent_task = tokio::spawn(agent.clone().run(shutdown.clone()));

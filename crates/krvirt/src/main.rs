@@ -4,6 +4,7 @@
 
 mod cli;
 mod daemon;
+mod images;
 
 use std::process::ExitCode;
 

@@ -11,6 +11,7 @@ mod console;
 mod describe;
 mod events;
 mod get;
+mod image;
 mod lifecycle;
 pub mod manifest;
 mod output;
@@ -77,6 +78,8 @@ pub enum ClientCommand {
     Addvolume(volume::AddVolumeArgs),
     /// Detach a hot-plugged Volume from a running virtual machine
     Removevolume(volume::RemoveVolumeArgs),
+    /// Manage disk images: list, import, upload, tag, inspect, rm, gc, verify
+    Image(image::ImageArgs),
     /// Print client and server versions
     Version,
 }
@@ -148,6 +151,7 @@ async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> Result<ExitCode> {
         ClientCommand::Audit(a) => audit::audit(a).await,
         ClientCommand::Addvolume(a) => volume::add(ctx, a).await,
         ClientCommand::Removevolume(a) => volume::remove(ctx, a).await,
+        ClientCommand::Image(a) => image::image(ctx, a).await,
         ClientCommand::Version => version(ctx).await,
     }
 }
