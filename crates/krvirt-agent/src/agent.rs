@@ -287,6 +287,19 @@ impl Agent {
         self.inner.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The QEMU of a VMI uid running here.
+    pub(crate) fn qemu_of(&self, uid: &str) -> Option<Arc<QemuHandle>> {
+        self.local(uid).map(|v| v.handle.clone())
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    pub(crate) fn volumes(&self) -> &crate::storage::Volumes {
+        &self.inner.volumes
+    }
+
     fn local(&self, uid: &str) -> Option<Arc<LocalVm>> {
         self.vms().get(uid).cloned()
     }
@@ -306,6 +319,10 @@ impl Agent {
         let volumes = self.inner.volumes.clone();
         tasks.push(tokio::spawn(async move {
             volumes.run(Duration::from_millis(500)).await
+        }));
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move {
+            crate::snapshot::run(me, Duration::from_millis(500)).await
         }));
         for _ in 0..4 {
             let me = self.clone();

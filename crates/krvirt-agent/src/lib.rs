@@ -7,6 +7,7 @@ pub mod agent;
 pub mod inventory;
 pub mod metrics;
 pub mod plan;
+pub mod snapshot;
 pub mod storage;
 
 pub use agent::{Agent, AgentConfig, AgentError};

@@ -211,7 +211,7 @@ impl Volumes {
         }
     }
 
-    async fn backend(&self, pool: &str) -> Result<Arc<dyn StorageBackend>, VolumeError> {
+    pub(crate) async fn backend(&self, pool: &str) -> Result<Arc<dyn StorageBackend>, VolumeError> {
         let cfg = self.pool(pool).await?;
         let b = blocking(move || krvirt_storage::open(&cfg)).await?;
         Ok(Arc::from(b))
@@ -252,7 +252,11 @@ impl Volumes {
         Ok(())
     }
 
-    async fn get_volume(&self, ns: &str, name: &str) -> Result<Option<StorageVolume>, VolumeError> {
+    pub(crate) async fn get_volume(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<StorageVolume>, VolumeError> {
         match self.client.get(self.vol_kind, ns, name).await {
             Ok(v) => Ok(Some(decode("Volume", v)?)),
             Err(e) if e.code() == Some(404) => Ok(None),

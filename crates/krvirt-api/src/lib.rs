@@ -27,6 +27,7 @@ pub mod meta;
 pub mod network;
 mod openapi;
 pub mod quantity;
+pub mod snapshot;
 pub mod storage;
 mod types;
 mod util;

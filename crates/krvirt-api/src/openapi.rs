@@ -10,6 +10,7 @@ use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::meta::{Condition, ObjectMeta};
 use crate::network::{Network, SecurityGroup};
+use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
 use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 
@@ -28,6 +29,8 @@ pub fn openapi_components() -> Components {
     add::<Image>(&mut schemas);
     add::<Network>(&mut schemas);
     add::<SecurityGroup>(&mut schemas);
+    add::<VirtualMachineSnapshot>(&mut schemas);
+    add::<VirtualMachineRestore>(&mut schemas);
     add::<StoragePool>(&mut schemas);
     add::<StorageVolume>(&mut schemas);
     add::<Event>(&mut schemas);

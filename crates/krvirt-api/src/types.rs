@@ -9,6 +9,7 @@ use crate::host::Host;
 use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::network::{Network, SecurityGroup};
+use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
 use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 use crate::{KindInfo, ValidationError};
@@ -72,6 +73,28 @@ pub(crate) static KINDS: &[KindInfo] = &[
         namespaced: true,
         subresources: &["pause", "unpause", "console", "consolelog"],
         schema_name: "VirtualMachineInstance",
+    },
+    KindInfo {
+        group: "snapshot.kubevirt.io",
+        version: "v1beta1",
+        kind: "VirtualMachineSnapshot",
+        plural: "virtualmachinesnapshots",
+        singular: "virtualmachinesnapshot",
+        short_names: &["vmsnapshot", "vmsnapshots"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "VirtualMachineSnapshot",
+    },
+    KindInfo {
+        group: "snapshot.kubevirt.io",
+        version: "v1beta1",
+        kind: "VirtualMachineRestore",
+        plural: "virtualmachinerestores",
+        singular: "virtualmachinerestore",
+        short_names: &["vmrestore", "vmrestores"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "VirtualMachineRestore",
     },
     KindInfo {
         group: "krvirt.io",
@@ -197,6 +220,12 @@ pub(crate) fn admit(
         ("kubevirt.io", "VirtualMachine") => admit_typed::<VirtualMachine>(obj, old),
         ("kubevirt.io", "VirtualMachineInstance") => {
             admit_typed::<VirtualMachineInstance>(obj, old)
+        }
+        ("snapshot.kubevirt.io", "VirtualMachineSnapshot") => {
+            admit_typed::<VirtualMachineSnapshot>(obj, old)
+        }
+        ("snapshot.kubevirt.io", "VirtualMachineRestore") => {
+            admit_typed::<VirtualMachineRestore>(obj, old)
         }
         ("krvirt.io", "StoragePool") => admit_typed::<StoragePool>(obj, old),
         ("krvirt.io", "Volume") => admit_typed::<StorageVolume>(obj, old),

@@ -385,3 +385,97 @@ spec:
         "unplugged disk still in /sys/block: {after}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn online_snapshot_then_restore_brings_the_first_content_back() {
+    let inst = Instance::start().await;
+    apply(&inst, "data", &blank_volume("snap-vm-data", "default"));
+    apply(
+        &inst,
+        "snap-vm",
+        &vm_with_volumes(
+            "snap-vm",
+            &format!("        containerDisk:\n          image: {IMAGE}"),
+            "",
+        ),
+    );
+    volume_ready(&inst, "snap-vm-data").await;
+    let (uid, _) = inst.running_vmi("snap-vm", None).await;
+    inst.console_shows("snap-vm", "GUEST-BOOTED").await;
+    let out = console(
+        &inst,
+        "snap-vm",
+        "printf FIRST. > /dev/vdb; sync; echo W1-$((40+2))",
+    )
+    .await;
+    assert!(out.contains("W1-42"), "{out}");
+
+    // Online snapshot of the running VM.
+    apply(
+        &inst,
+        "snap",
+        "apiVersion: snapshot.kubevirt.io/v1beta1\nkind: VirtualMachineSnapshot\nmetadata:\n  name: snap1\nspec:\n  source:\n    apiGroup: kubevirt.io\n    kind: VirtualMachine\n    name: snap-vm\n",
+    );
+    let snap = inst
+        .until("snapshot ready", Duration::from_secs(60), || async {
+            let s = inst
+                .get("/apis/snapshot.kubevirt.io/v1beta1/namespaces/default/virtualmachinesnapshots/snap1")
+                .await
+                .ok()?;
+            (s["status"]["readyToUse"] == true).then_some(s)
+        })
+        .await;
+    assert_eq!(snap["status"]["phase"], "Succeeded", "{snap}");
+    assert_eq!(snap["status"]["indications"][0], "Online", "{snap}");
+    assert!(
+        snap["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True"),
+        "{snap}"
+    );
+
+    // The guest keeps running and writes again.
+    let out = console(
+        &inst,
+        "snap-vm",
+        "printf SECOND. > /dev/vdb; sync; echo W2-$((40+2))",
+    )
+    .await;
+    assert!(out.contains("W2-42"), "{out}");
+
+    // Restore needs the VM stopped; then the first content is back.
+    inst.ok(&["stop", "snap-vm"]);
+    inst.ok(&["wait", "snap-vm", "--for=Stopped", "--timeout=60s"]);
+    inst.until("VMI gone", Duration::from_secs(60), || async {
+        inst.vmi("snap-vm").await.is_none().then_some(())
+    })
+    .await;
+    apply(
+        &inst,
+        "restore",
+        "apiVersion: snapshot.kubevirt.io/v1beta1\nkind: VirtualMachineRestore\nmetadata:\n  name: restore1\nspec:\n  target:\n    apiGroup: kubevirt.io\n    kind: VirtualMachine\n    name: snap-vm\n  virtualMachineSnapshotName: snap1\n",
+    );
+    inst.until("restore complete", Duration::from_secs(60), || async {
+        let r = inst
+            .get("/apis/snapshot.kubevirt.io/v1beta1/namespaces/default/virtualmachinerestores/restore1")
+            .await
+            .ok()?;
+        (r["status"]["complete"] == true).then_some(())
+    })
+    .await;
+    inst.ok(&["start", "snap-vm"]);
+    inst.running_vmi("snap-vm", Some(&uid)).await;
+    inst.console_shows("snap-vm", "GUEST-BOOTED").await;
+    let out = console(
+        &inst,
+        "snap-vm",
+        "echo READ-$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1)",
+    )
+    .await;
+    assert!(
+        out.contains("READ-FIRST"),
+        "restore did not bring FIRST back: {out}"
+    );
+}
