@@ -1,9 +1,14 @@
 //! Local image store and containerDisk alias table.
 //!
-//! krvirt cannot pull container images here, so every `containerDisk.image`
-//! and `kernelBoot.container.image` reference is mapped to a *local image*:
-//! a name with an optional disk file and a root directory (the directory in
-//! which kernel-boot `kernelPath`/`initrdPath` are looked up).
+//! Every `containerDisk.image` and `kernelBoot.container.image` reference
+//! is mapped to a *local image*: a name with an optional disk file and a
+//! root directory (the directory in which kernel-boot
+//! `kernelPath`/`initrdPath` are looked up). Resolution order: a catalog
+//! image of the content-addressed store (`name[:tag]`, see [`crate::blobs`]),
+//! a built-in or `aliases.json` image by name, a container reference pulled
+//! earlier ([`ImageStore::pull`]), then the alias table (user aliases, then
+//! built-in ones), whose targets are again catalog images (`demo-disk` is
+//! the catalog image `demo-disk:latest`, imported when the store opens).
 //!
 //! Built in: `demo-disk` (the demo guest's bootable disk; its root also
 //! holds `/boot/vmlinuz-virt` and `/boot/initramfs-virt`) and `demo-kernel`

@@ -166,9 +166,10 @@ impl NameTag {
             what: format!("image name {s:?}"),
             reason,
         };
-        if !valid_name(name) {
+        // No '_': the name is also the Image object's name (a DNS-1123 subdomain).
+        if !valid_name(name) || name.contains('_') || name.ends_with(['.', '-']) {
             return Err(invalid(
-                "the name must match [a-z0-9][a-z0-9._-]* (max 128 chars)".into(),
+                "the name must match [a-z0-9]([a-z0-9.-]*[a-z0-9])? (max 128 chars)".into(),
             ));
         }
         if !valid_tag(tag) {

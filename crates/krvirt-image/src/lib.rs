@@ -5,6 +5,8 @@
 //!   busybox; [`ensure_demo_images`] caches the build.
 //! - [`seed`]: writes cloud-init NoCloud seed images (vfat labelled `cidata`).
 //! - [`alias`]: the local [`ImageStore`] and the containerDisk alias table.
+//! - [`blobs`]: the content-addressed store: sha256 blobs, tags, layers, verification, GC.
+//! - [`pull`]: imports from HTTP(S) URLs and containerDisks in OCI registries.
 //! - [`cpio`]: the newc writer used for the initramfs.
 
 pub mod alias;
