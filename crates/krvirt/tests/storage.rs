@@ -233,6 +233,8 @@ async fn volumes_in_dir_and_btrfs_pools_boot_and_keep_data() {
         root_btrfs["metadata"]["ownerReferences"][0]["name"],
         "vm-btrfs"
     );
+    volume_ready(&inst, "vm-dir-data").await;
+    volume_ready(&inst, "vm-btrfs-data").await;
     // The Volumes are where their pools keep them.
     let dir_pool = inst.data_dir().join("pools/default");
     assert!(pool_file(&dir_pool.join("default.root-dir.qcow2")));
