@@ -289,7 +289,10 @@ mod kind_lookup_tests {
 
     #[test]
     fn every_object_type_resolves_to_its_own_kind() {
-        assert_eq!(crate::kubevirt::VirtualMachine::kind_info().kind, "VirtualMachine");
+        assert_eq!(
+            crate::kubevirt::VirtualMachine::kind_info().kind,
+            "VirtualMachine"
+        );
         assert_eq!(
             crate::kubevirt::VirtualMachineInstance::kind_info().kind,
             "VirtualMachineInstance"
