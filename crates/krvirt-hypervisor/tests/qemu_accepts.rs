@@ -200,8 +200,15 @@ impl TapGuard {
 
 impl Drop for TapGuard {
     fn drop(&mut self) {
+        // QEMU may still hold a tap for a moment after its guard killed it
+        // (the tap is busy then): retry, so no tap outlives the test.
         for n in &self.0 {
-            let _ = krvirt_net::tap::delete(n);
+            for _ in 0..100 {
+                if krvirt_net::tap::delete(n).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 }
