@@ -247,6 +247,15 @@ async fn close_stops_writer_and_everything_acknowledged_persists() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(open(&dir, EmbeddedOptions::default()));
     let mut w = store.watch("/cl/", 0).await.expect("watch");
+    // A live consumer drains the watch while the writers run (a watcher
+    // left undrained would lag once the writes outgrow its buffer).
+    let drain = tokio::spawn(async move {
+        let mut last = None;
+        while let Some(item) = next_item(&mut w).await {
+            last = Some(item);
+        }
+        last
+    });
     let mut tasks = Vec::new();
     for t in 0..16 {
         let store = Arc::clone(&store);
@@ -297,10 +306,10 @@ async fn close_stops_writer_and_everything_acknowledged_persists() {
         Err(StoreError::Closed)
     ));
     // The live watch drains what it received, then ends with Closed.
-    let mut last = None;
-    while let Some(item) = next_item(&mut w).await {
-        last = Some(item);
-    }
+    let last = tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("watch ends after close")
+        .expect("drain task");
     assert!(
         matches!(last, Some(Err(StoreError::Closed))),
         "watch ends with Closed, got {last:?}"
