@@ -68,7 +68,10 @@ fn request_id(r: &reqwest::Response) -> String {
 async fn mutating_requests_are_audited_with_request_ids_and_gets_are_not() {
     let s = start().await;
     let http = reqwest::Client::new();
-    let vms = format!("{}/apis/kubevirt.io/v1/namespaces/default/virtualmachines", s.base);
+    let vms = format!(
+        "{}/apis/kubevirt.io/v1/namespaces/default/virtualmachines",
+        s.base
+    );
     let r = http.post(&vms).json(&vm("a")).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let create_id = request_id(&r);
@@ -189,14 +192,20 @@ fn tampering_is_detected_and_the_first_bad_record_named() {
     let mut removed = good.clone();
     removed.remove(1);
     save(&path, &removed);
-    let bad = verify_file(&path).unwrap().first_bad.expect("removal detected");
+    let bad = verify_file(&path)
+        .unwrap()
+        .first_bad
+        .expect("removal detected");
     assert_eq!((bad.line, bad.seq), (2, Some(3)), "{bad:?}");
 
     // Records 4 and 5 swapped.
     let mut swapped = good.clone();
     swapped.swap(3, 4);
     save(&path, &swapped);
-    let bad = verify_file(&path).unwrap().first_bad.expect("swap detected");
+    let bad = verify_file(&path)
+        .unwrap()
+        .first_bad
+        .expect("swap detected");
     assert_eq!((bad.line, bad.seq), (4, Some(5)), "{bad:?}");
 
     // A record rewritten with a recomputed hash still breaks the chain.
@@ -212,7 +221,10 @@ fn tampering_is_detected_and_the_first_bad_record_named() {
     let hash = hex::encode(sha2::Sha256::digest(body.as_bytes()));
     forged[1] = format!("{{\"hash\":\"{hash}\",\"record\":{body}}}");
     save(&path, &forged);
-    let bad = verify_file(&path).unwrap().first_bad.expect("forgery detected");
+    let bad = verify_file(&path)
+        .unwrap()
+        .first_bad
+        .expect("forgery detected");
     assert_eq!((bad.line, bad.seq), (3, Some(3)), "{bad:?}");
 
     // Restored: valid, and reopening continues the chain.
@@ -229,7 +241,11 @@ async fn repeated_events_aggregate_and_old_ones_expire() {
     let s = start().await;
     let vm_kind = krvirt_api::find_kind("vm").unwrap();
     let ev_kind = krvirt_api::find_kind("events").unwrap();
-    let obj = s.registry.create(vm_kind, "default", vm("web")).await.unwrap();
+    let obj = s
+        .registry
+        .create(vm_kind, "default", vm("web"))
+        .await
+        .unwrap();
     let rec = EventRecorder::new(s.registry.clone(), "test", Some("h1"));
     for _ in 0..3 {
         rec.record(&obj, "Warning", "Failed", "it broke");
