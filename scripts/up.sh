@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release -p krvirt
-bin="$PWD/target/release/krvirt"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release/krvirt"
 if [ "$(id -u)" -eq 0 ] && [ "$(readlink -f /usr/local/bin/krvirt 2>/dev/null)" != "$bin" ]; then
   ln -sf "$bin" /usr/local/bin/krvirt
 fi
