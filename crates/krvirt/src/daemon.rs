@@ -280,6 +280,29 @@ spec:
             echo "hello from the krvirt demo VM"
 "#;
 
+/// Wait until the Host `name` reports Ready, at most `timeout`.
+async fn wait_host_ready(registry: &Registry, name: &str, timeout: Duration) {
+    let Some(kind) = krvirt_api::find_kind("hosts") else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(h) = registry.get(kind, "", name).await {
+            let ready = h
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                });
+            if ready {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Create the demo VM once, on the first start of a data directory.
 async fn create_demo(registry: &Registry, data_dir: &Path) -> Result<()> {
     let marker = data_dir.join(".demo-created");
@@ -343,6 +366,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let agent_task = tokio::spawn(agent.clone().run(shutdown.clone()));
 
     if !args.no_demo {
+        // Create the demo once this host is registered and Ready, so its
+        // first placement finds a host (bounded: placement retries anyway).
+        wait_host_ready(&registry, agent.node_name(), Duration::from_secs(15)).await;
         create_demo(&registry, &data_dir).await?;
     }
     info!(
