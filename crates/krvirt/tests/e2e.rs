@@ -462,3 +462,24 @@ async fn start_paused_runs_only_after_unpause() {
         "{vm}"
     );
 }
+
+/// Deleting a running VM stops its guest and removes its VMI and run dir.
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_running_vm_stops_its_guest() {
+    let inst = Instance::start().await;
+    apply(&inst, &vm_yaml("doomed", "Always", "#!/bin/sh\necho bye"));
+    let (uid, pid) = inst.running_vmi("doomed", None).await;
+    inst.ok(&["delete", "vm", "doomed"]);
+    inst.until("QEMU to exit", Duration::from_secs(30), || async {
+        (!pid_alive(pid)).then_some(())
+    })
+    .await;
+    inst.until("VMI gone", Duration::from_secs(30), || async {
+        inst.vmi("doomed").await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        !inst.data_dir().join("run/vmi").join(&uid).exists(),
+        "the run directory is cleaned up"
+    );
+}
