@@ -24,6 +24,7 @@ pub mod image;
 pub mod kinds;
 pub mod kubevirt;
 pub mod meta;
+pub mod migration;
 pub mod network;
 mod openapi;
 pub mod quantity;

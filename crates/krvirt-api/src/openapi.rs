@@ -9,6 +9,7 @@ use crate::host::Host;
 use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::meta::{Condition, ObjectMeta};
+use crate::migration::{MigrationPolicy, VirtualMachineInstanceMigration};
 use crate::network::{Network, SecurityGroup};
 use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
 use crate::storage::{StoragePool, StorageVolume};
@@ -35,6 +36,8 @@ pub fn openapi_components() -> Components {
     add::<StorageVolume>(&mut schemas);
     add::<Event>(&mut schemas);
     add::<Webhook>(&mut schemas);
+    add::<VirtualMachineInstanceMigration>(&mut schemas);
+    add::<MigrationPolicy>(&mut schemas);
     add::<ObjectMeta>(&mut schemas);
     add::<Condition>(&mut schemas);
     ComponentsBuilder::new().schemas_from_iter(schemas).build()

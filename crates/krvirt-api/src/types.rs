@@ -8,6 +8,7 @@ use crate::event::Event;
 use crate::host::Host;
 use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
+use crate::migration::{MigrationPolicy, VirtualMachineInstanceMigration};
 use crate::network::{Network, SecurityGroup};
 use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
 use crate::storage::{StoragePool, StorageVolume};
@@ -164,6 +165,28 @@ pub(crate) static KINDS: &[KindInfo] = &[
         subresources: &[],
         schema_name: "Image",
     },
+    KindInfo {
+        group: "kubevirt.io",
+        version: "v1",
+        kind: "VirtualMachineInstanceMigration",
+        plural: "virtualmachineinstancemigrations",
+        singular: "virtualmachineinstancemigration",
+        short_names: &["vmim", "vmims"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "VirtualMachineInstanceMigration",
+    },
+    KindInfo {
+        group: "migrations.kubevirt.io",
+        version: "v1alpha1",
+        kind: "MigrationPolicy",
+        plural: "migrationpolicies",
+        singular: "migrationpolicy",
+        short_names: &[],
+        namespaced: false,
+        subresources: &[],
+        schema_name: "MigrationPolicy",
+    },
 ];
 
 /// Check (or fill in, when absent) `apiVersion` and `kind` against the
@@ -235,6 +258,10 @@ pub(crate) fn admit(
         ("krvirt.io", "SecurityGroup") => admit_typed::<SecurityGroup>(obj, old),
         ("", "Event") => admit_typed::<Event>(obj, old),
         ("krvirt.io", "Webhook") => admit_typed::<Webhook>(obj, old),
+        ("kubevirt.io", "VirtualMachineInstanceMigration") => {
+            admit_typed::<VirtualMachineInstanceMigration>(obj, old)
+        }
+        ("migrations.kubevirt.io", "MigrationPolicy") => admit_typed::<MigrationPolicy>(obj, old),
         _ => Err(ValidationError::new(
             reason::NOT_SUPPORTED,
             "kind",

@@ -937,6 +937,9 @@ pub struct VirtualMachineInstanceStatus {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub volume_status: Vec<crate::storage::VolumeStatusEntry>,
+    /// The latest live migration (KubeVirt's `migrationState`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_state: Option<crate::migration::MigrationState>,
     /// krvirt extension (not in KubeVirt): what the host agent runs for
     /// this VMI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
