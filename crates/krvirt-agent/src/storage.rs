@@ -497,7 +497,11 @@ impl Volumes {
         let src = blocking(move || backend.disk(&n))
             .await
             .map_err(|e| ResolveError::Fail(e.to_string()))?;
-        let DiskSource::File { path, format } = src;
+        let DiskSource::File { path, format } = src else {
+            return Err(ResolveError::Fail(format!(
+                "Volume {name:?} is in an rbd pool, which this agent cannot attach yet"
+            )));
+        };
         Ok(ResolvedVolume {
             path,
             format: match format {

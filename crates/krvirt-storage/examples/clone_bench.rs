@@ -47,7 +47,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A 1 GiB volume with `data_mib` MiB of random data.
     pool.create("src", 1 << 30)?;
-    let DiskSource::File { path: src, .. } = pool.disk("src")?;
+    let DiskSource::File { path: src, .. } = pool.disk("src")? else {
+        return Err("a dir pool volume is a file".into());
+    };
     let status = Command::new("qemu-io")
         .args(["-f", "qcow2", "-c"])
         .arg(format!("write -P 0x5a 0 {data_mib}M"))

@@ -23,6 +23,7 @@ mod btrfs;
 mod cmd;
 mod dir;
 mod error;
+mod rbd;
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 pub use btrfs::BtrfsPool;
 pub use dir::DirPool;
 pub use error::StorageError;
+pub use rbd::RbdPool;
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
@@ -57,6 +59,67 @@ impl Format {
 pub enum DiskSource {
     /// A local file (`-blockdev driver=file` + format node).
     File { path: PathBuf, format: Format },
+    /// A Ceph RBD image, raw (`-blockdev driver=rbd`, through librbd).
+    Rbd {
+        /// Ceph pool.
+        pool: String,
+        image: String,
+        /// `ceph.conf` path.
+        conf: Option<PathBuf>,
+        /// Ceph user (without `client.`); librbd's default when absent.
+        user: Option<String>,
+        /// Monitor addresses `host:port` (else those of `conf`).
+        monitors: Vec<String>,
+    },
+}
+
+/// Escape `:` and `\` for QEMU's `rbd:` filename syntax.
+fn rbd_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == ':' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl DiskSource {
+    /// The filename `qemu-img` and `qemu-io` open: the path of a file, or
+    /// `rbd:POOL/IMAGE[:conf=…][:id=…][:mon_host=…]`.
+    pub fn qemu_filename(&self) -> String {
+        match self {
+            DiskSource::File { path, .. } => path.display().to_string(),
+            DiskSource::Rbd {
+                pool,
+                image,
+                conf,
+                user,
+                monitors,
+            } => {
+                let mut s = format!("rbd:{}/{}", rbd_escape(pool), rbd_escape(image));
+                if let Some(c) = conf {
+                    s.push_str(&format!(":conf={}", rbd_escape(&c.display().to_string())));
+                }
+                if let Some(u) = user {
+                    s.push_str(&format!(":id={}", rbd_escape(u)));
+                }
+                if !monitors.is_empty() {
+                    s.push_str(&format!(":mon_host={}", rbd_escape(&monitors.join(","))));
+                }
+                s
+            }
+        }
+    }
+
+    /// The format QEMU's format node uses (RBD images are raw).
+    pub fn format(&self) -> Format {
+        match self {
+            DiskSource::File { format, .. } => *format,
+            DiskSource::Rbd { .. } => Format::Raw,
+        }
+    }
 }
 
 /// Whether an import or clone shares blocks with its source or copies them.
@@ -93,7 +156,7 @@ pub enum OnlineSnapshot {
 
 /// A storage pool.
 pub trait StorageBackend: Send + Sync {
-    /// Short type name (`dir`, `btrfs`).
+    /// Short type name (`dir`, `btrfs`, `rbd`).
     fn kind(&self) -> &'static str;
     /// Whether a volume exists.
     fn exists(&self, name: &str) -> Result<bool>;
@@ -138,15 +201,41 @@ pub trait StorageBackend: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum PoolConfig {
-    Dir { path: PathBuf },
-    Btrfs { path: PathBuf },
+    Dir {
+        path: PathBuf,
+    },
+    Btrfs {
+        path: PathBuf,
+    },
+    /// A Ceph pool, reached through `conf` and/or `monitors` as `user`.
+    Rbd {
+        pool: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conf: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        monitors: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
 }
 
-/// Open a pool (creating the directory of a `dir` pool).
+/// Open a pool (creating the directory of a `dir` pool; an `rbd` pool is
+/// checked by listing it).
 pub fn open(config: &PoolConfig) -> Result<Box<dyn StorageBackend>> {
     Ok(match config {
         PoolConfig::Dir { path } => Box::new(DirPool::open(path)?),
         PoolConfig::Btrfs { path } => Box::new(BtrfsPool::open(path)?),
+        PoolConfig::Rbd {
+            pool,
+            conf,
+            monitors,
+            user,
+        } => Box::new(RbdPool::open(
+            pool,
+            conf.as_deref(),
+            monitors,
+            user.as_deref(),
+        )?),
     })
 }
 

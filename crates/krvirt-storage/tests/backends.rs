@@ -1,11 +1,13 @@
-//! Every backend through the same trait, against real files, real qemu-img
-//! and a real btrfs on a loop-mounted sparse file.
+//! Every backend through the same trait, against real files, real qemu-img,
+//! a real btrfs on a loop-mounted sparse file and a real one-node Ceph.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use krvirt_storage::{
-    BtrfsPool, CloneMode, DirPool, DiskSource, Format, StorageBackend, StorageError,
+    BtrfsPool, CloneMode, DirPool, DiskSource, Format, RbdPool, StorageBackend, StorageError,
 };
 
 const MIB: u64 = 1 << 20;
@@ -25,29 +27,27 @@ fn sh(program: &str, args: &[&str]) -> String {
 
 /// Write `pattern` at `offset` (64 KiB) through QEMU's block layer.
 fn write(src: &DiskSource, pattern: u8, offset: u64) {
-    let DiskSource::File { path, format } = src;
     sh(
         "qemu-io",
         &[
             "-f",
-            format.as_str(),
+            src.format().as_str(),
             "-c",
             &format!("write -P {pattern:#x} {offset} 64k"),
-            path.to_str().unwrap(),
+            &src.qemu_filename(),
         ],
     );
 }
 
 /// Whether the 64 KiB at `offset` hold `pattern`.
 fn holds(src: &DiskSource, pattern: u8, offset: u64) -> bool {
-    let DiskSource::File { path, format } = src;
     Command::new("qemu-io")
         .args([
             "-f",
-            format.as_str(),
+            src.format().as_str(),
             "-c",
             &format!("read -P {pattern:#x} {offset} 64k"),
-            path.to_str().unwrap(),
+            &src.qemu_filename(),
         ])
         .output()
         .expect("qemu-io")
@@ -288,6 +288,74 @@ fn btrfs_backend() {
 }
 
 fn holds_raw(src: &DiskSource, raw: &Path) -> bool {
-    let DiskSource::File { path, .. } = src;
+    let DiskSource::File { path, .. } = src else {
+        panic!("a btrfs volume is a file: {src:?}");
+    };
     std::fs::read(path).unwrap() == std::fs::read(raw).unwrap()
+}
+
+#[test]
+fn rbd_backend() {
+    let ceph = common::ceph::CephCluster::start();
+    let t = tempfile::tempdir().unwrap();
+    let pool = RbdPool::open(&ceph.pool, Some(&ceph.conf), &[], None).unwrap();
+    exercise(&pool, t.path());
+    // The base image of exercise's linked import has no clone left.
+    assert_eq!(pool.gc_bases().unwrap(), 1);
+
+    // Volumes are RBD images named after the volume.
+    pool.create("v", MIB).unwrap();
+    assert_eq!(
+        pool.disk("v").unwrap(),
+        DiskSource::Rbd {
+            pool: "rbd".into(),
+            image: "v".into(),
+            conf: Some(ceph.conf.clone()),
+            user: None,
+            monitors: Vec::new(),
+        }
+    );
+    let images = ceph.rbd(&["ls", "rbd"]);
+    assert!(images.lines().any(|l| l == "v"), "{images}");
+
+    // A linked import is a copy-on-write clone of a protected snapshot of
+    // a base image made once per image file; a second linked import of the
+    // same file reuses the base (constant time, no copy).
+    let img = image(t.path());
+    pool.import("a", &img, Format::Qcow2, CloneMode::Linked, None)
+        .unwrap();
+    pool.import("b", &img, Format::Qcow2, CloneMode::Linked, None)
+        .unwrap();
+    let info_a = ceph.rbd(&["info", "rbd/a"]);
+    assert!(info_a.contains("parent: rbd/_base."), "{info_a}");
+    let bases = ceph
+        .rbd(&["ls", "rbd"])
+        .lines()
+        .filter(|l| l.starts_with("_base."))
+        .count();
+    assert_eq!(bases, 1, "one base image per image file");
+    // A clone of a volume is a COW clone too, and independent of its
+    // source once the source is gone (deleting the source flattens it).
+    write(&pool.disk("a").unwrap(), 0x77, 0);
+    pool.clone_volume("a", "c").unwrap();
+    let info_c = ceph.rbd(&["info", "rbd/c"]);
+    assert!(info_c.contains("parent: rbd/a@_clone.c"), "{info_c}");
+    assert!(
+        pool.snapshots("a").unwrap().is_empty(),
+        "hidden snapshot shown"
+    );
+    pool.delete("a").unwrap();
+    assert!(holds(&pool.disk("c").unwrap(), 0x77, 0));
+    // With no clone left, the base images can be collected.
+    pool.delete("b").unwrap();
+    pool.delete("c").unwrap();
+    assert_eq!(pool.gc_bases().unwrap(), 1);
+    let left = ceph.rbd(&["ls", "rbd"]);
+    assert_eq!(left.trim(), "v", "{left}");
+
+    // A pool that does not exist is refused when opened.
+    let err = RbdPool::open("nope", Some(&ceph.conf), &[], None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rbd"), "{err}");
 }
