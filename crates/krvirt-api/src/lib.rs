@@ -14,9 +14,11 @@
 //! - [`network`]: `krvirt.io/v1` Network and SecurityGroup.
 //! - [`storage`]: `krvirt.io/v1` StoragePool and Volume, DataVolume templates.
 //! - [`event`]: core `v1` Event (what happened to an object).
+//! - [`auth`]: Namespace, ResourceQuota, RBAC roles and bindings, Token.
 //! - [`webhook`]: `krvirt.io/v1` Webhook (events delivered over HTTP).
 
 pub mod admission;
+pub mod auth;
 pub mod error;
 pub mod event;
 pub mod host;
@@ -24,7 +26,6 @@ pub mod image;
 pub mod kinds;
 pub mod kubevirt;
 pub mod meta;
-pub mod migration;
 pub mod network;
 mod openapi;
 pub mod quantity;

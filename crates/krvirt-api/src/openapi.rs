@@ -9,7 +9,6 @@ use crate::host::Host;
 use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::meta::{Condition, ObjectMeta};
-use crate::migration::{MigrationPolicy, VirtualMachineInstanceMigration};
 use crate::network::{Network, SecurityGroup};
 use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
 use crate::storage::{StoragePool, StorageVolume};
@@ -36,8 +35,13 @@ pub fn openapi_components() -> Components {
     add::<StorageVolume>(&mut schemas);
     add::<Event>(&mut schemas);
     add::<Webhook>(&mut schemas);
-    add::<VirtualMachineInstanceMigration>(&mut schemas);
-    add::<MigrationPolicy>(&mut schemas);
+    add::<crate::auth::Namespace>(&mut schemas);
+    add::<crate::auth::ResourceQuota>(&mut schemas);
+    add::<crate::auth::Role>(&mut schemas);
+    add::<crate::auth::ClusterRole>(&mut schemas);
+    add::<crate::auth::RoleBinding>(&mut schemas);
+    add::<crate::auth::ClusterRoleBinding>(&mut schemas);
+    add::<crate::auth::Token>(&mut schemas);
     add::<ObjectMeta>(&mut schemas);
     add::<Condition>(&mut schemas);
     ComponentsBuilder::new().schemas_from_iter(schemas).build()

@@ -8,7 +8,6 @@ use crate::event::Event;
 use crate::host::Host;
 use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
-use crate::migration::{MigrationPolicy, VirtualMachineInstanceMigration};
 use crate::network::{Network, SecurityGroup};
 use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
 use crate::storage::{StoragePool, StorageVolume};
@@ -166,26 +165,81 @@ pub(crate) static KINDS: &[KindInfo] = &[
         schema_name: "Image",
     },
     KindInfo {
-        group: "kubevirt.io",
+        group: "",
         version: "v1",
-        kind: "VirtualMachineInstanceMigration",
-        plural: "virtualmachineinstancemigrations",
-        singular: "virtualmachineinstancemigration",
-        short_names: &["vmim", "vmims"],
-        namespaced: true,
+        kind: "Namespace",
+        plural: "namespaces",
+        singular: "namespace",
+        short_names: &["ns"],
+        namespaced: false,
         subresources: &[],
-        schema_name: "VirtualMachineInstanceMigration",
+        schema_name: "Namespace",
     },
     KindInfo {
-        group: "migrations.kubevirt.io",
-        version: "v1alpha1",
-        kind: "MigrationPolicy",
-        plural: "migrationpolicies",
-        singular: "migrationpolicy",
+        group: "",
+        version: "v1",
+        kind: "ResourceQuota",
+        plural: "resourcequotas",
+        singular: "resourcequota",
+        short_names: &["quota"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "ResourceQuota",
+    },
+    KindInfo {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "Role",
+        plural: "roles",
+        singular: "role",
+        short_names: &[],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "Role",
+    },
+    KindInfo {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "ClusterRole",
+        plural: "clusterroles",
+        singular: "clusterrole",
         short_names: &[],
         namespaced: false,
         subresources: &[],
-        schema_name: "MigrationPolicy",
+        schema_name: "ClusterRole",
+    },
+    KindInfo {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "RoleBinding",
+        plural: "rolebindings",
+        singular: "rolebinding",
+        short_names: &[],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "RoleBinding",
+    },
+    KindInfo {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "ClusterRoleBinding",
+        plural: "clusterrolebindings",
+        singular: "clusterrolebinding",
+        short_names: &[],
+        namespaced: false,
+        subresources: &[],
+        schema_name: "ClusterRoleBinding",
+    },
+    KindInfo {
+        group: "krvirt.io",
+        version: "v1",
+        kind: "Token",
+        plural: "tokens",
+        singular: "token",
+        short_names: &[],
+        namespaced: false,
+        subresources: &[],
+        schema_name: "Token",
     },
 ];
 
@@ -258,10 +312,19 @@ pub(crate) fn admit(
         ("krvirt.io", "SecurityGroup") => admit_typed::<SecurityGroup>(obj, old),
         ("", "Event") => admit_typed::<Event>(obj, old),
         ("krvirt.io", "Webhook") => admit_typed::<Webhook>(obj, old),
-        ("kubevirt.io", "VirtualMachineInstanceMigration") => {
-            admit_typed::<VirtualMachineInstanceMigration>(obj, old)
+        ("", "Namespace") => admit_typed::<crate::auth::Namespace>(obj, old),
+        ("", "ResourceQuota") => admit_typed::<crate::auth::ResourceQuota>(obj, old),
+        ("rbac.authorization.k8s.io", "Role") => admit_typed::<crate::auth::Role>(obj, old),
+        ("rbac.authorization.k8s.io", "ClusterRole") => {
+            admit_typed::<crate::auth::ClusterRole>(obj, old)
         }
-        ("migrations.kubevirt.io", "MigrationPolicy") => admit_typed::<MigrationPolicy>(obj, old),
+        ("rbac.authorization.k8s.io", "RoleBinding") => {
+            admit_typed::<crate::auth::RoleBinding>(obj, old)
+        }
+        ("rbac.authorization.k8s.io", "ClusterRoleBinding") => {
+            admit_typed::<crate::auth::ClusterRoleBinding>(obj, old)
+        }
+        ("krvirt.io", "Token") => admit_typed::<crate::auth::Token>(obj, old),
         _ => Err(ValidationError::new(
             reason::NOT_SUPPORTED,
             "kind",
