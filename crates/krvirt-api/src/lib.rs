@@ -24,6 +24,8 @@ pub mod event;
 pub mod host;
 pub mod image;
 pub mod kinds;
+pub mod clone;
+pub mod jsonpatch;
 pub mod kubevirt;
 pub mod meta;
 pub mod network;

@@ -4,6 +4,7 @@ use utoipa::ToSchema;
 use utoipa::openapi::schema::Schema;
 use utoipa::openapi::{Components, ComponentsBuilder, RefOr};
 
+use crate::clone::VirtualMachineClone;
 use crate::event::Event;
 use crate::host::Host;
 use crate::image::Image;
@@ -31,6 +32,7 @@ pub fn openapi_components() -> Components {
     add::<SecurityGroup>(&mut schemas);
     add::<VirtualMachineSnapshot>(&mut schemas);
     add::<VirtualMachineRestore>(&mut schemas);
+    add::<VirtualMachineClone>(&mut schemas);
     add::<StoragePool>(&mut schemas);
     add::<StorageVolume>(&mut schemas);
     add::<Event>(&mut schemas);

@@ -47,10 +47,35 @@ pub struct VirtualMachineSnapshotSpec {
     /// Accepted; a snapshot is taken at once or fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_deadline: Option<String>,
-    /// `Delete` (default) or `Retain`: accepted; pool snapshots stay until
-    /// their Volume goes.
+    /// `Delete` (default): deleting the snapshot removes its pool
+    /// snapshots and saved memory; `Retain`: they stay until their Volume
+    /// goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_policy: Option<String>,
+    /// krvirt extension: also save the running guest's RAM and device
+    /// state, consistent with the disk snapshots (the guest is paused while
+    /// both are taken). Restoring such a snapshot into the same VM resumes
+    /// the guest where it was instead of booting it. Ignored (no
+    /// `Memory` indication) when the VM is not running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_memory: Option<bool>,
+}
+
+/// Finalizer the agent puts on a VirtualMachineSnapshot it took: deleting
+/// the snapshot first removes its pool snapshots and saved memory.
+pub const SNAPSHOT_FINALIZER: &str = "snapshot.kubevirt.io/vmsnapshot-protection";
+
+/// Annotation on a VirtualMachine: its next start resumes from the memory
+/// state of this VirtualMachineSnapshot uid (set by a restore of a memory
+/// snapshot, removed by the agent once the guest resumed).
+pub const RESUME_FROM_ANNOTATION: &str = "krvirt.io/resume-from-snapshot";
+
+/// KubeVirt's snapshot indications, plus krvirt's `Memory`.
+pub mod indications {
+    pub const ONLINE: &str = "Online";
+    pub const NO_GUEST_AGENT: &str = "NoGuestAgent";
+    /// krvirt: the guest's RAM and device state are saved with the disks.
+    pub const MEMORY: &str = "Memory";
 }
 
 /// `InProgress`, `Succeeded`, `Failed`.
@@ -65,7 +90,8 @@ pub struct VirtualMachineSnapshotStatus {
     pub creation_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_uid: Option<String>,
-    /// `Online`, `NoGuestAgent` (KubeVirt's indications).
+    /// `Online`, `NoGuestAgent` (KubeVirt's indications), `Memory`
+    /// (krvirt: the guest's memory state is saved too).
     #[serde(
         default,
         deserialize_with = "null_default",
@@ -89,6 +115,10 @@ pub struct VirtualMachineSnapshotStatus {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub volumes: Vec<String>,
+    /// krvirt: size in bytes of the saved memory and device state
+    /// (`spec.includeMemory` on a running VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_state_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -117,8 +147,21 @@ pub struct VirtualMachineRestore {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualMachineRestoreSpec {
+    /// The VM to restore. If it does not exist, a new VM of that name is
+    /// created from the snapshot, with new Volumes (copies of the
+    /// snapshot's), new MAC addresses and a new firmware UUID.
     pub target: TypedLocalObjectReference,
     pub virtual_machine_snapshot_name: String,
+    /// JSON patches (RFC 6902, one JSON object per string) applied to the
+    /// new VM (restore into a new VM only), e.g.
+    /// `{"op":"replace","path":"/metadata/labels/app","value":"b"}`.
+    /// Operations `add`, `replace`, `remove`.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub patches: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -188,6 +231,12 @@ impl Admit for VirtualMachineSnapshot {
     fn validate(&self, old: Option<&Self>, c: &mut Causes) {
         metadata(&self.metadata, "metadata", MAX_NAME, true, c);
         vm_ref(&self.spec.source, "spec.source", c);
+        if let Some(p) = &self.spec.deletion_policy
+            && p != "Delete"
+            && p != "Retain"
+        {
+            c.not_supported("spec.deletionPolicy", "supported values: Delete, Retain");
+        }
         if let Some(old) = old {
             immutable_identity(&old.metadata, &self.metadata, c);
             if old.spec != self.spec {
@@ -207,6 +256,11 @@ impl Admit for VirtualMachineRestore {
         vm_ref(&self.spec.target, "spec.target", c);
         if self.spec.virtual_machine_snapshot_name.is_empty() {
             c.required("spec.virtualMachineSnapshotName", "Required value");
+        }
+        for (i, p) in self.spec.patches.iter().enumerate() {
+            if let Err(e) = crate::jsonpatch::parse(p) {
+                c.invalid(format!("spec.patches[{i}]"), e.to_string());
+            }
         }
         if let Some(old) = old {
             immutable_identity(&old.metadata, &self.metadata, c);

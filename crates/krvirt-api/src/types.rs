@@ -9,6 +9,7 @@ use crate::host::Host;
 use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::network::{Network, SecurityGroup};
+use crate::clone::VirtualMachineClone;
 use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
 use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
@@ -241,6 +242,17 @@ pub(crate) static KINDS: &[KindInfo] = &[
         subresources: &[],
         schema_name: "Token",
     },
+    KindInfo {
+        group: "clone.kubevirt.io",
+        version: "v1beta1",
+        kind: "VirtualMachineClone",
+        plural: "virtualmachineclones",
+        singular: "virtualmachineclone",
+        short_names: &["vmclone", "vmclones"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "VirtualMachineClone",
+    },
 ];
 
 /// Check (or fill in, when absent) `apiVersion` and `kind` against the
@@ -303,6 +315,9 @@ pub(crate) fn admit(
         }
         ("snapshot.kubevirt.io", "VirtualMachineRestore") => {
             admit_typed::<VirtualMachineRestore>(obj, old)
+        }
+        ("clone.kubevirt.io", "VirtualMachineClone") => {
+            admit_typed::<VirtualMachineClone>(obj, old)
         }
         ("krvirt.io", "StoragePool") => admit_typed::<StoragePool>(obj, old),
         ("krvirt.io", "Volume") => admit_typed::<StorageVolume>(obj, old),
