@@ -19,13 +19,13 @@
 
 pub mod admission;
 pub mod auth;
+pub mod clone;
 pub mod error;
 pub mod event;
 pub mod host;
 pub mod image;
-pub mod kinds;
-pub mod clone;
 pub mod jsonpatch;
+pub mod kinds;
 pub mod kubevirt;
 pub mod meta;
 pub mod network;
