@@ -431,6 +431,7 @@ pub fn plan_with_volumes(
             .get(krvirt_api::kubevirt::START_PAUSED_ANNOTATION)
             .is_some_and(|v| v == "true"),
         hotplug_slots: HOTPLUG_SLOTS,
+        resources: Default::default(),
         run: RunPaths::in_dir(run_dir),
     };
     config

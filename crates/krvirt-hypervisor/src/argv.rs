@@ -11,7 +11,11 @@
 //!   file QEMU writes itself, client connected or not)
 //! - disks as `-blockdev` file + format nodes and a `-device` frontend; NICs
 //!   as `-netdev` + `-device`
-//! - `-daemonize -pidfile`
+//! - `-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny`
+//!   (QEMU's seccomp filter: no obsolete syscalls, no set*uid, no
+//!   fork/exec, no changes to scheduling or affinity) and `-pidfile`. QEMU
+//!   is not told to `-daemonize` (that fails under this sandbox on QEMU
+//!   7.2): [`crate::process::launch_with`] starts it in its own session.
 //!
 //! Values inside `key=value,...` option strings are escaped with
 //! [`escape_opt`] (`,` becomes `,,`). Options QEMU takes verbatim
@@ -31,6 +35,9 @@ use crate::config::{
     Accel, CpuModel, DiskBus, DiskCache, DiskConfig, DiskFormat, Firmware, Machine, NicBackend,
     NicConfig, NicModel, VmConfig,
 };
+
+/// QEMU's seccomp sandbox, every optional filter on.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Escapes a value for a QEMU `key=value,...` option string: every `,`
 /// becomes `,,`.
@@ -254,7 +261,7 @@ pub fn qemu_argv(cfg: &VmConfig) -> Vec<String> {
             );
         }
     }
-    a.flag("-daemonize");
+    a.opt("-sandbox", SANDBOX);
     a.opt("-pidfile", path_str(&cfg.run.pidfile));
     a.0
 }

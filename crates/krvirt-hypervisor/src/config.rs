@@ -67,9 +67,45 @@ pub struct VmConfig {
     /// `bus=hotplug{N}`; the root bus of q35 cannot take hot-plugged devices.
     #[serde(default)]
     pub hotplug_slots: u32,
+    /// Host resources: cgroup limits and dedicated host CPUs. Applied by
+    /// [`crate::process::launch_with`]; they do not change the command line.
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
     /// Where QEMU's sockets, console log and pidfile live.
     pub run: RunPaths,
 }
+
+/// Host resources of one VM: the limits of its cgroup and the host CPUs
+/// its vCPU threads are pinned to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Memory limit of the whole QEMU process (guest RAM + QEMU's own
+    /// overhead), in bytes: cgroup v2 `memory.max`, v1
+    /// `memory.limit_in_bytes`. `None`: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU bandwidth limit in thousandths of a host CPU (1000 = one CPU):
+    /// quota per 100 ms period (v2 `cpu.max`, v1 `cpu.cfs_quota_us`).
+    /// `None`: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit_millis: Option<u64>,
+    /// Dedicated host CPUs, one per vCPU in vCPU order: vCPU `i`'s thread
+    /// is pinned to `dedicated_cpus[i]` (sched_setaffinity). Empty: no
+    /// pinning.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dedicated_cpus: Vec<u32>,
+}
+
+impl Resources {
+    /// No limit and no pinning.
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+}
+
+/// Smallest CPU limit accepted: 1 ms of CPU time per 100 ms period.
+pub const MIN_CPU_LIMIT_MILLIS: u64 = 10;
 
 /// QEMU machine type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -460,7 +496,59 @@ impl VmConfig {
         self.validate_disks()?;
         self.validate_nics()?;
         self.validate_boot()?;
+        self.validate_resources()?;
         validate_run_paths(&self.run)
+    }
+
+    fn validate_resources(&self) -> Result<(), ConfigError> {
+        let r = &self.resources;
+        if let Some(m) = r.memory_limit_bytes
+            && m < self.memory_bytes
+        {
+            return err(
+                "resources.memory_limit_bytes",
+                format!(
+                    "{m} is below the guest memory ({} bytes); QEMU would be killed",
+                    self.memory_bytes
+                ),
+            );
+        }
+        if let Some(c) = r.cpu_limit_millis
+            && c < MIN_CPU_LIMIT_MILLIS
+        {
+            return err(
+                "resources.cpu_limit_millis",
+                format!("{c} is below the minimum of {MIN_CPU_LIMIT_MILLIS}"),
+            );
+        }
+        if !r.dedicated_cpus.is_empty() {
+            let vcpus = self.cpu.vcpus().unwrap_or(0) as usize;
+            if r.dedicated_cpus.len() != vcpus {
+                return err(
+                    "resources.dedicated_cpus",
+                    format!(
+                        "{} host CPUs for {vcpus} vCPUs: give exactly one per vCPU",
+                        r.dedicated_cpus.len()
+                    ),
+                );
+            }
+            let mut seen = HashSet::new();
+            for (i, c) in r.dedicated_cpus.iter().enumerate() {
+                if *c >= 4096 {
+                    return err(
+                        format!("resources.dedicated_cpus[{i}]"),
+                        format!("host CPU {c} is out of range"),
+                    );
+                }
+                if !seen.insert(*c) {
+                    return err(
+                        format!("resources.dedicated_cpus[{i}]"),
+                        format!("host CPU {c} given twice"),
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate_basics(&self) -> Result<(), ConfigError> {
@@ -855,6 +943,7 @@ mod tests {
             firmware: Firmware::Bios,
             rng: false,
             hotplug_slots: 0,
+            resources: Resources::default(),
             start_paused: false,
             run: RunPaths::in_dir("/run/krvirt/vmi/u1"),
         }
@@ -1093,6 +1182,30 @@ mod tests {
             vars: "/v.fd".into(),
         };
         assert_eq!(field_of(&u), "firmware");
+    }
+
+    #[test]
+    fn resources_are_checked() {
+        let mut c = base();
+        c.cpu.cores = 2;
+        c.resources = Resources {
+            memory_limit_bytes: Some(c.memory_bytes + 64 * MIB),
+            cpu_limit_millis: Some(1500),
+            dedicated_cpus: vec![3, 1],
+        };
+        c.validate().unwrap();
+        let mut m = c.clone();
+        m.resources.memory_limit_bytes = Some(c.memory_bytes - MIB);
+        assert_eq!(field_of(&m), "resources.memory_limit_bytes");
+        let mut q = c.clone();
+        q.resources.cpu_limit_millis = Some(5);
+        assert_eq!(field_of(&q), "resources.cpu_limit_millis");
+        let mut n = c.clone();
+        n.resources.dedicated_cpus = vec![1];
+        assert_eq!(field_of(&n), "resources.dedicated_cpus");
+        let mut d = c.clone();
+        d.resources.dedicated_cpus = vec![1, 1];
+        assert_eq!(field_of(&d), "resources.dedicated_cpus[1]");
     }
 
     #[test]

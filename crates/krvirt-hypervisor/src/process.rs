@@ -1,34 +1,38 @@
 //! QEMU process lifecycle: launch, re-attach, stop.
 //!
-//! QEMU runs daemonized (`-daemonize -pidfile`), so a VM outlives the agent
-//! that started it. Dropping a [`QemuHandle`] closes the QMP connection and
-//! nothing else; a restarted agent finds the VM again with [`reattach`].
+//! QEMU runs in a session of its own, as an unprivileged user, inside a
+//! per-VM cgroup, under its seccomp sandbox ([`launch_with`]), so a VM
+//! outlives the agent that started it. Dropping a [`QemuHandle`] closes the
+//! QMP connection and nothing else; a restarted agent finds the VM again
+//! with [`reattach`].
 //!
-//! Because QEMU is not our child it cannot be `wait()`ed for: exit is
-//! observed through a pidfd (Linux 5.3+; pid-reuse safe), or by polling
-//! /proc where pidfds are unavailable.
+//! A re-attached QEMU is not our child, so exit is observed through a
+//! pidfd (Linux 5.3+; pid-reuse safe), or by polling /proc where pidfds are
+//! unavailable; the same code serves QEMUs we started (which the launching
+//! agent reaps in the background).
 
+use std::collections::BTreeSet;
+use std::ffi::CString;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::argv::{qemu_argv, qmp_chardev};
-use crate::config::{ConfigError, RunPaths, VmConfig};
+use crate::cgroup::{CgroupError, Cgroups, VmCgroup};
+use crate::config::{ConfigError, Firmware, RunPaths, VmConfig};
+use crate::isolation::{self, Access, IsolationError, QemuUser};
 use crate::qmp::{QmpClient, QmpError, QmpEvent, QmpOptions};
 use crate::sys;
 
 /// How long QEMU may take to initialise before launch gives up.
 pub const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How long launch retries connecting to the QMP socket.
-pub const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long QEMU may take to exit after `quit`.
 pub const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,7 +40,7 @@ pub const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a process may take to disappear after SIGKILL.
 pub const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Bytes of QEMU's stderr kept for error messages.
+/// Bytes of QEMU's output kept for error messages.
 const STDERR_TAIL: usize = 8 * 1024;
 
 /// Errors of the process module.
@@ -72,6 +76,14 @@ pub enum ProcessError {
     Unkillable { pid: u32, after: Duration },
     #[error("reattach needs a non-empty marker (the VMI uid)")]
     EmptyMarker,
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Isolation(#[from] IsolationError),
+    #[error("the config sets CPU or memory limits but no cgroup hierarchy is available")]
+    NoCgroups,
+    #[error("pinning vCPUs: {0}")]
+    Pinning(String),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ProcessError {
@@ -169,16 +181,85 @@ pub struct QemuHandle {
     pidfd: Option<OwnedFd>,
     paths: RunPaths,
     qmp: QmpClient,
+    record: LaunchRecord,
+}
+
+/// How QEMU is confined, beyond what the [`VmConfig`] says.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchOptions {
+    /// The account QEMU runs as; `None`: the caller's (root). With a user,
+    /// the run directory becomes its (mode 0700), files QEMU writes are
+    /// handed to it, files it reads and the directories above them get an
+    /// ACL entry for it when needed ([`crate::isolation::grant`]).
+    pub user: Option<QemuUser>,
+    /// Supplementary groups besides the user's own (e.g. `kvm` for
+    /// `/dev/kvm`).
+    pub extra_groups: Vec<u32>,
+    /// Where the VM's cgroup goes; `None`: no cgroup (refused when the
+    /// config asks for limits).
+    pub cgroups: Option<Cgroups>,
+}
+
+impl LaunchOptions {
+    /// The caller's user and this host's cgroups under the default parent
+    /// (none if cgroups are unusable here).
+    pub fn host_default() -> LaunchOptions {
+        LaunchOptions {
+            user: None,
+            extra_groups: Vec::new(),
+            cgroups: Cgroups::host(None).ok(),
+        }
+    }
+}
+
+/// What launch applied, kept in the run directory (`launch.json`) so a
+/// re-attached handle knows it too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LaunchRecord {
+    /// The VM's cgroup.
+    #[serde(default)]
+    pub cgroup: Option<VmCgroup>,
+    /// Host CPUs vCPU threads were pinned to (vCPU order).
+    #[serde(default)]
+    pub dedicated_cpus: Vec<u32>,
+    /// uid / gid QEMU runs as.
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
+}
+
+/// File in the run directory holding the [`LaunchRecord`].
+pub const LAUNCH_RECORD: &str = "launch.json";
+
+/// File in the run directory receiving QEMU's stdout and stderr.
+pub const QEMU_LOG: &str = "qemu.log";
+
+/// Starts QEMU for `cfg` with [`LaunchOptions::host_default`].
+pub async fn launch(cfg: &VmConfig, qemu_bin: &Path) -> Result<QemuHandle, ProcessError> {
+    launch_with(cfg, qemu_bin, &LaunchOptions::host_default()).await
 }
 
 /// Starts QEMU for `cfg` and connects to its QMP socket.
 ///
-/// Validates the config, creates the run directory (mode 0700), runs
-/// `qemu_bin` with [`qemu_argv`], waits for QEMU's daemonizing parent to
-/// exit (it does once the VM is initialised, or failed to be), reads the
-/// pidfile and connects QMP. On failure the error carries the tail of
-/// QEMU's stderr.
-pub async fn launch(cfg: &VmConfig, qemu_bin: &Path) -> Result<QemuHandle, ProcessError> {
+/// Validates the config, creates the run directory (mode 0700, owned by
+/// the QEMU user), creates the VM's cgroup with the config's limits, and
+/// starts `qemu_bin` with [`qemu_argv`] in a session of its own: in the
+/// child, before `exec`, it joins the cgroup, drops to the QEMU user
+/// (`setgroups`/`setgid`/`setuid`), sets `no_new_privs` and marks every
+/// inherited descriptor close-on-exec. QEMU is not `-daemonize`d (that
+/// fails under `-sandbox` on QEMU 7.2); it outlives the agent anyway (its
+/// own session, never killed on drop; the agent only reaps it), and a
+/// later agent finds it with [`reattach`]. QEMU's output goes to
+/// [`QEMU_LOG`] in the run directory. Ready = its QMP socket answers with a
+/// greeting; then vCPU threads are pinned to
+/// [`crate::config::Resources::dedicated_cpus`]. On failure the error
+/// carries the tail of QEMU's output and nothing is left running.
+pub async fn launch_with(
+    cfg: &VmConfig,
+    qemu_bin: &Path,
+    opts: &LaunchOptions,
+) -> Result<QemuHandle, ProcessError> {
     cfg.validate()?;
     let run = &cfg.run;
     create_run_dir(&run.dir)?;
@@ -191,100 +272,376 @@ pub async fn launch(cfg: &VmConfig, qemu_bin: &Path) -> Result<QemuHandle, Proce
         Some(_) => remove_if_exists(&run.pidfile)?,
         None => {}
     }
+    // The socket's appearance is the readiness signal: no stale one.
+    remove_if_exists(&run.qmp_socket)?;
+    remove_if_exists(&run.serial_socket)?;
 
-    let mut child = tokio::process::Command::new(qemu_bin)
-        .args(qemu_argv(cfg))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| ProcessError::Spawn {
-            bin: qemu_bin.to_path_buf(),
-            source,
-        })?;
-    let stderr_task = child.stderr.take().map(|mut err| {
-        tokio::spawn(async move {
-            let mut tail = Vec::new();
-            let mut chunk = [0u8; 4096];
-            loop {
-                match err.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        tail.extend_from_slice(&chunk[..n]);
-                        if tail.len() > STDERR_TAIL {
-                            tail.drain(..tail.len() - STDERR_TAIL);
-                        }
-                    }
-                }
-            }
-            String::from_utf8_lossy(&tail).trim().to_string()
-        })
-    });
-    let stderr = async move {
-        match stderr_task {
-            Some(t) => tokio::time::timeout(Duration::from_secs(2), t)
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default(),
-            None => String::new(),
+    let (uid, gid) = match &opts.user {
+        Some(u) => {
+            grant_files(cfg, u)?;
+            (u.uid, u.gid)
+        }
+        None => (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        ),
+    };
+
+    let vm_name = run
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| cfg.name.clone());
+    let cgroup = match &opts.cgroups {
+        Some(c) => Some(c.create(&vm_name, &cfg.resources)?),
+        None if cfg.resources.memory_limit_bytes.is_some()
+            || cfg.resources.cpu_limit_millis.is_some() =>
+        {
+            return Err(ProcessError::NoCgroups);
+        }
+        None => None,
+    };
+    let record = LaunchRecord {
+        cgroup: cgroup.clone(),
+        dedicated_cpus: cfg.resources.dedicated_cpus.clone(),
+        uid,
+        gid,
+    };
+    let cleanup_cgroup = |cg: &Option<VmCgroup>| {
+        if let Some(cg) = cg {
+            let _ = cg.remove(Duration::from_secs(2));
         }
     };
 
-    let status = match tokio::time::timeout(LAUNCH_TIMEOUT, child.wait()).await {
-        Ok(Ok(status)) => status,
-        Ok(Err(e)) => return Err(io_err("waiting for QEMU to start")(e)),
-        Err(_) => {
-            let _ = child.start_kill();
-            // The daemon may exist already; do not leave it behind.
-            if let Ok(Some(pid)) = read_pidfile(&run.pidfile)
-                && owns_paths(pid, run, "")
-            {
-                let _ = sys::kill_pid(pid, libc::SIGKILL);
-            }
-            return Err(ProcessError::LaunchTimeout {
-                after: LAUNCH_TIMEOUT,
-                stderr: stderr.await,
+    let log_path = run.dir.join(QEMU_LOG);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io_err(format!("opening {}", log_path.display())))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    if opts.user.is_some() {
+        std::os::unix::fs::fchown(&log, Some(uid), Some(gid))
+            .map_err(io_err(format!("chown {}", log_path.display())))?;
+    }
+    let log_err = log
+        .try_clone()
+        .map_err(io_err(format!("opening {}", log_path.display())))?;
+
+    let child_setup = ChildSetup::new(
+        cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+        opts.user.as_ref().map(|_| {
+            let mut groups = vec![gid];
+            groups.extend(opts.extra_groups.iter().copied().filter(|g| *g != gid));
+            (uid, gid, groups)
+        }),
+    )?;
+    let mut cmd = tokio::process::Command::new(qemu_bin);
+    cmd.args(qemu_argv(cfg))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .kill_on_drop(false);
+    // SAFETY: the closure only makes async-signal-safe system calls on
+    // memory prepared before the fork (see ChildSetup::run).
+    unsafe {
+        cmd.pre_exec(move || child_setup.run());
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(source) => {
+            cleanup_cgroup(&cgroup);
+            return Err(ProcessError::Spawn {
+                bin: qemu_bin.to_path_buf(),
+                source,
             });
         }
     };
-    if !status.success() {
+    let Some(pid) = child.id().map(|p| p as i32) else {
+        cleanup_cgroup(&cgroup);
         return Err(ProcessError::LaunchFailed {
-            status: status.to_string(),
-            stderr: stderr.await,
+            status: "exited before it could be watched".into(),
+            stderr: log_tail(&log_path, log_start),
         });
-    }
-    let warnings = stderr.await;
-    if !warnings.is_empty() {
-        tracing::warn!(vm = %cfg.name, stderr = %warnings, "QEMU printed warnings while starting");
-    }
+    };
+    // Reap QEMU when it exits while we run; tell launch if that is early.
+    let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        if let Ok(status) = child.wait().await {
+            let _ = exit_tx.send(status.to_string());
+        }
+    });
+    let pidfd = sys::pidfd_open(pid).ok().flatten();
+    let kill_now = |pidfd: Option<OwnedFd>| {
+        Unmanaged { pid, pidfd }.kill();
+    };
 
-    let pid = read_pidfile(&run.pidfile)?.ok_or_else(|| ProcessError::Pidfile {
-        path: run.pidfile.clone(),
-        reason: "QEMU reported success but wrote no pidfile".into(),
-    })?;
-    let pidfd = sys::pidfd_open(pid).map_err(io_err(format!("pidfd_open({pid})")))?;
-    if !owns_paths(pid, run, "") {
-        return Err(ProcessError::Pidfile {
-            path: run.pidfile.clone(),
-            reason: format!("pid {pid} is not the QEMU just started"),
-        });
-    }
-    let qmp = match connect_qmp_retrying(&run.qmp_socket).await {
-        Ok(q) => q,
-        Err(e) => {
-            // We started it and cannot control it: do not leak it.
-            Unmanaged { pid, pidfd }.kill();
-            return Err(e);
+    let deadline = Instant::now() + LAUNCH_TIMEOUT;
+    let qmp = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            kill_now(pidfd);
+            cleanup_cgroup(&cgroup);
+            return Err(ProcessError::LaunchTimeout {
+                after: LAUNCH_TIMEOUT,
+                stderr: log_tail(&log_path, log_start),
+            });
+        }
+        let attempt = async {
+            if !run.qmp_socket.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return None;
+            }
+            let opts = QmpOptions {
+                greeting_timeout: left,
+                ..QmpOptions::default()
+            };
+            match QmpClient::connect_with(&run.qmp_socket, opts).await {
+                Ok(c) => Some(Ok(c)),
+                Err(QmpError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    None
+                }
+                Err(e) => Some(Err(e)),
+            }
+        };
+        tokio::select! {
+            status = &mut exit_rx => {
+                let status = status.unwrap_or_else(|_| "exited".into());
+                cleanup_cgroup(&cgroup);
+                // QEMU's own exit notifier removes its pidfile; make sure.
+                let _ = remove_if_exists(&run.pidfile);
+                return Err(ProcessError::LaunchFailed {
+                    status,
+                    stderr: log_tail(&log_path, log_start),
+                });
+            }
+            r = attempt => match r {
+                None => continue,
+                Some(Ok(c)) => break c,
+                Some(Err(e)) => {
+                    kill_now(pidfd);
+                    cleanup_cgroup(&cgroup);
+                    return Err(e.into());
+                }
+            }
         }
     };
-    Ok(QemuHandle {
+    let handle = QemuHandle {
         pid,
         pidfd,
         paths: run.clone(),
         qmp,
-    })
+        record,
+    };
+    let warnings = log_tail(&log_path, log_start);
+    if !warnings.is_empty() {
+        tracing::warn!(vm = %cfg.name, output = %warnings, "QEMU printed warnings while starting");
+    }
+    let finish = async {
+        if !cfg.resources.dedicated_cpus.is_empty() {
+            handle.pin_vcpus(&cfg.resources.dedicated_cpus).await?;
+        }
+        write_record(&run.dir, &handle.record)
+    };
+    if let Err(e) = finish.await {
+        let _ = handle.kill();
+        let _ = handle.wait_exit(KILL_TIMEOUT).await;
+        cleanup_cgroup(&cgroup);
+        return Err(e);
+    }
+    Ok(handle)
+}
+
+/// Lets `user` open every file `cfg` names, and owns the run directory.
+fn grant_files(cfg: &VmConfig, user: &QemuUser) -> Result<(), ProcessError> {
+    let mut grants: Vec<(&Path, Access)> = vec![(&cfg.run.dir, Access::ReadWrite)];
+    for d in &cfg.disks {
+        grants.push((
+            &d.path,
+            if d.read_only {
+                Access::Read
+            } else {
+                Access::ReadWrite
+            },
+        ));
+        for b in &d.backing {
+            grants.push((&b.path, Access::Read));
+        }
+    }
+    if let Some(k) = &cfg.kernel_boot {
+        grants.push((&k.kernel, Access::Read));
+        if let Some(i) = &k.initrd {
+            grants.push((i, Access::Read));
+        }
+    }
+    if let Firmware::Uefi { code, vars } = &cfg.firmware {
+        grants.push((code, Access::Read));
+        grants.push((vars, Access::ReadWrite));
+    }
+    for (path, access) in grants {
+        // A missing file is QEMU's to report (with its own message).
+        if !path.exists() {
+            continue;
+        }
+        let changed = isolation::grant(path, user, access)?;
+        if !changed.is_empty() {
+            tracing::info!(user = %user.name, paths = ?changed, "granted the QEMU user access (ACL)");
+        }
+    }
+    Ok(())
+}
+
+fn write_record(dir: &Path, record: &LaunchRecord) -> Result<(), ProcessError> {
+    let path = dir.join(LAUNCH_RECORD);
+    let text = serde_json::to_vec_pretty(record).map_err(|e| ProcessError::Io {
+        context: "encoding the launch record".into(),
+        source: io::Error::other(e),
+    })?;
+    std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// The launch record of a run directory, if it has a sound one. A cgroup
+/// directory is only believed if it is named after the run directory
+/// (the file lives in a directory QEMU can write).
+pub fn read_launch_record(paths: &RunPaths) -> Option<LaunchRecord> {
+    let text = std::fs::read(paths.dir.join(LAUNCH_RECORD)).ok()?;
+    let mut rec: LaunchRecord = serde_json::from_slice(&text).ok()?;
+    let name = paths.dir.file_name()?;
+    if let Some(cg) = &rec.cgroup
+        && !cg.dirs.iter().all(|d| {
+            d.file_name() == Some(name) && d.is_absolute() && !d.to_string_lossy().contains("..")
+        })
+    {
+        rec.cgroup = None;
+    }
+    if let Some(cg) = &mut rec.cgroup {
+        // Parents are only removed when empty; never outside /sys/fs/cgroup.
+        cg.parents
+            .retain(|p| p.starts_with(crate::cgroup::CGROUP_ROOT));
+    }
+    Some(rec)
+}
+
+/// Removes what a VM left on the host besides its run directory (its
+/// cgroup), once its QEMU is gone. Safe to call more than once.
+pub fn release(paths: &RunPaths) -> Result<(), ProcessError> {
+    if let Some(LaunchRecord {
+        cgroup: Some(cg), ..
+    }) = read_launch_record(paths)
+    {
+        cg.remove(Duration::from_secs(5))?;
+    }
+    Ok(())
+}
+
+/// Everything the child does between fork and exec, prepared beforehand
+/// (no allocation after the fork).
+struct ChildSetup {
+    cgroup_procs: Vec<CString>,
+    creds: Option<(u32, u32, Vec<libc::gid_t>)>,
+}
+
+impl ChildSetup {
+    fn new(
+        procs: Vec<PathBuf>,
+        creds: Option<(u32, u32, Vec<u32>)>,
+    ) -> Result<ChildSetup, ProcessError> {
+        let cgroup_procs = procs
+            .iter()
+            .map(|p| {
+                CString::new(p.as_os_str().as_bytes()).map_err(|e| ProcessError::Io {
+                    context: format!("cgroup path {}", p.display()),
+                    source: io::Error::other(e),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ChildSetup {
+            cgroup_procs,
+            creds,
+        })
+    }
+
+    /// Runs in the forked child: only async-signal-safe calls.
+    fn run(&self) -> io::Result<()> {
+        fn check(r: libc::c_long) -> io::Result<()> {
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        }
+        // SAFETY (whole function): plain system calls on valid pointers
+        // to memory owned by `self` or the stack.
+        unsafe {
+            // Own session: no terminal, no job-control signals of ours.
+            check(libc::setsid() as libc::c_long)?;
+            // Join the cgroup while still privileged.
+            let mut buf = [0u8; 24];
+            let pid_text = format_pid(libc::getpid(), &mut buf);
+            for path in &self.cgroup_procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                check(fd as libc::c_long)?;
+                let n = libc::write(fd, pid_text.as_ptr().cast(), pid_text.len());
+                let err = io::Error::last_os_error();
+                libc::close(fd);
+                if n < 0 {
+                    return Err(err);
+                }
+            }
+            if let Some((uid, gid, groups)) = &self.creds {
+                check(libc::setgroups(groups.len(), groups.as_ptr()) as libc::c_long)?;
+                check(libc::setresgid(*gid, *gid, *gid) as libc::c_long)?;
+                check(libc::setresuid(*uid, *uid, *uid) as libc::c_long)?;
+            }
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+            // Nothing of ours crosses exec except stdio (CLOEXEC rather
+            // than close: std's exec-error pipe must stay open).
+            let r = libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            if r < 0 {
+                for fd in 3..4096 {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decimal pid into `buf` without allocating.
+fn format_pid(pid: libc::pid_t, buf: &mut [u8; 24]) -> &[u8] {
+    let mut n = pid.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// The last [`STDERR_TAIL`] bytes QEMU wrote to its log since `from`.
+fn log_tail(path: &Path, from: u64) -> String {
+    let Ok(data) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = (from as usize).min(data.len());
+    let new = &data[start..];
+    let tail = &new[new.len().saturating_sub(STDERR_TAIL)..];
+    String::from_utf8_lossy(tail).trim().to_string()
 }
 
 /// Finds the QEMU of a VM started earlier (e.g. by a previous agent).
@@ -330,6 +687,7 @@ pub async fn reattach(
         pidfd: handle_probe.pidfd,
         paths: paths.clone(),
         qmp,
+        record: read_launch_record(paths).unwrap_or_default(),
     }))
 }
 
@@ -347,6 +705,61 @@ impl QemuHandle {
     /// The VM's run paths.
     pub fn paths(&self) -> &RunPaths {
         &self.paths
+    }
+
+    /// What launch applied (cgroup, pinning, credentials); for a
+    /// re-attached QEMU, what its launch recorded.
+    pub fn launch_record(&self) -> &LaunchRecord {
+        &self.record
+    }
+
+    /// The VM's cgroup, if it has one.
+    pub fn cgroup(&self) -> Option<&VmCgroup> {
+        self.record.cgroup.as_ref()
+    }
+
+    /// `(vCPU index, host thread id)` of every vCPU (`query-cpus-fast`).
+    pub async fn vcpu_threads(&self) -> Result<Vec<(u32, i32)>, ProcessError> {
+        let v = self.qmp.execute("query-cpus-fast", None).await?;
+        let bad = || ProcessError::Qmp(QmpError::Protocol(format!("query-cpus-fast returned {v}")));
+        let mut out = Vec::new();
+        for c in v.as_array().ok_or_else(bad)? {
+            let idx = c
+                .get("cpu-index")
+                .and_then(|x| x.as_u64())
+                .ok_or_else(bad)?;
+            let tid = c
+                .get("thread-id")
+                .and_then(|x| x.as_i64())
+                .ok_or_else(bad)?;
+            out.push((
+                u32::try_from(idx).map_err(|_| bad())?,
+                i32::try_from(tid).map_err(|_| bad())?,
+            ));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Pins vCPU `i`'s thread to host CPU `cpus[i]`. vCPUs sharing one
+    /// thread (single-threaded TCG) get the union of their CPUs.
+    pub async fn pin_vcpus(&self, cpus: &[u32]) -> Result<(), ProcessError> {
+        let threads = self.vcpu_threads().await?;
+        if threads.len() != cpus.len() {
+            return Err(ProcessError::Pinning(format!(
+                "{} host CPUs for {} vCPUs",
+                cpus.len(),
+                threads.len()
+            )));
+        }
+        let mut per_thread: std::collections::BTreeMap<i32, BTreeSet<u32>> = Default::default();
+        for ((_, tid), cpu) in threads.iter().zip(cpus) {
+            per_thread.entry(*tid).or_default().insert(*cpu);
+        }
+        for (tid, set) in per_thread {
+            isolation::pin_thread(tid, &set)?;
+        }
+        Ok(())
     }
 
     /// `query-status`.
@@ -420,8 +833,23 @@ impl QemuHandle {
         self.graceful_stop_with(grace, StopOptions::default()).await
     }
 
-    /// [`QemuHandle::graceful_stop`] with explicit timeouts.
+    /// [`QemuHandle::graceful_stop`] with explicit timeouts. Once QEMU is
+    /// gone its cgroup is removed too.
     pub async fn graceful_stop_with(
+        &self,
+        grace: Duration,
+        opts: StopOptions,
+    ) -> Result<StopOutcome, ProcessError> {
+        let out = self.stop_inner(grace, opts).await?;
+        if let Some(cg) = &self.record.cgroup
+            && let Err(e) = cg.remove(Duration::from_secs(5))
+        {
+            tracing::warn!(pid = self.pid, error = %e, "cgroup of a stopped QEMU not removed");
+        }
+        Ok(out)
+    }
+
+    async fn stop_inner(
         &self,
         grace: Duration,
         opts: StopOptions,
@@ -659,24 +1087,6 @@ fn create_run_dir(dir: &Path) -> Result<(), ProcessError> {
     // `recursive` leaves an existing directory's mode alone; tighten it.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(io_err(format!("chmod 0700 {}", dir.display())))
-}
-
-async fn connect_qmp_retrying(path: &Path) -> Result<QmpClient, ProcessError> {
-    let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
-    loop {
-        match QmpClient::connect(path).await {
-            Ok(c) => return Ok(c),
-            Err(QmpError::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                ) && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 #[cfg(test)]

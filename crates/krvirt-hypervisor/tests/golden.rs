@@ -108,7 +108,7 @@ fn golden_common_invariants() {
             "-nodefaults",
             "-no-user-config",
             "-no-shutdown",
-            "-daemonize",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-mon chardev=qmp,mode=control",
             "-serial chardev:serial0",
             "-display none",
@@ -116,6 +116,10 @@ fn golden_common_invariants() {
         ] {
             assert!(joined.contains(must), "{name}: missing {must}");
         }
+        assert!(
+            !args.iter().any(|a| a == "-daemonize"),
+            "{name}: -daemonize fails under the sandbox"
+        );
         let pos = args.iter().position(|a| a == "-pidfile").unwrap();
         assert_eq!(args[pos + 1], cfg.run.pidfile.to_string_lossy(), "{name}");
         let accel = args.iter().position(|a| a == "-accel").unwrap();

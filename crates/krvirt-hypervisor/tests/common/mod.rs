@@ -61,6 +61,7 @@ pub fn idle_vm(root: &Path, name: &str, uid: &str) -> VmConfig {
         rng: false,
         start_paused: false,
         hotplug_slots: 0,
+        resources: Default::default(),
         run: RunPaths::in_dir(root.join("run/vmi").join(uid)),
     }
 }
