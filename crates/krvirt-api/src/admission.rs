@@ -85,7 +85,6 @@ pub(crate) const VMI_SPEC_NOT_IMPLEMENTED: &[&str] = &[
     "domain.devices.disks.errorPolicy",
     "domain.devices.disks.changedBlockTracking",
     "domain.devices.disks.disk.pciAddress",
-    "domain.devices.interfaces.bridge",
     "domain.devices.interfaces.slirp",
     "domain.devices.interfaces.sriov",
     "domain.devices.interfaces.macvtap",
@@ -97,7 +96,6 @@ pub(crate) const VMI_SPEC_NOT_IMPLEMENTED: &[&str] = &[
     "domain.devices.interfaces.tag",
     "domain.devices.interfaces.acpiIndex",
     "domain.devices.interfaces.state",
-    "networks.multus",
     "networks.pod.vmIPv6NetworkCIDR",
     "volumes.hostDisk",
     "volumes.cloudInitConfigDrive",
@@ -485,7 +483,11 @@ mod tests {
             )
         );
         let vmi = crate::find_kind("vmi").expect("served");
-        assert!(not_implemented_fields(vmi).contains(&"spec.networks[].multus".to_string()));
+        assert!(
+            not_implemented_fields(vmi)
+                .contains(&"spec.networks[].pod.vmIPv6NetworkCIDR".to_string())
+        );
+        assert!(!not_implemented_fields(vmi).contains(&"spec.networks[].multus".to_string()));
     }
 
     #[test]

@@ -35,6 +35,74 @@ pub const DEFAULT_NETWORK: &str = "default";
 /// Comma-separated SecurityGroup names (same namespace) for every interface.
 pub const SECURITY_GROUPS_ANNOTATION: &str = "krvirt.io/security-groups";
 
+/// VMI annotation the network controller writes: a JSON array of
+/// [`InterfaceAssignment`], one per interface, in interface order. The host
+/// agent launches a VMI with interfaces only once it is there, and never
+/// allocates addresses itself.
+pub const INTERFACES_ANNOTATION: &str = "krvirt.io/interfaces";
+/// Finalizer the network controller puts on a VMI it allocated addresses
+/// for; removed once the addresses are released (after the host let go).
+pub const IPAM_FINALIZER: &str = "krvirt.io/ipam";
+
+/// Where one VMI interface is attached, decided by the network controller.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InterfaceAssignment {
+    /// Interface name in the VMI spec.
+    pub name: String,
+    /// MAC address of the NIC (`macAddress` if given, else stable per
+    /// namespace/VMI name/interface, so a VM keeps it across restarts).
+    pub mac: String,
+    /// The krvirt Network; `None`: QEMU user networking (the pod network
+    /// when no `default` Network exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_type: Option<NetworkType>,
+    /// Bridge of the Network on the hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// Subnet `a.b.c.d/len`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// The host's address on the bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The guest's address, from IPAM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+/// Parse the [`INTERFACES_ANNOTATION`] of a VMI, if present.
+pub fn interface_assignments(
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Option<Result<Vec<InterfaceAssignment>, String>> {
+    annotations
+        .get(INTERFACES_ANNOTATION)
+        .map(|v| serde_json::from_str(v).map_err(|e| format!("{INTERFACES_ANNOTATION}: {e}")))
+}
+
+/// The stable MAC of interface `iface` of VMI `namespace/name`: locally
+/// administered, unicast, the same for every incarnation of a VM.
+pub fn stable_mac(namespace: &str, name: &str, iface: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in namespace
+        .bytes()
+        .chain([0u8])
+        .chain(name.bytes())
+        .chain([0u8])
+        .chain(iface.bytes())
+    {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let b = h.to_be_bytes();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4]
+    )
+}
+
 /// The groups of interface `iface` given a VMI's annotations.
 pub fn security_groups_for(
     annotations: &std::collections::BTreeMap<String, String>,

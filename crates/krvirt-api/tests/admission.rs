@@ -177,12 +177,12 @@ fn list_entries_have_indices() {
     let obj = set(
         obj,
         "/spec/domain/devices/interfaces",
-        json!([{"name": "default", "bridge": {}}]),
+        json!([{"name": "default", "sriov": {}}]),
     );
     let obj = set(
         obj,
         "/spec/networks",
-        json!([{"name": "default", "multus": {"networkName": "n"}}]),
+        json!([{"name": "default", "pod": {"vmIPv6NetworkCIDR": "fd10:0:2::/120"}}]),
     );
     let e = refused(vmi_kind(), obj);
     assert_cause(&e, reason::NOT_SUPPORTED, "spec.volumes[0].hostDisk");
@@ -194,9 +194,13 @@ fn list_entries_have_indices() {
     assert_cause(
         &e,
         reason::NOT_SUPPORTED,
-        "spec.domain.devices.interfaces[0].bridge",
+        "spec.domain.devices.interfaces[0].sriov",
     );
-    assert_cause(&e, reason::NOT_SUPPORTED, "spec.networks[0].multus");
+    assert_cause(
+        &e,
+        reason::NOT_SUPPORTED,
+        "spec.networks[0].pod.vmIPv6NetworkCIDR",
+    );
     assert_eq!(e.causes.len(), 4, "{e:#?}");
 }
 
@@ -894,15 +898,61 @@ fn port_rules() {
 }
 
 #[test]
-fn bridge_binding_is_not_implemented() {
+fn bridge_binding_and_multus_networks() {
+    // Bridge binding on a multus network and on the pod network; the
+    // bridge interface gets no masquerade default.
+    let out = accepted(
+        vmi_kind(),
+        with_net(
+            json!([{"name": "a", "bridge": {}, "model": "e1000", "macAddress": "02:00:00:00:00:01"},
+                   {"name": "b", "bridge": {}}]),
+            json!([{"name": "a", "multus": {"networkName": "ns1/blue"}},
+                   {"name": "b", "pod": {}}]),
+        ),
+    );
+    let ifaces = &out["spec"]["domain"]["devices"]["interfaces"];
+    assert!(ifaces[0].get("masquerade").is_none(), "{ifaces}");
+    assert_eq!(ifaces[1]["model"], "virtio");
+    // Masquerade only on the pod network.
+    vmi_cause(
+        with_net(
+            json!([{"name": "a", "masquerade": {}}]),
+            json!([{"name": "a", "multus": {"networkName": "blue"}}]),
+        ),
+        reason::INVALID,
+        "spec.domain.devices.interfaces[0].masquerade",
+    );
+    // One binding per interface, one type per network, a valid name.
+    vmi_cause(
+        with_net(
+            json!([{"name": "a", "masquerade": {}, "bridge": {}}]),
+            json!([{"name": "a", "pod": {}}]),
+        ),
+        reason::INVALID,
+        "spec.domain.devices.interfaces[0]",
+    );
     vmi_cause(
         with_net(
             json!([{"name": "a", "bridge": {}}]),
-            json!([{"name": "a", "pod": {}}]),
+            json!([{"name": "a", "pod": {}, "multus": {"networkName": "blue"}}]),
         ),
-        reason::NOT_SUPPORTED,
-        "spec.domain.devices.interfaces[0].bridge",
+        reason::INVALID,
+        "spec.networks[0]",
     );
+    for bad in ["", "Blue", "a/b/c", "ns/"] {
+        vmi_cause(
+            with_net(
+                json!([{"name": "a", "bridge": {}}]),
+                json!([{"name": "a", "multus": {"networkName": bad}}]),
+            ),
+            if bad.is_empty() {
+                reason::REQUIRED
+            } else {
+                reason::INVALID
+            },
+            "spec.networks[0].multus.networkName",
+        );
+    }
 }
 
 // ---- memory, cpu, machine, firmware ----------------------------------------

@@ -123,10 +123,11 @@ pub(crate) fn vmi_spec(spec: &mut VirtualMachineInstanceSpec, namespace: &str, n
         spec.networks.push(Network {
             name: DEFAULT_NETWORK_NAME.to_string(),
             pod: Some(PodNetwork::default()),
+            multus: None,
         });
     }
     for iface in &mut domain.devices.interfaces {
-        if iface.masquerade.is_none() {
+        if iface.masquerade.is_none() && iface.bridge.is_none() {
             iface.masquerade = Some(InterfaceMasquerade {});
         }
         iface.model.get_or_insert(InterfaceModel::Virtio);

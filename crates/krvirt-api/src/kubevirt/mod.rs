@@ -705,10 +705,14 @@ pub struct Interface {
     /// NIC model; defaults to `virtio`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<InterfaceModel>,
-    /// NAT behind the host (the only binding implemented; it is the
-    /// default binding).
+    /// NAT behind the host: the guest sits on krvirt's NAT Network
+    /// (`pod` networks only); the default binding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masquerade: Option<InterfaceMasquerade>,
+    /// The guest's NIC sits directly on the Network's bridge (a tap
+    /// krvirt creates), with the address IPAM gave it served by DHCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<InterfaceBridge>,
     /// Ports forwarded to the guest (pod network only).
     #[serde(
         default,
@@ -744,6 +748,11 @@ pub enum InterfaceModel {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InterfaceMasquerade {}
+
+/// Bridge binding.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceBridge {}
 
 /// A forwarded port.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -866,8 +875,9 @@ fn decoded(plain: Option<&str>, b64: Option<&str>) -> Result<Option<Vec<u8>>, St
     }
 }
 
-/// A network an interface connects to. Only the pod network (krvirt's
-/// default NAT network) is implemented.
+/// A network an interface connects to: `pod` (krvirt's default NAT
+/// Network, `krvirt.io/v1` Network `default`) or `multus` (a krvirt
+/// Network by name).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Network {
@@ -875,6 +885,32 @@ pub struct Network {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodNetwork>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multus: Option<MultusNetwork>,
+}
+
+/// A secondary network. KubeVirt names a NetworkAttachmentDefinition
+/// (`name` or `namespace/name`); krvirt resolves it to the cluster-scoped
+/// `krvirt.io/v1` Network `name` (a namespace prefix is accepted and
+/// ignored: Networks are cluster-wide).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MultusNetwork {
+    #[serde(default)]
+    pub network_name: String,
+    /// Multus "default network" replacement (not implemented: refused when true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<bool>,
+}
+
+impl MultusNetwork {
+    /// The krvirt Network this refers to (`ns/name` -> `name`).
+    pub fn krvirt_network(&self) -> &str {
+        self.network_name
+            .rsplit_once('/')
+            .map(|(_, n)| n)
+            .unwrap_or(&self.network_name)
+    }
 }
 
 /// The default network.

@@ -597,7 +597,45 @@ fn networks_and_interfaces(
                 c.required(&nf, format!("{nf} '{}' not found.", n.name));
             }
         }
+        if n.pod.is_some() && n.multus.is_some() {
+            c.invalid(&f, "should have only one network type");
+        }
+        if let Some(m) = &n.multus {
+            let mf = join(&f, "multus.networkName");
+            let name = m.krvirt_network();
+            let ns_ok = m
+                .network_name
+                .rsplit_once('/')
+                .is_none_or(|(ns, _)| util::dns1123_label(ns).is_none());
+            if m.network_name.is_empty() {
+                c.required(&mf, "Required value");
+            } else if !ns_ok || util::dns1123_label(name).is_some() {
+                c.invalid(
+                    &mf,
+                    format!(
+                        "{:?} is not a Network name (name or namespace/name, DNS-1123 labels)",
+                        m.network_name
+                    ),
+                );
+            }
+            if m.default == Some(true) {
+                c.not_implemented(join(&f, "multus.default"), "a multus default network");
+            }
+            if let Some(iface) = interfaces.iter().find(|i| i.name == n.name)
+                && iface.masquerade.is_some()
+            {
+                let i = interfaces
+                    .iter()
+                    .position(|x| x.name == n.name)
+                    .unwrap_or_default();
+                c.invalid(
+                    join(&idx(&ip, i), "masquerade"),
+                    "Masquerade interface only implemented with pod network",
+                );
+            }
+        }
         match &n.pod {
+            None if n.multus.is_some() => {}
             None => c.required(&f, format!("{f} should have a network type")),
             Some(pod) => {
                 pod_networks += 1;
@@ -650,6 +688,12 @@ fn networks_and_interfaces(
             if spec.network(&iface.name).is_none() {
                 c.invalid(&nf, format!("{nf} '{}' not found.", iface.name));
             }
+        }
+        if iface.masquerade.is_some() && iface.bridge.is_some() {
+            c.invalid(
+                &f,
+                "an interface has exactly one binding (masquerade or bridge)",
+            );
         }
         if let Some(mac) = iface.mac_address.as_deref().filter(|m| !m.is_empty()) {
             match util::parse_mac(mac) {
