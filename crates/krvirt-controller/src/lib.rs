@@ -7,11 +7,14 @@
 //!   printableStatus, crash-loop back-off; deletes VMIs whose VM is gone.
 //! - [`placement`]: binds pending VMIs to a Ready host (the one host of
 //!   `krvirt up`; the cluster scheduler replaces it later).
+//! - [`network`]: attaches VMI interfaces to Networks and allocates their
+//!   addresses (IPAM in the store) before the host agent launches them.
 //! - [`webhook`]: delivers Events to Webhooks (signed, retried, bounded).
 //!
 //! Every step is recorded as an Event (`krvirt events`), and events older
 //! than an hour (or beyond 100 per object) are expired.
 
+pub mod network;
 pub mod placement;
 pub mod queue;
 mod runner;

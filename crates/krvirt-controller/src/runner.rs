@@ -151,6 +151,11 @@ impl Controllers {
                 tokio::time::sleep(EVENT_GC).await;
             }
         }));
+        // Networks: interfaces attached and addressed before launch.
+        match crate::network::NetworkController::new(me.registry.clone(), me.events.clone()) {
+            Ok(n) => tasks.push(tokio::spawn(n.run())),
+            Err(e) => warn!(error = %e, "network controller not started"),
+        }
         // Webhooks.
         if let (Ok(wk), Ok(ek)) = (kind("webhooks"), kind("events")) {
             let hooks = crate::webhook::WebhookController::new(me.registry.clone(), wk, ek);
