@@ -115,8 +115,10 @@ pub(crate) const VMI_SPEC_NOT_IMPLEMENTED: &[&str] = &[
 /// KubeVirt `VirtualMachineSpec` fields krvirt refuses for now (relative
 /// to `spec.`).
 pub(crate) const VM_SPEC_NOT_IMPLEMENTED: &[&str] = &[
-    "instancetype",
-    "preference",
+    "instancetype.inferFromVolume",
+    "instancetype.inferFromVolumeFailurePolicy",
+    "preference.inferFromVolume",
+    "preference.inferFromVolumeFailurePolicy",
     "dataVolumeTemplates.spec.sourceRef",
     "dataVolumeTemplates.spec.contentType",
     "dataVolumeTemplates.spec.preallocation",
@@ -459,7 +461,7 @@ mod tests {
     #[test]
     fn classification_tables() {
         assert!(vm_not_implemented("spec.template.spec.domain.devices.gpus"));
-        assert!(vm_not_implemented("spec.instancetype"));
+        assert!(!vm_not_implemented("spec.instancetype"));
         assert!(!vm_not_implemented(
             "spec.template.spec.domain.devices.gpuss"
         ));
@@ -474,7 +476,7 @@ mod tests {
     fn documented_field_list() {
         let vm = crate::find_kind("vm").expect("served");
         let fields = not_implemented_fields(vm);
-        assert!(fields.contains(&"spec.instancetype".to_string()));
+        assert!(!fields.contains(&"spec.instancetype".to_string()));
         assert!(fields.contains(&"spec.template.spec.domain.devices.gpus".to_string()));
         assert!(fields.contains(&"spec.template.spec.domain.devices.disks[].lun".to_string()));
         assert!(

@@ -15,6 +15,8 @@
 //! - [`storage`]: `krvirt.io/v1` StoragePool and Volume, DataVolume templates.
 //! - [`event`]: core `v1` Event (what happened to an object).
 //! - [`auth`]: Namespace, ResourceQuota, RBAC roles and bindings, Token.
+//! - [`instancetype`]: `instancetype.kubevirt.io/v1beta1` instancetypes and preferences.
+//! - [`template`]: `krvirt.io/v1` Template (versioned, parameterised VMs) and TemplateInstance.
 //! - [`webhook`]: `krvirt.io/v1` Webhook (events delivered over HTTP).
 
 pub mod admission;
@@ -26,6 +28,7 @@ pub mod host;
 pub mod image;
 pub mod jsonpatch;
 pub mod kinds;
+pub mod instancetype;
 pub mod kubevirt;
 pub mod meta;
 pub mod network;
@@ -33,6 +36,7 @@ mod openapi;
 pub mod quantity;
 pub mod snapshot;
 pub mod storage;
+pub mod template;
 mod types;
 mod util;
 pub mod webhook;

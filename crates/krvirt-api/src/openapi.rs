@@ -44,6 +44,12 @@ pub fn openapi_components() -> Components {
     add::<crate::auth::RoleBinding>(&mut schemas);
     add::<crate::auth::ClusterRoleBinding>(&mut schemas);
     add::<crate::auth::Token>(&mut schemas);
+    add::<crate::instancetype::VirtualMachineInstancetype>(&mut schemas);
+    add::<crate::instancetype::VirtualMachineClusterInstancetype>(&mut schemas);
+    add::<crate::instancetype::VirtualMachinePreference>(&mut schemas);
+    add::<crate::instancetype::VirtualMachineClusterPreference>(&mut schemas);
+    add::<crate::template::Template>(&mut schemas);
+    add::<crate::template::TemplateInstance>(&mut schemas);
     add::<ObjectMeta>(&mut schemas);
     add::<Condition>(&mut schemas);
     ComponentsBuilder::new().schemas_from_iter(schemas).build()

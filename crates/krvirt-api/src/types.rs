@@ -52,6 +52,9 @@ pub(crate) const WEBHOOK_KIND: KindInfo = KindInfo {
     schema_name: "Webhook",
 };
 
+/// API group of instancetypes and preferences.
+const INSTANCETYPE_GROUP: &str = "instancetype.kubevirt.io";
+
 pub(crate) static KINDS: &[KindInfo] = &[
     KindInfo {
         group: "kubevirt.io",
@@ -253,6 +256,77 @@ pub(crate) static KINDS: &[KindInfo] = &[
         subresources: &[],
         schema_name: "VirtualMachineClone",
     },
+    KindInfo {
+        group: "instancetype.kubevirt.io",
+        version: "v1beta1",
+        kind: "VirtualMachineInstancetype",
+        plural: "virtualmachineinstancetypes",
+        singular: "virtualmachineinstancetype",
+        short_names: &["vminstancetype", "vminstancetypes", "vmf", "vmfs"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "VirtualMachineInstancetype",
+    },
+    KindInfo {
+        group: "instancetype.kubevirt.io",
+        version: "v1beta1",
+        kind: "VirtualMachineClusterInstancetype",
+        plural: "virtualmachineclusterinstancetypes",
+        singular: "virtualmachineclusterinstancetype",
+        short_names: &[
+            "vmclusterinstancetype",
+            "vmclusterinstancetypes",
+            "vmcf",
+            "vmcfs",
+        ],
+        namespaced: false,
+        subresources: &[],
+        schema_name: "VirtualMachineClusterInstancetype",
+    },
+    KindInfo {
+        group: "instancetype.kubevirt.io",
+        version: "v1beta1",
+        kind: "VirtualMachinePreference",
+        plural: "virtualmachinepreferences",
+        singular: "virtualmachinepreference",
+        short_names: &["vmpref", "vmprefs", "vmp", "vmps"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "VirtualMachinePreference",
+    },
+    KindInfo {
+        group: "instancetype.kubevirt.io",
+        version: "v1beta1",
+        kind: "VirtualMachineClusterPreference",
+        plural: "virtualmachineclusterpreferences",
+        singular: "virtualmachineclusterpreference",
+        short_names: &["vmclusterpref", "vmclusterprefs", "vmcp", "vmcps"],
+        namespaced: false,
+        subresources: &[],
+        schema_name: "VirtualMachineClusterPreference",
+    },
+    KindInfo {
+        group: "krvirt.io",
+        version: "v1",
+        kind: "Template",
+        plural: "templates",
+        singular: "template",
+        short_names: &["tpl", "tpls"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "Template",
+    },
+    KindInfo {
+        group: "krvirt.io",
+        version: "v1",
+        kind: "TemplateInstance",
+        plural: "templateinstances",
+        singular: "templateinstance",
+        short_names: &["ti"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "TemplateInstance",
+    },
 ];
 
 /// Check (or fill in, when absent) `apiVersion` and `kind` against the
@@ -340,6 +414,22 @@ pub(crate) fn admit(
             admit_typed::<crate::auth::ClusterRoleBinding>(obj, old)
         }
         ("krvirt.io", "Token") => admit_typed::<crate::auth::Token>(obj, old),
+        (INSTANCETYPE_GROUP, "VirtualMachineInstancetype") => {
+            admit_typed::<crate::instancetype::VirtualMachineInstancetype>(obj, old)
+        }
+        (INSTANCETYPE_GROUP, "VirtualMachineClusterInstancetype") => {
+            admit_typed::<crate::instancetype::VirtualMachineClusterInstancetype>(obj, old)
+        }
+        (INSTANCETYPE_GROUP, "VirtualMachinePreference") => {
+            admit_typed::<crate::instancetype::VirtualMachinePreference>(obj, old)
+        }
+        (INSTANCETYPE_GROUP, "VirtualMachineClusterPreference") => {
+            admit_typed::<crate::instancetype::VirtualMachineClusterPreference>(obj, old)
+        }
+        ("krvirt.io", "Template") => admit_typed::<crate::template::Template>(obj, old),
+        ("krvirt.io", "TemplateInstance") => {
+            admit_typed::<crate::template::TemplateInstance>(obj, old)
+        }
         _ => Err(ValidationError::new(
             reason::NOT_SUPPORTED,
             "kind",

@@ -147,9 +147,17 @@ fn vm_template_paths_are_prefixed() {
     );
     let e = refused(
         vm_kind(),
-        set(vm(), "/spec/instancetype", json!({"name": "csmall"})),
+        set(
+            vm(),
+            "/spec/instancetype",
+            json!({"name": "csmall", "inferFromVolume": "root"}),
+        ),
     );
-    assert_cause(&e, reason::NOT_SUPPORTED, "spec.instancetype");
+    assert_cause(
+        &e,
+        reason::NOT_SUPPORTED,
+        "spec.instancetype.inferFromVolume",
+    );
     let e = refused(
         vm_kind(),
         set(

@@ -38,6 +38,11 @@ pub(crate) fn vm(vm: &mut VirtualMachine) {
     if vm.spec.running.is_none() && vm.spec.run_strategy.is_none() {
         vm.spec.run_strategy = Some(RunStrategy::Halted);
     }
+    if vm.spec.instancetype.is_some() || vm.spec.preference.is_some() {
+        // The VM controller expands the instancetype and preference into
+        // the VMI, whose admission then applies the defaults.
+        return;
+    }
     let ns = vm.metadata.namespace().to_string();
     let name = vm.metadata.name().to_string();
     vmi_spec(&mut vm.spec.template.spec, &ns, &name);

@@ -116,6 +116,12 @@ pub struct VirtualMachineSpec {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub data_volume_templates: Vec<crate::storage::DataVolumeTemplateSpec>,
+    /// CPU and memory from a VirtualMachine(Cluster)Instancetype.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instancetype: Option<crate::instancetype::InstancetypeMatcher>,
+    /// Defaults from a VirtualMachine(Cluster)Preference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<crate::instancetype::InstancetypeMatcher>,
     /// The VirtualMachineInstance created when the VM runs.
     pub template: VirtualMachineInstanceTemplateSpec,
 }

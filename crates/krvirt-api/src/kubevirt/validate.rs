@@ -39,7 +39,11 @@ impl Admit for VirtualMachine {
         labels_and_annotations(&self.spec.template.metadata, "spec.template.metadata", c);
         crate::storage::validate_templates(&self.spec.data_volume_templates, c);
         behaviour_annotations(&self.spec.template.metadata, "spec.template.metadata", c);
-        vmi_spec(&self.spec.template.spec, "spec.template.spec", c);
+        if self.spec.instancetype.is_some() || self.spec.preference.is_some() {
+            crate::instancetype::validate_vm(self, c);
+        } else {
+            vmi_spec(&self.spec.template.spec, "spec.template.spec", c);
+        }
     }
 }
 
