@@ -109,6 +109,8 @@ impl Drop for QemuGuard {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        // The marker is the run directory: drop the VM's cgroup too.
+        let _ = krvirt_hypervisor::release(&RunPaths::in_dir(&self.marker));
     }
 }
 
