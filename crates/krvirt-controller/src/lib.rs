@@ -9,17 +9,22 @@
 //!   `krvirt up`; the cluster scheduler replaces it later).
 //! - [`network`]: attaches VMI interfaces to Networks and allocates their
 //!   addresses (IPAM in the store) before the host agent launches them.
+//! - [`templates`]: TemplateInstance → a VM from a Template version and its disks
+//!   (linked or full clones); instancetypes and preferences are copied into
+//!   each VM and expanded into its VMIs.
 //! - [`webhook`]: delivers Events to Webhooks (signed, retried, bounded).
 //!
 //! Every step is recorded as an Event (`krvirt events`), and events older
 //! than an hour (or beyond 100 per object) are expired.
 
 pub mod network;
+mod instancetypes;
 pub mod placement;
 pub mod queue;
 mod runner;
 pub mod vm;
 mod volumes;
+pub mod templates;
 pub mod webhook;
 
 pub use runner::{ControllerError, Controllers};

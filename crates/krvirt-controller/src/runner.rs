@@ -156,6 +156,11 @@ impl Controllers {
             Ok(n) => tasks.push(tokio::spawn(n.run())),
             Err(e) => warn!(error = %e, "network controller not started"),
         }
+        // Templates: TemplateInstances become VMs and their disks.
+        match crate::templates::TemplateController::new(me.registry.clone(), me.events.clone()) {
+            Ok(t) => tasks.push(tokio::spawn(t.run())),
+            Err(e) => warn!(error = %e, "template controller not started"),
+        }
         // Webhooks.
         if let (Ok(wk), Ok(ek)) = (kind("webhooks"), kind("events")) {
             let hooks = crate::webhook::WebhookController::new(me.registry.clone(), wk, ek);
@@ -289,9 +294,35 @@ impl Controllers {
             .unwrap_or(Value::Null);
         let vm_ref = ObjectReference::to_object(&vm_raw);
         let vm: VirtualMachine = decode("VM", vm_raw)?;
+        let mut instancetype_problem = None;
+        match crate::instancetypes::ensure_snapshots(&self.registry, &vm).await {
+            // The copies were recorded: decide from the stored VM.
+            Ok(true) => return Ok(Some(Duration::ZERO)),
+            Ok(false) => {}
+            Err(crate::instancetypes::SnapshotError::Unusable(msg)) => {
+                instancetype_problem = Some(msg)
+            }
+            Err(crate::instancetypes::SnapshotError::Controller(e)) => return Err(e),
+        }
         crate::volumes::ensure_templates(&self.registry, &vm).await?;
         let vmi: Option<VirtualMachineInstance> = vmi_raw.map(|v| decode("VMI", v)).transpose()?;
         let mut d = vm::decide(&vm, vmi.as_ref(), chrono::Utc::now());
+        if let Some(msg) = instancetype_problem {
+            d.actions.retain(|a| !matches!(a, Action::CreateVmi(_)));
+            set_condition(
+                &mut d.status.conditions,
+                Condition {
+                    reason: Some(vm::REASON_INSTANCETYPE.into()),
+                    message: Some(msg),
+                    ..Condition::new(vm_conditions::FAILURE, ConditionStatus::True)
+                },
+            );
+            if vmi.is_none() {
+                d.status.printable_status = Some(PrintableStatus::Stopped);
+                d.status.created = Some(false);
+            }
+            d.requeue_after = Some(RESYNC);
+        }
 
         let actions = std::mem::take(&mut d.actions);
         for action in &actions {

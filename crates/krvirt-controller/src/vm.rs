@@ -21,6 +21,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use krvirt_api::instancetype::{
+    INSTANCETYPE_SNAPSHOT_ANNOTATION, InstancetypeSpec, PREFERENCE_SNAPSHOT_ANNOTATION,
+    PreferenceSpec, expand, parse_snapshot,
+};
 use krvirt_api::kubevirt::{
     PrintableStatus, RunStrategy, START_PAUSED_ANNOTATION, StateChangeRequestAction,
     VirtualMachine, VirtualMachineInstance, VirtualMachineStartFailure, VirtualMachineStatus,
@@ -120,6 +124,43 @@ pub fn vmi_from_template(vm: &VirtualMachine, paused: bool) -> VirtualMachineIns
         spec: tmpl.spec.clone(),
         ..Default::default()
     }
+}
+
+/// Reason of the VM's Failure condition when its instancetype or
+/// preference cannot be applied (missing, or conflicting with the VM).
+pub const REASON_INSTANCETYPE: &str = "InvalidInstancetype";
+
+/// The VMI a VM creates, with its instancetype and preference expanded
+/// from the copies recorded in the VM ([`crate::instancetypes`]).
+pub fn expanded_vmi(vm: &VirtualMachine, paused: bool) -> Result<VirtualMachineInstance, String> {
+    let mut vmi = vmi_from_template(vm, paused);
+    if vm.spec.instancetype.is_none() && vm.spec.preference.is_none() {
+        return Ok(vmi);
+    }
+    let ann = &vm.metadata.annotations;
+    let it = parse_snapshot::<InstancetypeSpec>(ann, INSTANCETYPE_SNAPSHOT_ANNOTATION)
+        .map_err(|c| c.message)?;
+    let pref = parse_snapshot::<PreferenceSpec>(ann, PREFERENCE_SNAPSHOT_ANNOTATION)
+        .map_err(|c| c.message)?;
+    if vm.spec.instancetype.is_some() && it.is_none() {
+        return Err("the VM's instancetype has not been recorded yet".into());
+    }
+    if vm.spec.preference.is_some() && pref.is_none() {
+        return Err("the VM's preference has not been recorded yet".into());
+    }
+    expand(
+        &mut vmi.spec,
+        it.as_ref().map(|s| &s.spec),
+        pref.as_ref().map(|s| &s.spec),
+    )
+    .map_err(|causes| {
+        causes
+            .iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    Ok(vmi)
 }
 
 fn running_since(vmi: &VirtualMachineInstance) -> Option<DateTime<Utc>> {
@@ -242,17 +283,32 @@ pub fn decide(
         .annotations
         .get(START_PAUSED_ANNOTATION)
         .is_some_and(|v| v == "true");
+    let expansion_error = expanded_vmi(vm, false).err();
+    match &expansion_error {
+        Some(msg) => set_condition(
+            &mut status.conditions,
+            Condition {
+                reason: Some(REASON_INSTANCETYPE.into()),
+                message: Some(msg.clone()),
+                ..Condition::new(vm_conditions::FAILURE, ConditionStatus::True)
+            },
+        ),
+        None => status.conditions.retain(|c| {
+            !(c.type_ == vm_conditions::FAILURE && c.reason.as_deref() == Some(REASON_INSTANCETYPE))
+        }),
+    }
     let create = |actions: &mut Vec<Action>, requeue: &mut Option<Duration>| {
-        if in_backoff {
+        if expansion_error.is_some() {
+            // Reported in the Failure condition; a change of the VM retries.
+        } else if in_backoff {
             let wait = retry_at
                 .map(|t| (t - now).to_std().unwrap_or_default())
                 .unwrap_or_default();
             *requeue = Some(requeue.map_or(wait, |r| r.min(wait)));
         } else {
-            actions.push(Action::CreateVmi(Box::new(vmi_from_template(
-                vm,
-                vm_start_paused,
-            ))));
+            if let Ok(v) = expanded_vmi(vm, vm_start_paused) {
+                actions.push(Action::CreateVmi(Box::new(v)));
+            }
             if vm_start_paused {
                 actions.push(Action::ClearStartPaused);
             }
@@ -283,10 +339,15 @@ pub fn decide(
                     consumed += 1;
                 }
                 StateChangeRequestAction::Start => {
-                    if vmi.is_none() {
+                    if vmi.is_none() && expansion_error.is_some() {
+                        // Not startable: the Failure condition says why.
+                        consumed += 1;
+                    } else if vmi.is_none() {
                         let paused =
                             vm_start_paused || req.data.get("paused").is_some_and(|v| v == "true");
-                        actions.push(Action::CreateVmi(Box::new(vmi_from_template(vm, paused))));
+                        if let Ok(v) = expanded_vmi(vm, paused) {
+                            actions.push(Action::CreateVmi(Box::new(v)));
+                        }
                         if vm_start_paused {
                             actions.push(Action::ClearStartPaused);
                         }

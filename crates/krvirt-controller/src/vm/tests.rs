@@ -401,3 +401,75 @@ fn start_paused_reaches_the_vmi_once() {
     };
     assert!(!v.metadata.annotations.contains_key(START_PAUSED_ANNOTATION));
 }
+
+fn with_instancetype(snapshot: Option<serde_json::Value>) -> VirtualMachine {
+    let mut v = vm(Some(RunStrategy::Always));
+    v.spec.instancetype = Some(krvirt_api::instancetype::InstancetypeMatcher {
+        name: "csmall".into(),
+        kind: Some("VirtualMachineInstancetype".into()),
+        revision_name: None,
+    });
+    if let Some(s) = snapshot {
+        v.metadata
+            .annotations
+            .insert(INSTANCETYPE_SNAPSHOT_ANNOTATION.into(), s.to_string());
+    }
+    v
+}
+
+fn csmall(guest_cpus: u32, memory: &str) -> serde_json::Value {
+    serde_json::json!({"kind": "VirtualMachineInstancetype", "name": "csmall", "generation": 1,
+        "spec": {"cpu": {"guest": guest_cpus}, "memory": {"guest": memory}}})
+}
+
+#[test]
+fn the_vmi_is_expanded_from_the_recorded_instancetype() {
+    let v = with_instancetype(Some(csmall(2, "192Mi")));
+    let d = decide(&v, None, t0());
+    let Some(Action::CreateVmi(vmi)) = d.actions.first() else {
+        panic!("a VMI is created: {:?}", d.actions);
+    };
+    let cpu = vmi.spec.domain.cpu.clone().expect("cpu");
+    assert_eq!(
+        (cpu.sockets, cpu.cores, cpu.threads),
+        (Some(2), Some(1), Some(1))
+    );
+    assert_eq!(
+        vmi.spec
+            .domain
+            .memory
+            .as_ref()
+            .and_then(|m| m.guest.clone())
+            .map(|q| q.0),
+        Some("192Mi".to_string())
+    );
+    assert!(
+        !d.status
+            .conditions
+            .iter()
+            .any(|c| c.reason.as_deref() == Some(REASON_INSTANCETYPE))
+    );
+}
+
+#[test]
+fn no_vmi_without_the_copy_or_with_a_conflict() {
+    let d = decide(&with_instancetype(None), None, t0());
+    assert!(!creates(&d), "{:?}", d.actions);
+    let f = find_condition(&d.status.conditions, vm_conditions::FAILURE).expect("failure");
+    assert_eq!(f.reason.as_deref(), Some(REASON_INSTANCETYPE));
+
+    let mut v = with_instancetype(Some(csmall(1, "128Mi")));
+    v.spec.template.spec.domain.memory = Some(krvirt_api::kubevirt::Memory {
+        guest: Some("1Gi".into()),
+    });
+    let d = decide(&v, None, t0());
+    assert!(!creates(&d));
+    let f = find_condition(&d.status.conditions, vm_conditions::FAILURE).expect("failure");
+    assert!(
+        f.message
+            .as_deref()
+            .is_some_and(|m| m.contains("spec.template.spec.domain.memory.guest")),
+        "{f:?}"
+    );
+    assert_eq!(d.status.printable_status, Some(PrintableStatus::Stopped));
+}
