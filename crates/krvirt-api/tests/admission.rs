@@ -1087,10 +1087,9 @@ fn cpu_topology_rules() {
         reason::INVALID,
         "spec.domain.cpu",
     );
-    vmi_cause(
+    accepted(
+        vmi_kind(),
         set(vmi(), "/spec/domain/cpu/dedicatedCpuPlacement", json!(true)),
-        reason::NOT_SUPPORTED,
-        "spec.domain.cpu.dedicatedCpuPlacement",
     );
     vmi_cause(
         set(vmi(), "/spec/domain/cpu/isolateEmulatorThread", json!(true)),

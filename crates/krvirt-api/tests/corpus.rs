@@ -107,7 +107,7 @@ fn table(rows: &[Row]) -> String {
         md.push_str(&format!("- `{f}`\n"));
     }
     md.push_str(
-        "\nValues refused the same way: `domain.cpu.dedicatedCpuPlacement: true`, \
+        "\nValues refused the same way: \
          `domain.cpu.isolateEmulatorThread: true`, `domain.features.apic.endOfInterrupt: true`, \
          disk/cdrom `bus: scsi` or `usb`, cdrom `tray: open`, `architecture` other than \
          `amd64`, resources other than `cpu`/`memory`, and the annotations \

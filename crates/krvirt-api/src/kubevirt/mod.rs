@@ -432,7 +432,9 @@ pub struct Cpu {
     /// generic model under TCG).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
-    /// Pin vCPUs to dedicated host CPUs. `true` is not implemented yet.
+    /// Pin each vCPU to a host CPU of its own: the host agent picks free
+    /// host CPUs (recorded in `status.krvirtRuntime.dedicatedCpus`) and
+    /// refuses to start the guest while too few are free.
     #[serde(default, skip_serializing_if = "is_false")]
     pub dedicated_cpu_placement: bool,
     /// Extra dedicated CPU for the emulator thread. `true` is not
@@ -1088,6 +1090,10 @@ pub struct KrvirtRuntime {
     /// `qmp.sock`, `serial.sock`, `console.log`, `qemu.pid`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_dir: Option<String>,
+    /// Host CPUs the vCPUs are pinned to (`dedicatedCpuPlacement`), as a
+    /// CPU list in vCPU order, e.g. `3,2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedicated_cpus: Option<String>,
 }
 
 /// VMI condition types krvirt reports (KubeVirt's names).

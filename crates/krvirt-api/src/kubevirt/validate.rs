@@ -335,9 +335,6 @@ fn cpu(d: &DomainSpec, dp: &str, c: &mut Causes) {
             ),
         );
     }
-    if cpu.dedicated_cpu_placement {
-        c.not_implemented(join(&cp, "dedicatedCpuPlacement"), "value true");
-    }
     if cpu.isolate_emulator_thread {
         c.not_implemented(join(&cp, "isolateEmulatorThread"), "value true");
     }
