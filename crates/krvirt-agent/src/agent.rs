@@ -977,6 +977,7 @@ impl Agent {
                 Accel::Tcg => krvirt_api::host::Accelerator::Tcg,
             }),
             run_dir: Some(run_dir.display().to_string()),
+            dedicated_cpus: None,
         });
         if let Err(e) = self.write_status(key, rv, &st).await {
             // The guest runs; the next pass (observe) reports it.
