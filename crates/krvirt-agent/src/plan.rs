@@ -273,6 +273,7 @@ pub fn plan_with_volumes(
             serial: disk.serial.clone(),
             cache,
             backing: Vec::new(),
+            rbd: None,
         };
         let vfield = format!("spec.volumes[name={}]", volume.name);
         if let Some(cd) = &volume.container_disk {

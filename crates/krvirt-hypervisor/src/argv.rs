@@ -33,7 +33,7 @@ use std::path::Path;
 
 use crate::config::{
     Accel, CpuModel, DiskBus, DiskCache, DiskConfig, DiskFormat, Firmware, Machine, NicBackend,
-    NicConfig, NicModel, VmConfig,
+    NicConfig, NicModel, RbdDisk, VmConfig, split_monitor,
 };
 
 /// QEMU's seccomp sandbox, every optional filter on.
@@ -297,13 +297,22 @@ fn disk_args(a: &mut Argv, i: usize, d: &DiskConfig) {
         "read-only=off,discard=unmap"
     };
     let file = format!("drive{i}-file");
-    a.opt(
-        "-blockdev",
-        format!(
-            "driver=file,node-name={file},filename={},{cache},{access}",
-            esc_path(&d.path)
+    match &d.rbd {
+        None => a.opt(
+            "-blockdev",
+            format!(
+                "driver=file,node-name={file},filename={},{cache},{access}",
+                esc_path(&d.path)
+            ),
         ),
-    );
+        Some(r) => a.opt(
+            "-blockdev",
+            format!(
+                "driver=rbd,node-name={file},{},{cache},{access}",
+                rbd_opts(r)
+            ),
+        ),
+    }
     let mut s = format!(
         "driver={},node-name={},file={file},{cache},{access}",
         d.format.qemu_driver(),
@@ -313,6 +322,31 @@ fn disk_args(a: &mut Argv, i: usize, d: &DiskConfig) {
         s.push_str(&format!(",backing=drive{i}-b0-fmt"));
     }
     a.opt("-blockdev", s);
+}
+
+/// `pool=…,image=…[,conf=…][,user=…][,server.N.host=…,server.N.port=…]`
+/// of QEMU's `rbd` block driver.
+fn rbd_opts(r: &RbdDisk) -> String {
+    let mut s = format!(
+        "pool={},image={}",
+        escape_opt(&r.pool),
+        escape_opt(&r.image)
+    );
+    if let Some(c) = &r.conf {
+        s.push_str(&format!(",conf={}", esc_path(c)));
+    }
+    if let Some(u) = &r.user {
+        s.push_str(&format!(",user={}", escape_opt(u)));
+    }
+    for (n, m) in r.monitors.iter().enumerate() {
+        if let Some((host, port)) = split_monitor(m) {
+            s.push_str(&format!(
+                ",server.{n}.host={},server.{n}.port={port}",
+                escape_opt(host)
+            ));
+        }
+    }
+    s
 }
 
 fn nic_args(a: &mut Argv, n: &NicConfig, microvm: bool) {

@@ -283,6 +283,80 @@ pub struct DiskConfig {
     /// named in the image header (also read-only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backing: Vec<BackingImage>,
+    /// A Ceph RBD image instead of a file: the format node sits on an
+    /// `rbd` protocol node (librbd) and `path` must be empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdDisk>,
+}
+
+/// A Ceph RBD image QEMU opens through librbd (`-blockdev driver=rbd`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdDisk {
+    /// Ceph pool (`[A-Za-z0-9._-]`).
+    pub pool: String,
+    /// Image name (`[A-Za-z0-9._-]`).
+    pub image: String,
+    /// Absolute path of a `ceph.conf`; librbd's default search when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conf: Option<PathBuf>,
+    /// Ceph user id (without `client.`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Monitors as `host:port`; those of `conf` when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub monitors: Vec<String>,
+}
+
+/// `host:port` of a Ceph monitor (an IPv6 host in brackets).
+pub fn split_monitor(m: &str) -> Option<(&str, u16)> {
+    let (host, port) = m.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().ok()?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b));
+    (host_ok && port != 0).then_some((host, port))
+}
+
+fn check_ceph_name(field: &str, v: &str) -> Result<(), ConfigError> {
+    if v.is_empty()
+        || v.len() > 100
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return err(
+            field,
+            format!("{v:?} is not 1-100 characters of [A-Za-z0-9._-]"),
+        );
+    }
+    Ok(())
+}
+
+fn validate_rbd(field: &str, r: &RbdDisk) -> Result<(), ConfigError> {
+    check_ceph_name(&format!("{field}.pool"), &r.pool)?;
+    check_ceph_name(&format!("{field}.image"), &r.image)?;
+    if let Some(c) = &r.conf {
+        check_abs_path(&format!("{field}.conf"), c)?;
+    }
+    if let Some(u) = &r.user {
+        check_ceph_name(&format!("{field}.user"), u)?;
+    }
+    for (j, m) in r.monitors.iter().enumerate() {
+        if split_monitor(m).is_none() {
+            return err(
+                format!("{field}.monitors[{j}]"),
+                format!("{m:?} is not host:port"),
+            );
+        }
+    }
+    Ok(())
 }
 
 impl DiskConfig {
@@ -625,7 +699,17 @@ impl VmConfig {
             if !ids.insert(d.id.as_str()) {
                 return err(f("id"), format!("duplicate disk id {:?}", d.id));
             }
-            check_abs_path(&f("path"), &d.path)?;
+            if let Some(r) = &d.rbd {
+                if !d.path.as_os_str().is_empty() {
+                    return err(f("path"), "must be empty for an rbd disk");
+                }
+                if !d.backing.is_empty() {
+                    return err(f("backing"), "an rbd disk has no backing chain");
+                }
+                validate_rbd(&f("rbd"), r)?;
+            } else {
+                check_abs_path(&f("path"), &d.path)?;
+            }
             if let Some(b) = d.boot_index
                 && !boot.insert(b)
             {
@@ -932,6 +1016,7 @@ mod tests {
                 serial: None,
                 cache: DiskCache::default(),
                 backing: vec![],
+                rbd: None,
             }],
             nics: vec![NicConfig {
                 id: "default".into(),
@@ -1064,6 +1149,7 @@ mod tests {
                 serial: None,
                 cache: DiskCache::Writeback,
                 backing: vec![],
+                rbd: None,
             })
             .collect();
         assert_eq!(field_of(&c), "disks[6].bus");

@@ -26,7 +26,7 @@ pub use cgroup::{CgroupError, CgroupVersion, Cgroups, VmCgroup};
 pub use config::{
     Accel, BackingImage, ConfigError, CpuConfig, CpuModel, DiskBus, DiskCache, DiskConfig,
     DiskFormat, Firmware, KernelBoot, Machine, NicBackend, NicConfig, NicModel, PortForward,
-    Protocol, Resources, RunPaths, VmConfig,
+    Protocol, RbdDisk, Resources, RunPaths, VmConfig,
 };
 pub use isolation::{DEFAULT_QEMU_USER, IsolationError, QemuUser};
 pub use process::{

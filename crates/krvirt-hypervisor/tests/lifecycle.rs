@@ -394,6 +394,7 @@ async fn launch_failure_carries_qemu_message() {
         serial: None,
         cache: DiskCache::Writeback,
         backing: vec![],
+        rbd: None,
     });
     match launch(&cfg, &qemu()).await {
         Err(e @ ProcessError::LaunchFailed { .. }) => {

@@ -95,6 +95,11 @@ impl CephCluster {
             .tempdir()
             .expect("tempdir");
         let d = dir.path().to_path_buf();
+        // QEMU may run as an unprivileged user: it reads ceph.conf.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         for sub in ["run", "log", "mon.a", "osd.0", "crash"] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
