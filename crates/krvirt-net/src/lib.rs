@@ -9,9 +9,11 @@
 //! - [`dhcp`]: one `dnsmasq` per network serving only the leases IPAM made
 //!   (`--dhcp-hostsfile`, static ranges);
 //! - [`firewall`]: security groups and anti-spoofing compiled to nftables
-//!   JSON and applied as ONE atomic `nft -j -f -` transaction per change,
+//!   (text syntax) and applied as ONE atomic `nft -f -` transaction per change,
 //!   in krvirt's own tables (`inet krvirt`, `bridge krvirt`);
-//! - [`nat`]: IPv4 forwarding and the masquerade rule of a NAT network.
+//! - [`nat`]: IPv4 forwarding and the masquerade rule of a NAT network;
+//! - [`vxlan`]: the cross-host form of a Network (one VNI per Network, a
+//!   kernel vxlan device as a port of its bridge, head-end replication).
 //!
 //! Everything here needs root (CAP_NET_ADMIN) except the pure parts
 //! (names, CIDR arithmetic, rule compilation).
@@ -23,6 +25,7 @@ pub mod ipam;
 pub mod link;
 pub mod nat;
 pub mod tap;
+pub mod vxlan;
 
 pub use error::NetError;
 pub use ipam::{Cidr, Ipam};

@@ -71,6 +71,11 @@ impl Netlink {
         Ok(Netlink { handle, task })
     }
 
+    /// The underlying rtnetlink handle (for this crate's other modules).
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     fn need(&self, name: &str) -> Result<u32, NetError> {
         index(name).ok_or_else(|| NetError::Netlink {
             op: "lookup",
