@@ -1,16 +1,19 @@
-//! Placement: binds each pending VMI to a host that can run it.
+//! Placement: binds each pending VMI to a host that can run it, through
+//! the scheduler crate (`krvirt-scheduler`: filter then score, no I/O).
 //!
-//! Filters: the host is Ready (its agent's heartbeat is recent), not
-//! cordoned, carries every `nodeSelector` label, and has the memory left for
-//! the guest. Among the hosts left, the one with the most free memory wins.
-//! A VMI no host can take stays Pending with a `PodScheduled=False` condition
-//! whose message counts the reasons per host, as kube-scheduler does
-//! ("0/3 hosts are available: 2 insufficient memory, 1 not ready.").
-//!
-//! The cluster issue replaces this with the full scheduler crate; the
-//! decision is kept a pure function ([`choose_host`]) for that reason.
+//! This module turns the listed Hosts and VMIs into the scheduler's
+//! snapshot: a host is Ready when its agent's heartbeat is recent; its
+//! taints come from `spec.taints`, its over-commit from the annotations
+//! `krvirt.io/cpu-allocation-ratio` and `krvirt.io/memory-overcommit-percent`
+//! (else KubeVirt's defaults: 10 and 100); a VMI's affinity and tolerations
+//! from `spec.affinity` / `spec.tolerations` (Kubernetes' JSON) when present.
+//! A VMI with `dedicatedCpuPlacement` gets its exclusive host CPUs recorded
+//! in the annotation [`DEDICATED_CPUS_ANNOTATION`] (`"2,3"`), which the
+//! agent applies. A VMI no host can take stays Pending with a
+//! `PodScheduled=False` condition whose message counts the reasons per host,
+//! as kube-scheduler does ("0/3 hosts are available: 2 insufficient memory,
+//! 1 not ready.").
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use krvirt_api::KindInfo;
@@ -20,10 +23,14 @@ use krvirt_api::kubevirt::{PhaseTransitionTimestamp, VirtualMachineInstance, Vmi
 use krvirt_api::meta::{
     Condition, ConditionStatus, find_condition, now_rfc3339, parse_rfc3339, set_condition,
 };
+use krvirt_scheduler::{
+    HostCpu, HostHugepages, HostInfo, HostNuma, Overcommit, Placement, ScheduleError, Scheduler,
+    VmiRequest,
+};
 use krvirt_server::events::EventRecorder;
 use krvirt_server::{Registry, Selector, Subresource};
 use serde_json::{Value, json};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::queue::Key;
 use crate::runner::{ControllerError, decode};
@@ -34,25 +41,13 @@ pub const HEARTBEAT_GRACE: Duration = Duration::from_secs(40);
 /// Condition type KubeVirt mirrors from the launcher pod.
 pub const POD_SCHEDULED: &str = "PodScheduled";
 
-/// Why a host was not chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Unfit {
-    NotReady,
-    Unschedulable,
-    NodeSelector,
-    Memory,
-}
-
-impl Unfit {
-    fn describe(self) -> &'static str {
-        match self {
-            Unfit::NotReady => "not ready",
-            Unfit::Unschedulable => "unschedulable (cordoned)",
-            Unfit::NodeSelector => "didn't match the VMI's nodeSelector",
-            Unfit::Memory => "insufficient memory",
-        }
-    }
-}
+/// Exclusive host CPU ids given to a `dedicatedCpuPlacement` VMI,
+/// ascending and comma-separated (`"2,3"`); vCPU i goes on the i-th id.
+pub const DEDICATED_CPUS_ANNOTATION: &str = "krvirt.io/dedicated-cpus";
+/// Per-host `cpuAllocationRatio` (a positive number).
+pub const CPU_RATIO_ANNOTATION: &str = "krvirt.io/cpu-allocation-ratio";
+/// Per-host memory over-commit in percent (100 = none).
+pub const MEMORY_OVERCOMMIT_ANNOTATION: &str = "krvirt.io/memory-overcommit-percent";
 
 fn host_ready(host: &Host, now: chrono::DateTime<chrono::Utc>) -> bool {
     let Some(st) = host.status.as_ref() else {
@@ -70,8 +65,201 @@ fn host_ready(host: &Host, now: chrono::DateTime<chrono::Utc>) -> bool {
     ready && fresh
 }
 
-fn memory_of(vmi: &VirtualMachineInstance) -> u64 {
-    vmi.spec.guest_memory_bytes().ok().flatten().unwrap_or(0)
+/// A field of a raw object, decoded if present and well-formed.
+fn raw_field<T: serde::de::DeserializeOwned>(raw: &Value, pointer: &str) -> Option<T> {
+    raw.pointer(pointer)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+/// Decode `raw` as `T`, ignoring the scheduling fields this module reads
+/// from the raw JSON itself (so an API that does not type them yet still
+/// decodes).
+fn decode_sans<T: serde::de::DeserializeOwned>(raw: &Value, fields: &[(&str, &str)]) -> Option<T> {
+    let mut v = raw.clone();
+    for (parent, field) in fields {
+        if let Some(Value::Object(m)) = v.pointer_mut(parent) {
+            m.remove(*field);
+        }
+    }
+    serde_json::from_value(v).ok()
+}
+
+const HOST_RAW_FIELDS: &[(&str, &str)] = &[("/spec", "taints")];
+const VMI_RAW_FIELDS: &[(&str, &str)] = &[
+    ("/spec", "affinity"),
+    ("/spec", "tolerations"),
+    ("/spec/domain/memory", "hugepages"),
+];
+
+/// The scheduler's view of a Host (`raw` is the same object as JSON, for
+/// fields the typed Host does not carry, such as `spec.taints`).
+pub fn host_info(host: &Host, raw: &Value, now: chrono::DateTime<chrono::Utc>) -> HostInfo {
+    let st = host.status.as_ref();
+    let res = st.and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()));
+    let ann = &host.metadata.annotations;
+    let ratio = ann
+        .get(CPU_RATIO_ANNOTATION)
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|r| r.is_finite() && *r > 0.0);
+    let percent = ann
+        .get(MEMORY_OVERCOMMIT_ANNOTATION)
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|p| *p > 0);
+    let overcommit = (ratio.is_some() || percent.is_some()).then(|| {
+        let d = Overcommit::default();
+        Overcommit {
+            cpu_allocation_ratio: ratio.unwrap_or(d.cpu_allocation_ratio),
+            memory_overcommit_percent: percent.unwrap_or(d.memory_overcommit_percent),
+        }
+    });
+    HostInfo {
+        name: host.metadata.name().to_string(),
+        labels: host.metadata.labels.clone(),
+        ready: host_ready(host, now),
+        unschedulable: host.spec.unschedulable == Some(true),
+        taints: raw_field(raw, "/spec/taints").unwrap_or_default(),
+        cpu_millis: res
+            .and_then(|r| r.cpu.as_ref())
+            .and_then(|q| q.millis().ok())
+            .unwrap_or(0),
+        memory_bytes: res
+            .and_then(|r| r.memory.as_ref())
+            .and_then(|q| q.value().ok())
+            .unwrap_or(0),
+        cpus: st
+            .map(|s| {
+                s.cpus
+                    .iter()
+                    .map(|c| HostCpu {
+                        id: c.id,
+                        numa_node: c.numa_node,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        numa_nodes: st
+            .map(|s| {
+                s.numa_nodes
+                    .iter()
+                    .map(|n| HostNuma {
+                        id: n.id,
+                        memory_bytes: n.memory_bytes,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        hugepages: st
+            .map(|s| {
+                s.hugepages
+                    .iter()
+                    .filter_map(|p| {
+                        Some(HostHugepages {
+                            page_size: p.page_size.value().ok()?,
+                            total: p.total,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        overcommit,
+    }
+}
+
+/// The scheduler's view of a VMI (`raw`: the same object as JSON, for
+/// `spec.affinity`, `spec.tolerations` and hugepages).
+pub fn vmi_request(vmi: &VirtualMachineInstance, raw: &Value) -> VmiRequest {
+    let vcpus = vmi.spec.vcpus();
+    let cpu = vmi.spec.domain.cpu.as_ref();
+    VmiRequest {
+        namespace: vmi.metadata.namespace.clone().unwrap_or_default(),
+        name: vmi.metadata.name().to_string(),
+        labels: vmi.metadata.labels.clone(),
+        vcpus,
+        cpu_millis: vmi
+            .spec
+            .domain
+            .resources
+            .requests
+            .get("cpu")
+            .and_then(|q| q.millis().ok())
+            .unwrap_or(u64::from(vcpus) * 1000),
+        memory_bytes: vmi.spec.guest_memory_bytes().ok().flatten().unwrap_or(0),
+        node_selector: vmi.spec.node_selector.clone(),
+        affinity: raw_field(raw, "/spec/affinity").unwrap_or_default(),
+        tolerations: raw_field(raw, "/spec/tolerations").unwrap_or_default(),
+        dedicated_cpus: cpu.is_some_and(|c| c.dedicated_cpu_placement),
+        guest_numa_nodes: 0,
+        hugepage_size: raw_field::<krvirt_api::quantity::Quantity>(
+            raw,
+            "/spec/domain/memory/hugepages/pageSize",
+        )
+        .and_then(|q| q.value().ok()),
+    }
+}
+
+/// Pick a host (and CPUs) for the VMI `raw_vmi` among `raw_hosts`, given
+/// every VMI listed (`raw_placed`; those bound to a host and not ended
+/// count). `Err` carries the human-readable reason summary.
+pub fn schedule(
+    raw_vmi: &Value,
+    raw_hosts: &[Value],
+    raw_placed: &[Value],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Placement, String> {
+    let vmi: VirtualMachineInstance =
+        decode_sans(raw_vmi, VMI_RAW_FIELDS).ok_or_else(|| "undecodable VMI".to_string())?;
+    let hosts: Vec<HostInfo> = raw_hosts
+        .iter()
+        .filter_map(|raw| {
+            let h: Host = decode_sans(raw, HOST_RAW_FIELDS)?;
+            Some(host_info(&h, raw, now))
+        })
+        .collect();
+    let mut sched = Scheduler::new(hosts, Overcommit::default());
+    for raw in raw_placed {
+        let Some(p) = decode_sans::<VirtualMachineInstance>(raw, VMI_RAW_FIELDS) else {
+            continue;
+        };
+        let Some(st) = p.status.as_ref() else {
+            continue;
+        };
+        let Some(node) = st.node_name.clone() else {
+            continue;
+        };
+        if st.phase.is_some_and(VmiPhase::is_final) {
+            continue;
+        }
+        let req = vmi_request(&p, raw);
+        let cpus = p
+            .metadata
+            .annotations
+            .get(DEDICATED_CPUS_ANNOTATION)
+            .and_then(|s| krvirt_scheduler::parse_cpu_set(s).ok())
+            .unwrap_or_default();
+        let placement = Placement {
+            host: node,
+            dedicated_cpus: cpus,
+            numa_nodes: vec![],
+        };
+        match sched.add_placed(&req, &placement) {
+            Ok(()) => {}
+            // A host that is gone: nothing to account.
+            Err(ScheduleError::UnknownHost(_)) => {}
+            Err(e) => {
+                warn!(vmi = %req.name, error = %e, "placed VMI's CPUs overlap; counting it without them");
+                let _ = sched.add_placed(
+                    &req,
+                    &Placement {
+                        dedicated_cpus: vec![],
+                        ..placement
+                    },
+                );
+            }
+        }
+    }
+    sched
+        .schedule(&vmi_request(&vmi, raw_vmi))
+        .map_err(|e| e.to_string())
 }
 
 /// Pick a host for `vmi` among `hosts`, given the VMIs already placed.
@@ -82,72 +270,12 @@ pub fn choose_host(
     placed: &[VirtualMachineInstance],
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<String, String> {
-    let need = memory_of(vmi);
-    let mut reasons: BTreeMap<Unfit, usize> = BTreeMap::new();
-    let mut best: Option<(u64, &str)> = None;
-    for host in hosts {
-        let name = host.metadata.name();
-        let unfit = if !host_ready(host, now) {
-            Some(Unfit::NotReady)
-        } else if host.spec.unschedulable == Some(true) {
-            Some(Unfit::Unschedulable)
-        } else if !vmi
-            .spec
-            .node_selector
-            .iter()
-            .all(|(k, v)| host.metadata.labels.get(k) == Some(v))
-        {
-            Some(Unfit::NodeSelector)
-        } else {
-            None
-        };
-        if let Some(u) = unfit {
-            *reasons.entry(u).or_default() += 1;
-            continue;
-        }
-        let capacity = host
-            .status
-            .as_ref()
-            .and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()))
-            .and_then(|r| r.memory.as_ref())
-            .and_then(|q| q.value().ok())
-            .unwrap_or(0);
-        let used: u64 = placed
-            .iter()
-            .filter(|p| p.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name))
-            .filter(|p| {
-                !p.status
-                    .as_ref()
-                    .and_then(|s| s.phase)
-                    .is_some_and(VmiPhase::is_final)
-            })
-            .map(memory_of)
-            .sum();
-        let free = capacity.saturating_sub(used);
-        if free < need {
-            *reasons.entry(Unfit::Memory).or_default() += 1;
-            continue;
-        }
-        if best.is_none_or(|(f, _)| free > f) {
-            best = Some((free, name));
-        }
+    fn to_raw<T: serde::Serialize>(v: &T) -> Value {
+        serde_json::to_value(v).unwrap_or(Value::Null)
     }
-    match best {
-        Some((_, name)) => Ok(name.to_string()),
-        None => {
-            let detail: Vec<String> = reasons
-                .iter()
-                .map(|(u, n)| format!("{n} {}", u.describe()))
-                .collect();
-            let mut msg = format!("0/{} hosts are available", hosts.len());
-            if !detail.is_empty() {
-                msg.push_str(": ");
-                msg.push_str(&detail.join(", "));
-            }
-            msg.push('.');
-            Err(msg)
-        }
-    }
+    let raw_hosts: Vec<Value> = hosts.iter().map(to_raw).collect();
+    let raw_placed: Vec<Value> = placed.iter().map(to_raw).collect();
+    schedule(&to_raw(vmi), &raw_hosts, &raw_placed, now).map(|p| p.host)
 }
 
 /// Place one VMI. Returns when to try again, if it could not be placed.
@@ -168,7 +296,13 @@ pub async fn reconcile(
         .pointer("/metadata/resourceVersion")
         .cloned()
         .unwrap_or(Value::Null);
-    let vmi: VirtualMachineInstance = decode("VMI", raw)?;
+    let mut typed = raw.clone();
+    for (parent, field) in VMI_RAW_FIELDS {
+        if let Some(Value::Object(m)) = typed.pointer_mut(parent) {
+            m.remove(*field);
+        }
+    }
+    let vmi: VirtualMachineInstance = decode("VMI", typed)?;
     let st = vmi.status.clone().unwrap_or_default();
     if vmi.metadata.deletion_timestamp.is_some()
         || st.node_name.is_some()
@@ -179,34 +313,41 @@ pub async fn reconcile(
     let (host_items, _) = registry
         .list(host_kind, None, &Selector::everything())
         .await?;
-    let hosts: Vec<Host> = host_items
-        .into_iter()
-        .map(|h| decode("Host", h))
-        .collect::<Result<_, _>>()?;
     let (vmi_items, _) = registry
         .list(vmi_kind, None, &Selector::everything())
         .await?;
-    let placed: Vec<VirtualMachineInstance> = vmi_items
-        .into_iter()
-        .filter_map(|v| serde_json::from_value(v).ok())
-        .collect();
 
     let mut status = st.clone();
-    let retry = match choose_host(&vmi, &hosts, &placed, chrono::Utc::now()) {
-        Ok(host) => {
+    let retry = match schedule(&raw, &host_items, &vmi_items, chrono::Utc::now()) {
+        Ok(Placement {
+            host,
+            dedicated_cpus,
+            ..
+        }) => {
             // The finalizer first: once the agent sees nodeName it owns the
             // guest's cleanup, and a delete must wait for it.
             let fin = crate::VMI_FINALIZER;
+            // Dedicated CPUs go with it, in the same write, so the agent
+            // never sees nodeName without them.
             let mut rv = rv;
-            if !vmi.metadata.finalizers.iter().any(|f| f == fin) {
+            let cpus = (!dedicated_cpus.is_empty())
+                .then(|| krvirt_scheduler::format_cpu_set(&dedicated_cpus));
+            let has_fin = vmi.metadata.finalizers.iter().any(|f| f == fin);
+            if !has_fin || cpus.is_some() {
                 let mut finalizers = vmi.metadata.finalizers.clone();
-                finalizers.push(fin.to_string());
+                if !has_fin {
+                    finalizers.push(fin.to_string());
+                }
+                let mut meta = json!({"finalizers": finalizers, "resourceVersion": rv});
+                if let Some(cpus) = &cpus {
+                    meta["annotations"] = json!({ DEDICATED_CPUS_ANNOTATION: cpus });
+                }
                 let updated = registry
                     .merge_patch(
                         vmi_kind,
                         &key.namespace,
                         &key.name,
-                        &json!({"metadata": {"finalizers": finalizers, "resourceVersion": rv}}),
+                        &json!({ "metadata": meta }),
                         Subresource::Main,
                     )
                     .await?;
@@ -405,5 +546,51 @@ mod tests {
         let mut done = on(vmi("2Gi"), "a");
         done.status.as_mut().unwrap().phase = Some(VmiPhase::Succeeded);
         assert!(choose_host(&vmi("1Gi"), &hosts, &[done], chrono::Utc::now()).is_ok());
+    }
+
+    #[test]
+    fn taints_affinity_and_dedicated_cpus_come_from_the_raw_objects() {
+        let now = chrono::Utc::now();
+        let mut a = host("a", "8Gi", true);
+        let st = a.status.as_mut().unwrap();
+        st.cpus = (0..4)
+            .map(|id| krvirt_api::host::HostCpu {
+                id,
+                core: id,
+                socket: 0,
+                numa_node: 0,
+            })
+            .collect();
+        let mut raw_a = serde_json::to_value(&a).unwrap();
+        let raw_b = {
+            let mut b = serde_json::to_value(host("b", "8Gi", true)).unwrap();
+            b["spec"]["taints"] = json!([{"key": "maint", "effect": "NoSchedule"}]);
+            b
+        };
+        let mut v = serde_json::to_value(vmi("1Gi")).unwrap();
+        v["spec"]["domain"]["cpu"] = json!({"cores": 2, "dedicatedCpuPlacement": true});
+        let p = schedule(&v, &[raw_a.clone(), raw_b.clone()], &[], now).unwrap();
+        assert_eq!(p.host, "a");
+        assert_eq!(p.dedicated_cpus, vec![0, 1]);
+        // A placed VMI holding CPUs 0,1 (annotation) leaves 2,3.
+        let mut placed = v.clone();
+        placed["metadata"]["name"] = json!("w");
+        placed["metadata"]["annotations"] = json!({ DEDICATED_CPUS_ANNOTATION: "0,1" });
+        placed["status"] = json!({"nodeName": "a", "phase": "Running"});
+        let p = schedule(&v, &[raw_a.clone(), raw_b.clone()], &[placed.clone()], now).unwrap();
+        assert_eq!(p.dedicated_cpus, vec![2, 3]);
+        // Two such VMIs placed: no CPUs left; b is tainted.
+        let mut placed2 = placed.clone();
+        placed2["metadata"]["name"] = json!("x");
+        placed2["metadata"]["annotations"] = json!({ DEDICATED_CPUS_ANNOTATION: "2,3" });
+        let err =
+            schedule(&v, &[raw_a.clone(), raw_b.clone()], &[placed, placed2], now).unwrap_err();
+        assert!(err.contains("1 node(s) had untolerated taint"), "{err}");
+        // A toleration lets it onto b (no CPU inventory there: no
+        // dedicated CPUs either).
+        v["spec"]["tolerations"] = json!([{"key": "maint", "operator": "Exists"}]);
+        v["spec"]["domain"]["cpu"] = json!({"cores": 2});
+        raw_a["spec"]["unschedulable"] = json!(true);
+        assert_eq!(schedule(&v, &[raw_a, raw_b], &[], now).unwrap().host, "b");
     }
 }
