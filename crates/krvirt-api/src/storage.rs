@@ -2,7 +2,8 @@
 //! role of CDI's DataVolume and of a bound PVC).
 //!
 //! A pool is `dir` (qcow2 files in a directory), `btrfs` (subvolumes on a
-//! btrfs) or `rbd` (Ceph RBD; refused as not implemented yet). A Volume is
+//! btrfs) or `rbd` (a Ceph RBD pool, shared by every host that reaches the
+//! cluster). A Volume is
 //! provisioned into a pool from a source (blank, image, another volume, a
 //! volume snapshot); `status` carries the DataVolume-style phase, capacity
 //! and allocation. VMs use Volumes through `persistentVolumeClaim:
@@ -61,9 +62,21 @@ pub struct StoragePoolSpec {
     /// `rbd`: the Ceph pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
-    /// `rbd`: path of `ceph.conf`.
+    /// `rbd`: absolute path of a `ceph.conf` on the hosts (monitors and
+    /// options). `conf`, `monitors` or both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conf: Option<String>,
+    /// `rbd`: monitor addresses `host:port` (IPv6 hosts in brackets).
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub monitors: Vec<String>,
+    /// `rbd`: the Ceph user (without `client.`; Ceph's default `admin`
+    /// when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// What the agent observed.
@@ -265,13 +278,94 @@ impl Admit for StoragePool {
         }
         let s = &self.spec;
         match s.type_ {
-            PoolType::Dir | PoolType::Btrfs => match s.path.as_deref() {
-                Some(p) if crate::util::clean_absolute_path(p).is_ok() => {}
-                Some(p) => c.invalid("spec.path", format!("{p:?} is not a clean absolute path")),
-                None => c.required("spec.path", "a dir or btrfs pool needs a path"),
-            },
-            PoolType::Rbd => c.not_implemented("spec.type", "the rbd backend"),
+            PoolType::Dir | PoolType::Btrfs => {
+                match s.path.as_deref() {
+                    Some(p) if crate::util::clean_absolute_path(p).is_ok() => {}
+                    Some(p) => {
+                        c.invalid("spec.path", format!("{p:?} is not a clean absolute path"))
+                    }
+                    None => c.required("spec.path", "a dir or btrfs pool needs a path"),
+                }
+                for (f, set) in [
+                    ("spec.pool", s.pool.is_some()),
+                    ("spec.conf", s.conf.is_some()),
+                    ("spec.monitors", !s.monitors.is_empty()),
+                    ("spec.user", s.user.is_some()),
+                ] {
+                    if set {
+                        c.forbidden(f, "only for an rbd pool");
+                    }
+                }
+            }
+            PoolType::Rbd => validate_rbd_pool(s, c),
         }
+    }
+}
+
+/// A Ceph pool or user name: 1-100 characters of `[A-Za-z0-9._-]` (what
+/// needs no escaping on QEMU's and the `rbd` tool's command lines).
+fn ceph_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 100
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// `host:port`, an IPv6 host in brackets.
+fn monitor_ok(m: &str) -> bool {
+    let Some((host, port)) = m.rsplit_once(':') else {
+        return false;
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b))
+        && port.parse::<u16>().is_ok_and(|p| p != 0)
+}
+
+fn validate_rbd_pool(s: &StoragePoolSpec, c: &mut Causes) {
+    match s.pool.as_deref() {
+        None => c.required("spec.pool", "an rbd pool needs the Ceph pool name"),
+        Some(p) if !ceph_name(p) => c.invalid(
+            "spec.pool",
+            format!("{p:?}: 1-100 characters of [A-Za-z0-9._-]"),
+        ),
+        Some(_) => {}
+    }
+    if s.path.is_some() {
+        c.forbidden("spec.path", "an rbd pool has no path (use spec.conf)");
+    }
+    if let Some(p) = s.conf.as_deref()
+        && crate::util::clean_absolute_path(p).is_err()
+    {
+        c.invalid("spec.conf", format!("{p:?} is not a clean absolute path"));
+    }
+    if s.conf.is_none() && s.monitors.is_empty() {
+        c.required(
+            "spec.conf",
+            "an rbd pool needs spec.conf (a ceph.conf path) or spec.monitors",
+        );
+    }
+    for (i, m) in s.monitors.iter().enumerate() {
+        if !monitor_ok(m) {
+            c.invalid(
+                crate::admission::idx("spec.monitors", i),
+                format!("{m:?} is not host:port"),
+            );
+        }
+    }
+    if let Some(u) = s.user.as_deref()
+        && !ceph_name(u)
+    {
+        c.invalid(
+            "spec.user",
+            format!("{u:?}: 1-100 characters of [A-Za-z0-9._-]"),
+        );
     }
 }
 
@@ -729,8 +823,42 @@ mod tests {
         pool(json!({"type": "btrfs", "path": "/mnt/b"})).unwrap();
         assert!(pool(json!({"type": "dir"})).is_err());
         assert!(pool(json!({"type": "dir", "path": "rel/x"})).is_err());
-        let e = pool(json!({"type": "rbd", "pool": "rbd"})).unwrap_err();
-        assert!(e.to_string().contains("not implemented"), "{e}");
+        pool(json!({"type": "rbd", "pool": "rbd", "conf": "/etc/ceph/ceph.conf"})).unwrap();
+        pool(json!({"type": "rbd", "pool": "vms", "monitors": ["10.0.0.1:6789", "[fd00::1]:3300"], "user": "krvirt"}))
+            .unwrap();
+        let fields_of = |spec| fields(&pool(spec).unwrap_err());
+        assert_eq!(
+            fields_of(json!({"type": "rbd", "pool": "rbd"})),
+            ["spec.conf"]
+        );
+        assert_eq!(
+            fields_of(json!({"type": "rbd", "conf": "/etc/ceph/ceph.conf"})),
+            ["spec.pool"]
+        );
+        assert_eq!(
+            fields_of(json!({"type": "rbd", "pool": "a/b", "conf": "/c"})),
+            ["spec.pool"]
+        );
+        assert_eq!(
+            fields_of(json!({"type": "rbd", "pool": "rbd", "monitors": ["x"]})),
+            ["spec.monitors[0]"]
+        );
+        assert_eq!(
+            fields_of(json!({"type": "rbd", "pool": "rbd", "conf": "etc/c"})),
+            ["spec.conf"]
+        );
+        assert_eq!(
+            fields_of(json!({"type": "rbd", "pool": "rbd", "conf": "/c", "user": "a b"})),
+            ["spec.user"]
+        );
+        assert_eq!(
+            fields_of(json!({"type": "rbd", "pool": "rbd", "conf": "/c", "path": "/x"})),
+            ["spec.path"]
+        );
+        assert_eq!(
+            fields_of(json!({"type": "dir", "path": "/x", "pool": "rbd"})),
+            ["spec.pool"]
+        );
     }
 
     #[test]
