@@ -199,6 +199,8 @@ struct Inner {
     volumes: crate::storage::Volumes,
     /// Lifecycle events (`source.component` = [`COMPONENT`]).
     events: EventRecorder,
+    /// Live migrations in progress here (source or target).
+    migrations: crate::migration::Migrations,
 }
 
 /// `source.component` of the agent's events.
@@ -263,6 +265,7 @@ impl Agent {
                 vms: Mutex::new(HashMap::new()),
                 queue: WorkQueue::new(),
                 volumes,
+                migrations: Default::default(),
             }),
         })
     }
@@ -316,6 +319,8 @@ impl Agent {
         tasks.push(tokio::spawn(async move { me.watch_loop().await }));
         let me = self.clone();
         tasks.push(tokio::spawn(async move { me.resync_loop().await }));
+        let me = self.clone();
+        tasks.push(tokio::spawn(crate::migration::run_target_watch(me)));
         let volumes = self.inner.volumes.clone();
         tasks.push(tokio::spawn(async move {
             volumes.run(Duration::from_millis(500)).await
@@ -684,12 +689,21 @@ impl Agent {
             None => (String::new(), false),
         };
 
+        // A QEMU receiving a live migration here is not stale although the
+        // VMI is still bound to its source.
+        let incoming = current
+            .as_ref()
+            .and_then(|(v, _)| crate::migration::incoming_uid(v, me));
         // Earlier incarnations under this name (deleted while we were away,
         // or no longer bound here) are stopped and their run dirs removed.
         let stale: Vec<Arc<LocalVm>> = self
             .vms()
             .values()
-            .filter(|v| v.key == *key && (v.uid != uid || !mine))
+            .filter(|v| {
+                v.key == *key
+                    && (v.uid != uid || !mine)
+                    && incoming.as_deref() != Some(v.uid.as_str())
+            })
             .cloned()
             .collect();
         for vm in stale {
@@ -699,6 +713,7 @@ impl Agent {
         for (dir, rec) in self.run_records() {
             if Key::new(&rec.namespace, &rec.name) == *key
                 && (rec.uid != uid || !mine)
+                && incoming.as_deref() != Some(rec.uid.as_str())
                 && self.local(&rec.uid).is_none()
             {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -781,7 +796,10 @@ impl Agent {
             (VmiPhase::Pending | VmiPhase::Scheduling | VmiPhase::Scheduled, None) => {
                 self.launch(key, &vmi, &rv).await
             }
-            (_, Some(vm)) => self.observe(key, &vmi, &rv, &vm).await,
+            (_, Some(vm)) => {
+                crate::migration::maybe_start_source(self, key, &vmi, vm.handle.clone());
+                self.observe(key, &vmi, &rv, &vm).await
+            }
             (VmiPhase::Running | VmiPhase::Unknown, None) => {
                 let mut st = status.clone();
                 set_phase(&mut st, VmiPhase::Failed);
@@ -1123,6 +1141,8 @@ impl Agent {
                 let pid = vm.handle.pid();
                 let rt = st.krvirt_runtime.get_or_insert_with(Default::default);
                 rt.pid = Some(pid);
+                // After a live migration the run directory is this host's.
+                rt.run_dir = Some(vm.handle.paths().dir.display().to_string());
                 st.volume_status = self
                     .inner
                     .volumes
@@ -1214,6 +1234,63 @@ impl Agent {
         crate::metrics::VmMetrics {
             vms: self.vm_stats().await,
         }
+    }
+
+    // ----- live migration hooks (crate::migration) ----------------------------
+
+    pub(crate) fn migrations(&self) -> &crate::migration::Migrations {
+        &self.inner.migrations
+    }
+
+    pub(crate) fn vmi_kind(&self) -> &'static KindInfo {
+        self.inner.vmi_kind
+    }
+
+    pub(crate) fn run_dir_of(&self, uid: &str) -> PathBuf {
+        self.run_dir(uid)
+    }
+
+    pub(crate) fn accel_kind(&self) -> Accel {
+        self.inner.accel.accel
+    }
+
+    pub(crate) fn image_resolver(&self) -> &dyn ImageResolver {
+        &self.inner.images
+    }
+
+    pub(crate) fn qemu_bin(&self) -> &Path {
+        &self.inner.cfg.qemu_bin
+    }
+
+    /// A run directory with its VMI record and no disks yet.
+    pub(crate) async fn prepare_run_dir(
+        &self,
+        run_dir: &Path,
+        key: &Key,
+        uid: &str,
+    ) -> Result<(), AgentError> {
+        self.prepare(run_dir, key, uid, &[]).await
+    }
+
+    /// Track a QEMU started outside the reconcile (a migration target).
+    pub(crate) fn adopt_qemu(&self, key: Key, uid: String, handle: QemuHandle) -> Arc<QemuHandle> {
+        self.adopt(key, uid, handle).handle.clone()
+    }
+
+    pub(crate) fn requeue(&self, key: Key) {
+        self.inner.queue.add(key);
+    }
+
+    pub(crate) fn record_event(
+        &self,
+        vmi: &VirtualMachineInstance,
+        type_: &str,
+        reason: &str,
+        message: &str,
+    ) {
+        self.inner
+            .events
+            .record_ref(vmi_ref(vmi), type_, reason, message);
     }
 
     // ----- host-side operations (the API server's connector) -----------------

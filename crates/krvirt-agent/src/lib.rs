@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod inventory;
 pub mod metrics;
+pub mod migration;
 pub mod plan;
 pub mod snapshot;
 pub mod storage;
