@@ -161,6 +161,11 @@ impl Controllers {
             Ok(t) => tasks.push(tokio::spawn(t.run())),
             Err(e) => warn!(error = %e, "template controller not started"),
         }
+        // Live migrations.
+        match crate::migration::MigrationController::new(me.registry.clone(), me.events.clone()) {
+            Ok(m) => tasks.push(tokio::spawn(m.run())),
+            Err(e) => warn!(error = %e, "migration controller not started"),
+        }
         // Webhooks.
         if let (Ok(wk), Ok(ek)) = (kind("webhooks"), kind("events")) {
             let hooks = crate::webhook::WebhookController::new(me.registry.clone(), wk, ek);
