@@ -11,6 +11,7 @@ mod console;
 mod describe;
 mod events;
 mod get;
+mod hosts;
 mod image;
 mod lifecycle;
 pub mod manifest;
@@ -80,6 +81,14 @@ pub enum ClientCommand {
     Removevolume(volume::RemoveVolumeArgs),
     /// Manage disk images: list, import, upload, tag, inspect, rm, gc, verify
     Image(image::ImageArgs),
+    /// Live-migrate a running virtual machine to another host (--cancel stops it)
+    Migrate(hosts::MigrateArgs),
+    /// Mark a host unschedulable: no new VMs are placed there
+    Cordon(hosts::HostArgs),
+    /// Mark a host schedulable again
+    Uncordon(hosts::HostArgs),
+    /// Cordon a host and move its VMs away (live migration where evictionStrategy allows)
+    Drain(hosts::DrainArgs),
     /// Print client and server versions
     Version,
 }
@@ -152,6 +161,10 @@ async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> Result<ExitCode> {
         ClientCommand::Addvolume(a) => volume::add(ctx, a).await,
         ClientCommand::Removevolume(a) => volume::remove(ctx, a).await,
         ClientCommand::Image(a) => image::image(ctx, a).await,
+        ClientCommand::Migrate(a) => hosts::migrate(ctx, a).await,
+        ClientCommand::Cordon(a) => hosts::cordon(ctx, a, true).await,
+        ClientCommand::Uncordon(a) => hosts::cordon(ctx, a, false).await,
+        ClientCommand::Drain(a) => hosts::drain(ctx, a).await,
         ClientCommand::Version => version(ctx).await,
     }
 }

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -66,6 +68,17 @@ impl Instance {
         inst.spawn();
         inst.wait_ready().await;
         inst
+    }
+
+    /// An instance for a server process started elsewhere (the multi-host
+    /// harness starts `krvirt server` itself); `dir` is its temp dir.
+    pub fn from_server_process(dir: tempfile::TempDir, url: String, child: Child) -> Instance {
+        Instance {
+            dir,
+            url,
+            child: Some(child),
+            http: reqwest::Client::new(),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -1,0 +1,378 @@
+//! Multi-host harness: every host is a network namespace on this machine
+//! with a veth pair to a test bridge in the root namespace and its own
+//! `krvirt agent` (own data dir and host name); `krvirt server` listens on
+//! the bridge's address. Names (bridge, namespaces, veths) and the /24 are
+//! unique per test, so tests run in parallel; the [`Cluster`]'s Drop kills
+//! the agents and their QEMUs and removes namespaces, links and dirs.
+//! Needs root and `ip` (iproute2): missing, the test fails loudly.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{BIN, Instance, cache_dir, free_port, kill_processes_under, tail};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Run `ip ARGS` (optionally in a namespace); panic with its stderr on failure.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `ip` (iproute2 is needed): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ip_quiet(args: &[&str]) {
+    let _ = Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// One host: a network namespace running `krvirt agent`.
+pub struct Host {
+    pub name: String,
+    /// Network namespace.
+    pub ns: String,
+    /// Address on the test bridge.
+    pub ip: String,
+    /// Root-namespace end of the veth pair.
+    pub veth: String,
+    /// The agent's data dir.
+    pub data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Host {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9` the agent (its guests keep running).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The console log file of a VMI uid on this host (read from disk).
+    pub fn console_file(&self, uid: &str) -> String {
+        std::fs::read_to_string(self.data_dir.join("run/vmi").join(uid).join("console.log"))
+            .unwrap_or_default()
+    }
+
+    /// Link state of this host's network: down cuts it off the cluster.
+    pub fn set_link(&self, up: bool) {
+        ip(&["link", "set", &self.veth, if up { "up" } else { "down" }]);
+    }
+
+    fn spawn_agent(&mut self, server_url: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, BIN])
+            .args(["--server", server_url, "agent", "--accel", "tcg"])
+            .args(["--node-name", &self.name])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("KRVIRT_CACHE_DIR", cache_dir())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start krvirt agent in its namespace");
+        self.child = Some(child);
+    }
+}
+
+/// A server and `n` namespaced hosts.
+pub struct Cluster {
+    pub hosts: Vec<Host>,
+    pub bridge: String,
+    /// `10.A.B` of the test /24.
+    pub prefix: String,
+    /// The API server (a `krvirt server` on the bridge address); its temp
+    /// dir also holds the hosts' data dirs.
+    pub server: Instance,
+}
+
+fn subnet_in_use(prefix: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-4", "addr"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.contains(&format!(" {prefix}."))
+}
+
+impl Cluster {
+    /// Build the network, start the server and `n` agents, wait until all
+    /// hosts are Ready.
+    pub async fn start(n: usize) -> Cluster {
+        assert!(
+            nix_is_root(),
+            "the multi-host harness needs root (network namespaces)"
+        );
+        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{:x}{:x}", std::process::id() & 0xfff, seq & 0xf);
+        // A /24 nobody uses: 10.(200..250).(0..250).0
+        let mut k = (std::process::id().wrapping_mul(31).wrapping_add(seq * 7919)) % 12_500;
+        let prefix = loop {
+            let p = format!("10.{}.{}", 200 + k / 250, k % 250);
+            if !subnet_in_use(&p) {
+                break p;
+            }
+            k = (k + 1) % 12_500;
+        };
+        let bridge = format!("kvtb{id}");
+        let dir = tempfile::Builder::new()
+            .prefix("krvirt-cluster-")
+            .tempdir()
+            .unwrap();
+
+        let mut guard = NetGuard {
+            bridge: bridge.clone(),
+            namespaces: Vec::new(),
+            veths: Vec::new(),
+        };
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{prefix}.1/24"), "dev", &bridge]);
+        ip(&["link", "set", &bridge, "up"]);
+
+        let mut hosts = Vec::new();
+        for i in 0..n {
+            let ns = format!("kvt-{id}-{i}");
+            let veth = format!("kvv{id}{i}");
+            let peer = format!("kvp{id}{i}");
+            let host_ip = format!("{prefix}.{}", 10 + i);
+            ip(&["netns", "add", &ns]);
+            guard.namespaces.push(ns.clone());
+            ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+            guard.veths.push(veth.clone());
+            ip(&["link", "set", &peer, "netns", &ns]);
+            ip(&["link", "set", &veth, "master", &bridge]);
+            ip(&["link", "set", &veth, "up"]);
+            ip(&["-n", &ns, "link", "set", &peer, "name", "eth0"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{host_ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{prefix}.1"),
+            ]);
+            let data_dir = dir.path().join(format!("host{i}"));
+            std::fs::create_dir_all(&data_dir).unwrap();
+            hosts.push(Host {
+                name: format!("host{i}"),
+                ns,
+                ip: host_ip,
+                veth,
+                log: dir.path().join(format!("agent-host{i}.log")),
+                data_dir,
+                child: None,
+            });
+        }
+
+        // The server on the bridge address.
+        let port = free_port();
+        let listen = format!("{prefix}.1:{port}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("up.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["server", "--listen", &listen])
+            .arg("--data-dir")
+            .arg(dir.path().join("server"))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start krvirt server");
+        let server = Instance::from_server_process(dir, format!("http://{listen}"), child);
+        let mut cluster = Cluster {
+            hosts,
+            bridge,
+            prefix,
+            server,
+        };
+        // From here on the cluster's Drop cleans the network.
+        std::mem::forget(guard);
+        let url = cluster.server.url.clone();
+        for h in &mut cluster.hosts {
+            h.spawn_agent(&url);
+        }
+        let names: Vec<String> = cluster.hosts.iter().map(|h| h.name.clone()).collect();
+        for name in names {
+            cluster
+                .wait_host_ready(&name, Duration::from_secs(180))
+                .await;
+        }
+        cluster
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name} in this cluster"))
+    }
+
+    pub fn host_mut(&mut self, name: &str) -> &mut Host {
+        self.hosts
+            .iter_mut()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name} in this cluster"))
+    }
+
+    /// Start a host's agent again (after [`Host::kill_agent`]).
+    pub fn restart_agent(&mut self, name: &str) {
+        let url = self.server.url.clone();
+        self.host_mut(name).spawn_agent(&url);
+    }
+
+    /// Everything the server and agents logged (tails), for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = format!("--- server ---\n{}\n", tail(&self.server.log(), 40));
+        for h in &self.hosts {
+            s += &format!("--- agent {} ---\n{}\n", h.name, tail(&h.log(), 40));
+        }
+        s
+    }
+
+    pub async fn wait_host_ready(&self, name: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(h) = self
+                .server
+                .get(&format!("/apis/krvirt.io/v1/hosts/{name}"))
+                .await
+                && host_ready(&h)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host {name} not Ready in time\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Wait until `f` returns Some; on timeout, panic with every log.
+    pub async fn until<T, F, Fut>(&self, what: &str, timeout: Duration, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The host a VMI is bound to.
+    pub async fn node_of(&self, vmi: &str) -> Option<String> {
+        let v = self.server.vmi(vmi).await?;
+        v.pointer("/status/nodeName")?.as_str().map(str::to_string)
+    }
+}
+
+pub fn host_ready(h: &Value) -> bool {
+    h.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Removes the network of a cluster that failed half-way through start.
+struct NetGuard {
+    bridge: String,
+    namespaces: Vec<String>,
+    veths: Vec<String>,
+}
+
+impl Drop for NetGuard {
+    fn drop(&mut self) {
+        remove_net(&self.bridge, &self.namespaces, &self.veths);
+    }
+}
+
+fn remove_net(bridge: &str, namespaces: &[String], veths: &[String]) {
+    for v in veths {
+        ip_quiet(&["link", "del", v]);
+    }
+    for ns in namespaces {
+        ip_quiet(&["netns", "del", ns]);
+    }
+    ip_quiet(&["link", "del", bridge]);
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            h.kill_agent();
+        }
+        // Agents' QEMUs live under the cluster dir (the hosts' data dirs).
+        kill_processes_under(self.server.dir.path());
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        let namespaces: Vec<String> = self.hosts.iter().map(|h| h.ns.clone()).collect();
+        let veths: Vec<String> = self.hosts.iter().map(|h| h.veth.clone()).collect();
+        remove_net(&self.bridge, &namespaces, &veths);
+    }
+}
