@@ -278,6 +278,11 @@ impl Agent {
         &self.inner.cfg.node_name
     }
 
+    /// The agent's data directory.
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.inner.cfg.data_dir
+    }
+
     fn run_root(&self) -> PathBuf {
         self.inner.cfg.data_dir.join("run").join("vmi")
     }
@@ -921,7 +926,11 @@ impl Agent {
                 .fail(key, rv, vmi, "FailedToPrepare", e.to_string())
                 .await;
         }
-        let handle = match launch(&plan.config, &self.inner.cfg.qemu_bin).await {
+        // A restored memory snapshot: start paused, load it, then run.
+        let resume = crate::snapshot::resume_point(self, vmi).await;
+        let mut config = plan.config.clone();
+        config.start_paused |= resume.is_some();
+        let handle = match launch(&config, &self.inner.cfg.qemu_bin).await {
             Ok(h) => h,
             Err(e) => {
                 return self
@@ -929,6 +938,14 @@ impl Agent {
                     .await;
             }
         };
+        if let Some(point) = &resume {
+            let stay_paused = plan.config.start_paused;
+            let r = crate::snapshot::resume(self, handle.qmp(), vmi, point, stay_paused).await;
+            if let Err(e) = r {
+                let _ = handle.kill();
+                return self.fail(key, rv, vmi, "FailedToResume", e).await;
+            }
+        }
         let pid = handle.pid();
         info!(%key, pid, "guest started");
         self.inner.events.record_ref(

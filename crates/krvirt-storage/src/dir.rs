@@ -268,6 +268,9 @@ impl StorageBackend for DirPool {
                 "qemu-img",
                 [
                     "convert".as_ref(),
+                    // A snapshot's clusters are immutable while it
+                    // exists: read it even while a guest runs on the file.
+                    "-U".as_ref(),
                     "-f".as_ref(),
                     "qcow2".as_ref(),
                     "-l".as_ref(),
