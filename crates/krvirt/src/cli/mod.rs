@@ -8,6 +8,7 @@
 mod apply;
 mod audit;
 mod console;
+mod create;
 mod describe;
 mod events;
 mod get;
@@ -47,8 +48,8 @@ pub struct GlobalArgs {
 pub enum ClientCommand {
     /// Create or update objects from manifest files (YAML or JSON)
     Apply(apply::ApplyArgs),
-    /// Create objects from manifest files; fails if they exist
-    Create(apply::CreateArgs),
+    /// Create objects from manifest files (fails if they exist), or a VM from a template
+    Create(create::CreateArgs),
     /// Delete objects by kind and name, or those in manifest files
     Delete(apply::DeleteArgs),
     /// List objects or show some of them
@@ -144,7 +145,7 @@ pub async fn run(global: GlobalArgs, cmd: ClientCommand) -> ExitCode {
 async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> Result<ExitCode> {
     match cmd {
         ClientCommand::Apply(a) => apply::apply(ctx, a).await,
-        ClientCommand::Create(a) => apply::create(ctx, a).await,
+        ClientCommand::Create(a) => create::create(ctx, a).await,
         ClientCommand::Delete(a) => apply::delete(ctx, a).await,
         ClientCommand::Get(a) => get::get(ctx, a).await,
         ClientCommand::Describe(a) => describe::describe(ctx, a).await,
