@@ -1,7 +1,8 @@
 //! Revisioned key/value state with etcd semantics.
 //!
 //! One trait ([`Store`]), several backends: [`embedded`] (one host, a durable
-//! SQLite file plus an in-process watch hub) and, later, etcd. Every backend
+//! SQLite file plus an in-process watch hub) and [`etcd`] (an etcd v3
+//! cluster, for several API server replicas). Every backend
 //! is held to the same behaviour by [`conformance`].
 //!
 //! Semantics follow etcd v3:
@@ -27,6 +28,7 @@ use futures::Stream;
 
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
 
 /// A store-wide, monotonically increasing revision number.
 pub type Revision = i64;
