@@ -105,12 +105,86 @@ pub enum PatchTarget {
     Status,
 }
 
+/// How to reach and authenticate to a server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Connection {
+    /// `https://host:port`, `http://host:port`, or `unix:///path/krvirt.sock`
+    /// (local administration: the server identifies the caller by its uid).
+    pub server: String,
+    /// PEM certificate(s) of the CA to trust for `https://` (else the
+    /// system's roots).
+    pub ca_pem: Option<String>,
+    /// Bearer token (`krv_…`).
+    pub token: Option<String>,
+    /// PEM client certificate (agents' mTLS) and its private key.
+    pub client_cert_pem: Option<String>,
+    pub client_key_pem: Option<String>,
+}
+
+/// The transport-level parts of a client (how WebSockets connect).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Transport {
+    pub(crate) unix: Option<std::path::PathBuf>,
+    pub(crate) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    pub(crate) token: Option<String>,
+}
+
 /// A handle on one krvirt API server. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: Url,
     origin: ServerOrigin,
+    display: String,
+    pub(crate) transport: Transport,
+}
+
+fn tls_error(server: &str, reason: impl std::fmt::Display) -> ClientError {
+    ClientError::InvalidServer {
+        url: server.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A rustls client config trusting exactly `ca_pem` (with an optional
+/// client certificate).
+pub fn tls_config(
+    server: &str,
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(server, format!("the CA certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(tls_error(server, "the CA file holds no certificate"));
+    }
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| tls_error(server, format!("the CA certificate: {e}")))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(server, e))?
+        .with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| tls_error(server, format!("the client certificate: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+                .map_err(|e| tls_error(server, format!("the client key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| tls_error(server, format!("the client certificate: {e}")))
+        }
+    }
 }
 
 impl Client {
@@ -129,19 +203,95 @@ impl Client {
     }
 
     fn with_origin(base_url: &str, origin: ServerOrigin) -> Result<Client> {
-        let base = parse_base_url(base_url)?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| ClientError::InvalidServer {
-                url: base_url.to_string(),
-                reason: format!("cannot build an HTTP client: {}", root_cause(&e)),
-            })?;
-        Ok(Client { http, base, origin })
+        Client::connect_from(
+            &Connection {
+                server: base_url.to_string(),
+                ..Default::default()
+            },
+            origin,
+        )
     }
 
-    /// The server's base URL, as used.
+    /// A client for `conn` (TLS with its CA, bearer token, client
+    /// certificate, or a unix socket).
+    pub fn connect(conn: &Connection) -> Result<Client> {
+        Client::connect_from(conn, ServerOrigin::Explicit)
+    }
+
+    /// Like [`Client::connect`], saying where the server address came from.
+    pub fn connect_from(conn: &Connection, origin: ServerOrigin) -> Result<Client> {
+        let raw = conn.server.trim();
+        let mut transport = Transport {
+            token: conn.token.clone().filter(|t| !t.is_empty()),
+            ..Default::default()
+        };
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        let base = if let Some(path) = raw.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err(tls_error(raw, "no socket path"));
+            }
+            let path = std::path::PathBuf::from(path);
+            builder = builder.unix_socket(path.clone());
+            transport.unix = Some(path);
+            parse_base_url("http://localhost")?
+        } else {
+            let base = parse_base_url(raw)?;
+            if base.scheme() == "https" && (conn.ca_pem.is_some() || conn.client_cert_pem.is_some())
+            {
+                let client = match (&conn.client_cert_pem, &conn.client_key_pem) {
+                    (Some(c), Some(k)) => Some((c.as_str(), k.as_str())),
+                    (None, None) => None,
+                    _ => return Err(tls_error(raw, "a client certificate needs its key")),
+                };
+                let ca = conn
+                    .ca_pem
+                    .as_deref()
+                    .ok_or_else(|| tls_error(raw, "a client certificate needs the CA"))?;
+                let cfg = tls_config(raw, ca, client)?;
+                builder = builder.tls_backend_preconfigured(cfg.clone());
+                transport.tls = Some(std::sync::Arc::new(cfg));
+            }
+            base
+        };
+        if let Some(t) = &transport.token {
+            let mut headers = reqwest::header::HeaderMap::new();
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+                .map_err(|_| tls_error(raw, "the token holds characters a header cannot carry"))?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+            builder = builder.default_headers(headers);
+        }
+        let http = builder.build().map_err(|e| ClientError::InvalidServer {
+            url: raw.to_string(),
+            reason: format!("cannot build an HTTP client: {}", root_cause(&e)),
+        })?;
+        let display = match &transport.unix {
+            Some(p) => format!("unix://{}", p.display()),
+            None => base.as_str().trim_end_matches('/').to_string(),
+        };
+        Ok(Client {
+            http,
+            base,
+            origin,
+            display,
+            transport,
+        })
+    }
+
+    /// The server's base URL, as used (`unix:///…` for a unix socket).
     pub fn base_url(&self) -> &str {
+        &self.display
+    }
+
+    /// The HTTP client, configured for this server (TLS, token, unix
+    /// socket): for endpoints outside the object API (image uploads).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The base URL requests are made against (`http://localhost` when the
+    /// transport is a unix socket).
+    pub fn request_base(&self) -> &str {
         self.base.as_str().trim_end_matches('/')
     }
 

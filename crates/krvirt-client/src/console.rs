@@ -6,15 +6,19 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, Stream, StreamExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Message;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::client::{Client, Result, VMI_KIND, status_error};
 use crate::error::ClientError;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A byte stream a WebSocket runs over (TCP, TLS or a unix socket).
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+type Ws = WebSocketStream<Box<dyn Io>>;
 
 /// An open console: bytes typed go to the guest's serial port, bytes the
 /// guest writes come back. Use [`Console::send`] / [`Console::recv`], or
@@ -40,11 +44,17 @@ impl Client {
     pub async fn console(&self, namespace: &str, name: &str) -> Result<Console> {
         let url = self.subresource_url(&VMI_KIND, namespace, name, "console")?;
         let url = self.websocket_url(url)?;
-        let request = url
+        let mut request = url
             .as_str()
             .into_client_request()
             .map_err(|e| ClientError::WebSocket(e.to_string()))?;
-        match tokio_tungstenite::connect_async(request).await {
+        if let Some(t) = &self.transport.token
+            && let Ok(v) = format!("Bearer {t}").parse()
+        {
+            request.headers_mut().insert("authorization", v);
+        }
+        let io = self.ws_connect(&url).await?;
+        match tokio_tungstenite::client_async(request, io).await {
             Ok((ws, _response)) => Ok(Console { ws }),
             Err(tungstenite::Error::Io(e)) => Err(self.unreachable_error(&e)),
             Err(tungstenite::Error::Http(resp)) => {
@@ -57,6 +67,42 @@ impl Client {
             ))),
             Err(e) => Err(ClientError::WebSocket(e.to_string())),
         }
+    }
+}
+
+impl Client {
+    /// Open the byte stream a WebSocket to `url` runs over.
+    async fn ws_connect(&self, url: &reqwest::Url) -> Result<Box<dyn Io>> {
+        if let Some(path) = &self.transport.unix {
+            let s = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(|e| self.unreachable_error(&e))?;
+            return Ok(Box::new(s));
+        }
+        let host = url.host_str().unwrap_or_default().to_string();
+        let port = url.port_or_known_default().unwrap_or(443);
+        let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+            .await
+            .map_err(|e| self.unreachable_error(&e))?;
+        if url.scheme() != "wss" {
+            return Ok(Box::new(tcp));
+        }
+        let cfg = match &self.transport.tls {
+            Some(c) => c.clone(),
+            None => {
+                return Err(ClientError::WebSocket(
+                    "a wss:// console needs the server's CA (krvirt login)".into(),
+                ));
+            }
+        };
+        let name =
+            rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+                .map_err(|e| ClientError::WebSocket(format!("server name {host:?}: {e}")))?;
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ClientError::WebSocket(format!("TLS: {e}")))?;
+        Ok(Box::new(tls))
     }
 }
 

@@ -23,8 +23,8 @@ pub mod events;
 mod watch;
 
 pub use client::{
-    ByteStream, Client, DEFAULT_SERVER, ListParams, ObjectList, PatchTarget, Result, SERVER_ENV,
-    StartOptions, resolve_server,
+    ByteStream, Client, Connection, DEFAULT_SERVER, ListParams, ObjectList, PatchTarget, Result,
+    SERVER_ENV, StartOptions, resolve_server, tls_config,
 };
 pub use console::{Console, ConsoleReader, ConsoleWriter};
 pub use error::{ClientError, ServerOrigin, Status, StatusCause, StatusDetails, reason_for_code};

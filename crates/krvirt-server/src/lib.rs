@@ -8,9 +8,12 @@
 //! - [`connector::HostConnector`]: the host side of VMI subresources
 //!   (pause, console, console log).
 //! - [`events::EventRecorder`]: best-effort Event recording, aggregation, expiry.
+//! - [`auth`], [`rbac`], [`quota`], [`tls`]: authentication (unix socket peer
+//!   credentials, bearer tokens, client certificates), RBAC, quotas, the CA.
 //! - [`audit`]: request ids and the hash-chained audit log of mutating requests.
 
 pub mod audit;
+pub mod auth;
 pub mod connector;
 pub mod error;
 pub mod events;
@@ -19,9 +22,12 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod openapi;
 pub mod patch;
+pub mod quota;
+pub mod rbac;
 pub mod registry;
 pub mod selector;
 mod server;
+pub mod tls;
 
 pub use connector::{ByteStream, ConsoleStream, HostConnector, NoHostConnector};
 pub use error::ApiError;
@@ -32,4 +38,6 @@ pub use registry::{
     WatchEvent,
 };
 pub use selector::{FieldSelector, LabelSelector, Selector};
-pub use server::{AppState, ServerConfig, router, run, serve};
+pub use server::{
+    AppState, Listeners, ServerConfig, bind_unix, router, run, serve, serve_listeners,
+};

@@ -99,3 +99,109 @@ where
     let listener = TcpListener::bind(config.listen).await?;
     serve(listener, state, shutdown).await
 }
+
+/// The listeners of a server with authentication: TLS on TCP (network
+/// clients: bearer tokens or client certificates) and a unix socket (local
+/// administration: peer credentials).
+#[derive(Default)]
+pub struct Listeners {
+    pub tls: Option<crate::tls::TlsListener>,
+    pub unix: Option<tokio::net::UnixListener>,
+    /// Plain HTTP (no TLS): only for benchmarks and tests of the auth-off path.
+    pub plain: Option<TcpListener>,
+}
+
+/// Bind the unix socket at `path` (a stale socket file is replaced),
+/// connectable by every local user: peer credentials decide who they are.
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(l)
+}
+
+async fn peer_addr(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::extract::ConnectInfo;
+    if let Some(ConnectInfo(peer)) = req
+        .extensions()
+        .get::<ConnectInfo<crate::tls::Peer>>()
+        .cloned()
+        && let Some(addr) = peer.addr
+    {
+        req.extensions_mut().insert(ConnectInfo(addr));
+    }
+    next.run(req).await
+}
+
+/// Serve the API (plus `extra` routes, under the same authentication) on
+/// every listener of `listeners` until `shutdown` completes. `auth: None`
+/// serves without authentication (benchmarks of the auth overhead only).
+pub async fn serve_listeners<F>(
+    listeners: Listeners,
+    state: AppState,
+    extra: axum::Router,
+    auth: Option<Arc<crate::auth::Auth>>,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let token = state.shutdown.clone();
+    let stop = CancellationToken::new();
+    let mut app = router(state).merge(extra);
+    app = match auth {
+        Some(a) => app.layer(axum::middleware::from_fn_with_state(a, crate::auth::layer)),
+        None => app.layer(axum::middleware::from_fn(peer_addr)),
+    };
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+            token.cancel();
+        });
+    }
+    let mut tasks = Vec::new();
+    let svc = || {
+        app.clone()
+            .into_make_service_with_connect_info::<crate::tls::Peer>()
+    };
+    if let Some(l) = listeners.tls {
+        if let Ok(addr) = axum::serve::Listener::local_addr(&l) {
+            tracing::info!(%addr, "API server listening (TLS)");
+        }
+        let s = axum::serve(l, svc()).with_graceful_shutdown(stop.clone().cancelled_owned());
+        tasks.push(tokio::spawn(async move { s.await }));
+    }
+    if let Some(l) = listeners.unix {
+        let s = axum::serve(l, svc()).with_graceful_shutdown(stop.clone().cancelled_owned());
+        tasks.push(tokio::spawn(async move { s.await }));
+    }
+    if let Some(l) = listeners.plain {
+        if let Ok(addr) = l.local_addr() {
+            tracing::warn!(%addr, "API server listening WITHOUT TLS");
+        }
+        let s = axum::serve(l, svc()).with_graceful_shutdown(stop.clone().cancelled_owned());
+        tasks.push(tokio::spawn(async move { s.await }));
+    }
+    let mut result = Ok(());
+    for t in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(e) => result = Err(std::io::Error::other(e.to_string())),
+        }
+    }
+    result
+}

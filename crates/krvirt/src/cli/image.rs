@@ -80,10 +80,7 @@ pub enum ImageCommand {
 }
 
 fn base(ctx: &Ctx) -> String {
-    format!(
-        "{}/apis/images.krvirt.io/v1",
-        ctx.client.base_url().trim_end_matches('/')
-    )
+    format!("{}/apis/images.krvirt.io/v1", ctx.client.request_base())
 }
 
 async fn check(resp: reqwest::Response) -> Result<Value> {
@@ -124,7 +121,7 @@ fn short(d: &str) -> &str {
 }
 
 pub async fn image(ctx: &Ctx, args: ImageArgs) -> Result<ExitCode> {
-    let http = reqwest::Client::new();
+    let http = ctx.client.http().clone();
     let base = base(ctx);
     match args.cmd {
         ImageCommand::List { output } => {
