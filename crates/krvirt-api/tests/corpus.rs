@@ -98,8 +98,8 @@ fn table(rows: &[Row]) -> String {
          Refused with `FieldValueNotSupported` and the message \
          \"supported by KubeVirt but not implemented by krvirt yet\". \
          VirtualMachineInstance paths (for a VirtualMachine the same paths \
-         apply under `spec.template.spec`, plus `spec.instancetype`, \
-         `spec.preference` and \
+         apply under `spec.template.spec`, plus \
+         `spec.instancetype.inferFromVolume`, `spec.preference.inferFromVolume` and \
          `spec.updateVolumesStrategy`):\n\n",
     );
     let vmi = krvirt_api::find_kind("vmi").expect("VMI is served");
