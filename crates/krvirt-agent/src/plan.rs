@@ -53,11 +53,13 @@ pub enum PrepStep {
 pub const HOTPLUG_SLOTS: u32 = 2;
 
 /// A krvirt Volume (`persistentVolumeClaim` / `dataVolume`) as the agent
-/// resolved it: the file QEMU opens.
+/// resolved it: the file QEMU opens, or (`rbd`, with an empty `path`) the
+/// Ceph RBD image of a Volume in an rbd pool.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedVolume {
     pub path: PathBuf,
     pub format: DiskFormat,
+    pub rbd: Option<krvirt_hypervisor::RbdDisk>,
 }
 
 /// Resolved Volumes by Volume name (the VMI's namespace).
@@ -316,6 +318,7 @@ pub fn plan_with_volumes(
             })?;
             config.path = r.path.clone();
             config.format = r.format;
+            config.rbd = r.rbd.clone();
             if volume
                 .persistent_volume_claim
                 .as_ref()

@@ -22,7 +22,7 @@ use krvirt_api::storage::{
     VolumeStatus, VolumeStatusEntry, hotplug_requests,
 };
 use krvirt_client::{Client, ClientError, ListParams, PatchTarget};
-use krvirt_hypervisor::{DiskFormat, QmpClient};
+use krvirt_hypervisor::{DiskFormat, QmpClient, RbdDisk};
 use krvirt_image::ImageStore;
 use krvirt_storage::{CloneMode, DiskSource, Format, PoolConfig, StorageBackend, StorageError};
 use serde_json::{Value, json};
@@ -204,9 +204,14 @@ impl Volumes {
         match pool.spec.type_ {
             PoolType::Dir => Ok(PoolConfig::Dir { path: path()? }),
             PoolType::Btrfs => Ok(PoolConfig::Btrfs { path: path()? }),
-            PoolType::Rbd => Err(VolumeError::Pool {
-                pool: name.to_string(),
-                message: "the rbd backend is not implemented yet".into(),
+            PoolType::Rbd => Ok(PoolConfig::Rbd {
+                pool: pool.spec.pool.clone().ok_or_else(|| VolumeError::Pool {
+                    pool: name.to_string(),
+                    message: "no spec.pool (the Ceph pool)".into(),
+                })?,
+                conf: pool.spec.conf.clone().map(PathBuf::from),
+                monitors: pool.spec.monitors.clone(),
+                user: pool.spec.user.clone(),
             }),
         }
     }
@@ -484,31 +489,24 @@ impl Volumes {
             }
             _ => return Err(ResolveError::Wait(format!("Volume {name:?} is not ready"))),
         }
-        if v.status.as_ref().and_then(|s| s.host.as_deref()) != Some(self.node.as_str()) {
-            return Err(ResolveError::Fail(format!(
-                "Volume {name:?} is on another host"
-            )));
-        }
         let backend = self
             .backend(v.pool())
             .await
             .map_err(|e| ResolveError::Fail(e.to_string()))?;
+        // A local pool's Volume exists only on the host that made it; an
+        // rbd pool is shared storage every host reaches.
+        if backend.kind() != "rbd"
+            && v.status.as_ref().and_then(|s| s.host.as_deref()) != Some(self.node.as_str())
+        {
+            return Err(ResolveError::Fail(format!(
+                "Volume {name:?} is on another host"
+            )));
+        }
         let n = backend_name(ns, name);
         let src = blocking(move || backend.disk(&n))
             .await
             .map_err(|e| ResolveError::Fail(e.to_string()))?;
-        let DiskSource::File { path, format } = src else {
-            return Err(ResolveError::Fail(format!(
-                "Volume {name:?} is in an rbd pool, which this agent cannot attach yet"
-            )));
-        };
-        Ok(ResolvedVolume {
-            path,
-            format: match format {
-                Format::Qcow2 => DiskFormat::Qcow2,
-                Format::Raw => DiskFormat::Raw,
-            },
-        })
+        Ok(resolved(src))
     }
 
     /// Every krvirt Volume a VMI uses.
@@ -525,6 +523,64 @@ impl Volumes {
             }
         }
         Ok(out)
+    }
+}
+
+/// What the plan needs of a volume's [`DiskSource`].
+fn resolved(src: DiskSource) -> ResolvedVolume {
+    let fmt = |f: Format| match f {
+        Format::Qcow2 => DiskFormat::Qcow2,
+        Format::Raw => DiskFormat::Raw,
+    };
+    match src {
+        DiskSource::File { path, format } => ResolvedVolume {
+            path,
+            format: fmt(format),
+            rbd: None,
+        },
+        DiskSource::Rbd {
+            pool,
+            image,
+            conf,
+            user,
+            monitors,
+        } => ResolvedVolume {
+            path: PathBuf::new(),
+            format: DiskFormat::Raw,
+            rbd: Some(RbdDisk {
+                pool,
+                image,
+                conf,
+                user,
+                monitors,
+            }),
+        },
+    }
+}
+
+/// The `file` child of a hot-plugged disk's `blockdev-add`.
+fn blockdev_file(r: &ResolvedVolume) -> Value {
+    match &r.rbd {
+        None => json!({"driver": "file", "filename": r.path}),
+        Some(rbd) => {
+            let mut v = json!({"driver": "rbd", "pool": rbd.pool, "image": rbd.image});
+            if let Some(c) = &rbd.conf {
+                v["conf"] = json!(c);
+            }
+            if let Some(u) = &rbd.user {
+                v["user"] = json!(u);
+            }
+            let servers: Vec<Value> = rbd
+                .monitors
+                .iter()
+                .filter_map(|m| krvirt_hypervisor::config::split_monitor(m))
+                .map(|(host, port)| json!({"host": host, "port": port.to_string()}))
+                .collect();
+            if !servers.is_empty() {
+                v["server"] = Value::Array(servers);
+            }
+            v
+        }
     }
 }
 
@@ -703,13 +759,24 @@ impl Volumes {
                     .execute("blockdev-del", Some(json!({"node-name": node})))
                     .await;
             }
+            // An unprivileged QEMU opens the Volume itself: hand it over.
+            if let Some(user) = crate::agent::QEMU_USER.get()
+                && let Err(e) = krvirt_hypervisor::isolation::grant(
+                    &r.path,
+                    user,
+                    krvirt_hypervisor::isolation::Access::ReadWrite,
+                )
+            {
+                out.push(entry(disk, volume, "Failed", Some(e.to_string())));
+                continue;
+            }
             let add = qmp
                 .execute(
                     "blockdev-add",
                     Some(json!({
                         "driver": r.format.qemu_driver(),
                         "node-name": node,
-                        "file": {"driver": "file", "filename": r.path},
+                        "file": blockdev_file(&r),
                     })),
                 )
                 .await;

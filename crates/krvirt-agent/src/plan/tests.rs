@@ -159,6 +159,7 @@ fn golden_vm_multipvc() {
         ResolvedVolume {
             path: "/var/lib/krvirt/pools/default/default.disk-alpine.qcow2".into(),
             format: DiskFormat::Qcow2,
+            rbd: None,
         },
     );
     volumes.insert(
@@ -166,6 +167,7 @@ fn golden_vm_multipvc() {
         ResolvedVolume {
             path: "/mnt/btrfs/pool/default.disk-custom/disk.raw".into(),
             format: DiskFormat::Raw,
+            rbd: None,
         },
     );
     let p = plan_with_volumes(&vmi, Accel::Tcg, run_dir, &Table::demo(), &volumes).unwrap();
@@ -173,6 +175,45 @@ fn golden_vm_multipvc() {
     // Without the Volumes resolved, planning names the missing one.
     let err = plan(&vmi, Accel::Tcg, run_dir, &Table::demo()).unwrap_err();
     assert!(err.to_string().contains("disk-alpine"), "{err}");
+}
+
+/// A Volume in an rbd pool: the disk is the Ceph image, opened by QEMU
+/// through librbd.
+#[test]
+fn golden_vm_multipvc_rbd() {
+    let vmi = vmi_of(corpus("vm-alpine-multipvc.yaml"));
+    let run_dir = Path::new("/var/lib/krvirt/run/vmi/0a1b2c3d-0000-4000-8000-00000000cafe");
+    let mut volumes = ResolvedVolumes::new();
+    volumes.insert(
+        "disk-alpine".into(),
+        ResolvedVolume {
+            path: "/var/lib/krvirt/pools/default/default.disk-alpine.qcow2".into(),
+            format: DiskFormat::Qcow2,
+            rbd: None,
+        },
+    );
+    volumes.insert(
+        "disk-custom".into(),
+        ResolvedVolume {
+            path: Default::default(),
+            format: DiskFormat::Raw,
+            rbd: Some(krvirt_hypervisor::RbdDisk {
+                pool: "rbd".into(),
+                image: "default.disk-custom".into(),
+                conf: Some("/etc/ceph/ceph.conf".into()),
+                user: Some("krvirt".into()),
+                monitors: vec![],
+            }),
+        },
+    );
+    let p = plan_with_volumes(&vmi, Accel::Tcg, run_dir, &Table::demo(), &volumes).unwrap();
+    p.config.validate().unwrap();
+    let args = krvirt_hypervisor::qemu_argv(&p.config).join(" ");
+    assert!(
+        args.contains("driver=rbd,node-name=drive1-file,pool=rbd,image=default.disk-custom,conf=/etc/ceph/ceph.conf,user=krvirt"),
+        "{args}"
+    );
+    check_golden("vm-alpine-multipvc-rbd", &render(&p));
 }
 
 #[test]
