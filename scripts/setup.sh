@@ -36,4 +36,15 @@ if ! command -v cargo >/dev/null; then
   echo "setup: cargo is required (install Rust with rustup)" >&2
   exit 1
 fi
+
+# The unprivileged account QEMU runs as (krvirt also creates it at start
+# when missing; `--qemu-user root` opts out).
+qemu_user=${KRVIRT_QEMU_USER:-krvirt-qemu}
+if [ "$qemu_user" != root ] && ! getent passwd "$qemu_user" >/dev/null; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: creating system user $qemu_user (QEMU runs as it)" >&2
+  $SUDO useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "krvirt QEMU processes" "$qemu_user"
+fi
 echo "setup: all packages present" >&2

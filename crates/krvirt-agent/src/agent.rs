@@ -36,7 +36,8 @@ use krvirt_client::events::EventRecorder;
 use krvirt_client::{Client, ClientError, ListParams, PatchTarget, ResumeOptions};
 use krvirt_controller::queue::{Key, WorkQueue};
 use krvirt_hypervisor::{
-    Accel, AccelDecision, AccelMode, DiskFormat, QemuHandle, RunPaths, RunState, launch, reattach,
+    Accel, AccelDecision, AccelMode, DiskFormat, LaunchOptions, QemuHandle, RunPaths, RunState,
+    launch_with, reattach,
 };
 use krvirt_image::{ImageError, ImageStore};
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,8 @@ use crate::plan::{self, ImageResolver, MASQUERADE_GUEST_IP, PrepStep};
 
 /// VMI annotation the `stop` subresource sets to override the grace period.
 pub const GRACE_ANNOTATION: &str = "krvirt.io/stop-grace-period-seconds";
+/// Condition reason when `dedicatedCpuPlacement` cannot be met here now.
+pub const REASON_INSUFFICIENT_CPUS: &str = "InsufficientDedicatedCpus";
 /// VMI status `reason` when the guest powered itself off.
 pub const REASON_GUEST_SHUTDOWN: &str = "GuestShutdown";
 /// File in each run directory naming the VMI it belongs to.
@@ -104,6 +107,12 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Filesystem root for inventory and accelerator detection (`/`).
     pub sys_root: PathBuf,
+    /// Account QEMU runs as (created with `useradd` if missing);
+    /// `None`: QEMU runs as root, without user isolation.
+    pub qemu_user: Option<String>,
+    /// Parent of the VMs' cgroups, relative to the hierarchy root; `None`:
+    /// `krvirt` next to the agent's own cgroup (see krvirt_hypervisor::cgroup).
+    pub cgroup_parent: Option<String>,
 }
 
 impl AgentConfig {
@@ -116,8 +125,65 @@ impl AgentConfig {
             labels: BTreeMap::new(),
             heartbeat_interval: Duration::from_secs(10),
             sys_root: PathBuf::from("/"),
+            qemu_user: Some(krvirt_hypervisor::DEFAULT_QEMU_USER.to_string()),
+            cgroup_parent: None,
         }
     }
+}
+
+/// Default of `--qemu-user`.
+pub const DEFAULT_QEMU_USER_NAME: &str = krvirt_hypervisor::DEFAULT_QEMU_USER;
+
+/// The user QEMU runs as, when it is not root (storage's hot-plug grants
+/// it access to the Volumes it attaches).
+pub(crate) static QEMU_USER: std::sync::OnceLock<krvirt_hypervisor::QemuUser> =
+    std::sync::OnceLock::new();
+
+/// How this host confines QEMU: its user (created if missing) and cgroups.
+fn launch_options(cfg: &AgentConfig) -> Result<LaunchOptions, AgentError> {
+    let user = match cfg.qemu_user.as_deref() {
+        None | Some("root") | Some("") => {
+            warn!("QEMU runs as root (--qemu-user root): guests are not isolated by user");
+            None
+        }
+        Some(name) => {
+            let u = krvirt_hypervisor::QemuUser::ensure(name).map_err(|e| AgentError::Io {
+                context: format!("QEMU user {name} (--qemu-user)"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            info!(user = %u.name, uid = u.uid, "QEMU runs unprivileged");
+            let _ = QEMU_USER.set(u.clone());
+            Some(u)
+        }
+    };
+    // /dev/kvm belongs to group kvm.
+    let extra_groups = match (&user, nix::unistd::Group::from_name("kvm")) {
+        (Some(_), Ok(Some(g))) => vec![g.gid.as_raw()],
+        _ => Vec::new(),
+    };
+    let cgroups = match krvirt_hypervisor::Cgroups::host(cfg.cgroup_parent.as_deref()) {
+        Ok(c) => {
+            info!(version = ?c.version, parents = ?c.parents, "per-VM cgroups");
+            Some(c)
+        }
+        Err(e) => {
+            warn!(error = %e, "no usable cgroups: guests with resource limits will not start");
+            None
+        }
+    };
+    Ok(LaunchOptions {
+        user,
+        extra_groups,
+        cgroups,
+    })
+}
+
+/// Removes a run directory and what its QEMU left on the host (cgroup).
+fn remove_run_dir(dir: &Path) {
+    if let Err(e) = krvirt_hypervisor::release(&RunPaths::in_dir(dir)) {
+        warn!(dir = %dir.display(), error = %e, "cgroup of a finished guest not removed");
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// What a run directory records about its VMI.
@@ -199,6 +265,10 @@ struct Inner {
     volumes: crate::storage::Volumes,
     /// Lifecycle events (`source.component` = [`COMPONENT`]).
     events: EventRecorder,
+    /// QEMU's user and cgroups.
+    launch_opts: LaunchOptions,
+    /// Held while dedicated CPUs are chosen and taken by a launch.
+    cpu_alloc: tokio::sync::Mutex<()>,
     /// Live migrations in progress here (source or target).
     migrations: crate::migration::Migrations,
 }
@@ -242,6 +312,7 @@ impl Agent {
             warn!(reason = %accel.reason, "using TCG software emulation");
         }
         let events = EventRecorder::new(client.clone(), COMPONENT, Some(&cfg.node_name));
+        let launch_opts = launch_options(&cfg)?;
         let volumes = crate::storage::Volumes::new(
             client.clone(),
             cfg.node_name.clone(),
@@ -265,6 +336,8 @@ impl Agent {
                 vms: Mutex::new(HashMap::new()),
                 queue: WorkQueue::new(),
                 volumes,
+                launch_opts,
+                cpu_alloc: tokio::sync::Mutex::new(()),
                 migrations: Default::default(),
             }),
         })
@@ -721,7 +794,7 @@ impl Agent {
                 && incoming.as_deref() != Some(rec.uid.as_str())
                 && self.local(&rec.uid).is_none()
             {
-                let _ = std::fs::remove_dir_all(&dir);
+                remove_run_dir(&dir);
             }
         }
 
@@ -756,7 +829,7 @@ impl Agent {
                 return Ok(None);
             }
             // Guest gone: clean up and let the VMI go.
-            let _ = std::fs::remove_dir_all(self.run_dir(&uid));
+            remove_run_dir(&self.run_dir(&uid));
             if !phase.is_final() {
                 let mut st = status.clone();
                 set_phase(&mut st, VmiPhase::Succeeded);
@@ -930,7 +1003,34 @@ impl Agent {
         let resume = crate::snapshot::resume_point(self, vmi).await;
         let mut config = plan.config.clone();
         config.start_paused |= resume.is_some();
-        let handle = match launch(&config, &self.inner.cfg.qemu_bin).await {
+        // Dedicated CPUs: chosen among the free host CPUs, under a lock held
+        // until the guest is adopted (its launch record then holds them).
+        let dedicated = vmi
+            .spec
+            .domain
+            .cpu
+            .as_ref()
+            .is_some_and(|c| c.dedicated_cpu_placement);
+        let _cpu_guard = if dedicated {
+            Some(self.inner.cpu_alloc.lock().await)
+        } else {
+            None
+        };
+        if dedicated {
+            let want = config.cpu.vcpus().unwrap_or(1) as usize;
+            let placed = vmi
+                .metadata
+                .annotations
+                .get(krvirt_controller::placement::DEDICATED_CPUS_ANNOTATION)
+                .map(String::as_str);
+            match self.free_cpus(want, placed) {
+                Ok(cpus) => config.resources.dedicated_cpus = cpus,
+                Err(message) => return self.refuse_cpus(key, rv, vmi, message).await,
+            }
+        }
+        let launched =
+            launch_with(&config, &self.inner.cfg.qemu_bin, &self.inner.launch_opts).await;
+        let handle = match launched {
             Ok(h) => h,
             Err(e) => {
                 return self
@@ -1012,7 +1112,16 @@ impl Agent {
                 Accel::Tcg => krvirt_api::host::Accelerator::Tcg,
             }),
             run_dir: Some(run_dir.display().to_string()),
-            dedicated_cpus: None,
+            dedicated_cpus: (!config.resources.dedicated_cpus.is_empty()).then(|| {
+                // vCPU order, not sorted: "3,2" means vCPU 0 on CPU 3.
+                config
+                    .resources
+                    .dedicated_cpus
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
         });
         if let Err(e) = self.write_status(key, rv, &st).await {
             // The guest runs; the next pass (observe) reports it.
@@ -1020,6 +1129,84 @@ impl Agent {
             return Ok(Some(Duration::ZERO));
         }
         Ok(None)
+    }
+
+    /// `want` host CPUs for a dedicated guest: the ones the scheduler
+    /// placed it on (`placed`, the `krvirt.io/dedicated-cpus` annotation,
+    /// vCPU i on the i-th), checked against this host; without a placement,
+    /// free CPUs no other local guest has, highest first (CPU 0 usually
+    /// serves the host), in ascending order.
+    fn free_cpus(&self, want: usize, placed: Option<&str>) -> Result<Vec<u32>, String> {
+        use krvirt_hypervisor::isolation::{format_cpu_list, parse_cpu_list};
+        let allowed = krvirt_hypervisor::isolation::allowed_cpus(0).map_err(|e| e.to_string())?;
+        let taken: std::collections::BTreeSet<u32> = self
+            .vms()
+            .values()
+            .flat_map(|v| v.handle.launch_record().dedicated_cpus.clone())
+            .collect();
+        if let Some(placed) = placed.filter(|p| !p.trim().is_empty()) {
+            let cpus: Vec<u32> = parse_cpu_list(placed)
+                .map_err(|e| format!("annotation krvirt.io/dedicated-cpus: {e}"))?
+                .into_iter()
+                .collect();
+            if cpus.len() != want {
+                return Err(format!(
+                    "placed on host CPUs {placed} but has {want} vCPU(s)"
+                ));
+            }
+            if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+                return Err(format!(
+                    "placed on host CPU {c}, which is not usable here (usable: {})",
+                    format_cpu_list(&allowed)
+                ));
+            }
+            if let Some(c) = cpus.iter().find(|c| taken.contains(c)) {
+                return Err(format!(
+                    "placed on host CPU {c}, which another guest here holds"
+                ));
+            }
+            return Ok(cpus);
+        }
+        let free: Vec<u32> = allowed.difference(&taken).copied().collect();
+        if free.len() < want {
+            return Err(format!(
+                "dedicatedCpuPlacement needs {want} free host CPU(s); host CPUs {} are usable, {} taken by other guests ({} free)",
+                format_cpu_list(&allowed),
+                format_cpu_list(&taken),
+                free.len()
+            ));
+        }
+        let mut chosen: Vec<u32> = free.iter().rev().take(want).copied().collect();
+        chosen.sort_unstable();
+        Ok(chosen)
+    }
+
+    /// Not enough free CPUs: say so on the VMI and look again later.
+    async fn refuse_cpus(
+        &self,
+        key: &Key,
+        rv: &Value,
+        vmi: &VirtualMachineInstance,
+        message: String,
+    ) -> Result<Option<Duration>, AgentError> {
+        let old = vmi.status.clone().unwrap_or_default();
+        let mut st = old.clone();
+        set_condition(
+            &mut st.conditions,
+            Condition {
+                reason: Some(REASON_INSUFFICIENT_CPUS.into()),
+                message: Some(message.clone()),
+                ..Condition::new(vmi_conditions::SYNCHRONIZED, ConditionStatus::False)
+            },
+        );
+        if st != old {
+            warn!(%key, %message, "not enough free CPUs");
+            self.inner
+                .events
+                .record_ref(vmi_ref(vmi), WARNING, REASON_INSUFFICIENT_CPUS, &message);
+            self.write_status(key, rv, &st).await?;
+        }
+        Ok(Some(Duration::from_secs(5)))
     }
 
     async fn prepare(

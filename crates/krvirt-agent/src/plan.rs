@@ -213,6 +213,49 @@ fn refuse_unhonoured(vmi: &VirtualMachineInstance) -> Result<(), PlanError> {
     Ok(())
 }
 
+/// What QEMU needs besides guest RAM (its own heap, device state, I/O
+/// buffers; under TCG the translated-code cache too): added to
+/// `resources.limits.memory` to make the cgroup limit, as KubeVirt adds its
+/// overhead to the pod's limit.
+pub fn memory_overhead(accel: Accel, guest_bytes: u64, vcpus: u32) -> u64 {
+    const MIB: u64 = 1 << 20;
+    let tcg = if accel == Accel::Tcg { 512 * MIB } else { 0 };
+    256 * MIB + u64::from(vcpus) * 16 * MIB + guest_bytes / 64 + tcg
+}
+
+/// The VMI's cgroup limits: `resources.limits.cpu` (a CPU bandwidth
+/// limit) and `resources.limits.memory` (+ [`memory_overhead`]). Dedicated
+/// CPUs are chosen by the agent at launch.
+fn resources(
+    vmi: &VirtualMachineInstance,
+    accel: Accel,
+    guest_bytes: u64,
+) -> Result<krvirt_hypervisor::Resources, PlanError> {
+    let limits = &vmi.spec.domain.resources.limits;
+    let memory_limit_bytes = match limits.get("memory") {
+        None => None,
+        Some(q) => {
+            let v = q
+                .value()
+                .map_err(|e| unsupported("spec.domain.resources.limits.memory", e.to_string()))?;
+            Some(v.max(guest_bytes) + memory_overhead(accel, guest_bytes, vmi.spec.vcpus()))
+        }
+    };
+    let cpu_limit_millis = match limits.get("cpu") {
+        None => None,
+        Some(q) => Some(
+            q.millis()
+                .map_err(|e| unsupported("spec.domain.resources.limits.cpu", e.to_string()))?,
+        ),
+    };
+    Ok(krvirt_hypervisor::Resources {
+        memory_limit_bytes,
+        cpu_limit_millis: cpu_limit_millis
+            .map(|m| m.max(krvirt_hypervisor::config::MIN_CPU_LIMIT_MILLIS)),
+        dedicated_cpus: Vec::new(),
+    })
+}
+
 /// Plan the VMI's run in `run_dir` with accelerator `accel` (a VMI using
 /// krvirt Volumes needs [`plan_with_volumes`]).
 pub fn plan(
@@ -435,7 +478,7 @@ pub fn plan_with_volumes(
             .get(krvirt_api::kubevirt::START_PAUSED_ANNOTATION)
             .is_some_and(|v| v == "true"),
         hotplug_slots: HOTPLUG_SLOTS,
-        resources: Default::default(),
+        resources: resources(vmi, accel, memory_bytes)?,
         run: RunPaths::in_dir(run_dir),
     };
     config

@@ -39,6 +39,14 @@ pub struct HostArgs {
     /// Where built demo images are cached [default: $KRVIRT_CACHE_DIR, else ~/.cache/krvirt]
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// User QEMU runs as (created if missing); `root` keeps QEMU running as
+    /// root, without user isolation (logged)
+    #[arg(long, default_value = krvirt_agent::agent::DEFAULT_QEMU_USER_NAME, env = "KRVIRT_QEMU_USER")]
+    pub qemu_user: String,
+    /// Parent cgroup of the guests, relative to the cgroup root
+    /// [default: `krvirt` next to krvirt's own cgroup]
+    #[arg(long, env = "KRVIRT_CGROUP_PARENT")]
+    pub cgroup_parent: Option<String>,
 }
 
 /// `krvirt up`.
@@ -242,6 +250,8 @@ fn agent_config(data_dir: &Path, host: &HostArgs) -> Result<AgentConfig> {
         .parse::<AccelMode>()
         .with_context(|| "--accel".to_string())?;
     cfg.labels = parse_labels(&host.labels)?;
+    cfg.qemu_user = (host.qemu_user != "root").then(|| host.qemu_user.clone());
+    cfg.cgroup_parent = host.cgroup_parent.clone();
     Ok(cfg)
 }
 
