@@ -106,6 +106,41 @@ fn map_err(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
     backend(e)
 }
 
+/// How long an operation is retried while members are switching.
+const RETRY_FOR: Duration = Duration::from_secs(8);
+
+/// Safe to send again? A connection that was never made carried nothing;
+/// reads may be repeated after any transport failure.
+fn retryable(e: &etcd_client::Error, idempotent: bool) -> bool {
+    let m = e.to_string();
+    m.contains("tcp connect error")
+        || m.contains("Connection refused")
+        || (idempotent
+            && (m.contains("unavailable")
+                || m.contains("transport error")
+                || m.contains("no leader")
+                || m.contains("leader changed")
+                || m.contains("timed out")))
+}
+
+async fn with_retry<T, F, Fut>(idempotent: bool, mut call: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if retryable(&e, idempotent) && tokio::time::Instant::now() < deadline => {
+                debug!(error = %e, "etcd call failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn convert_kv(kv: &etcd_client::KeyValue) -> Result<KeyValue> {
     let key = std::str::from_utf8(kv.key())
         .map_err(|_| StoreError::Backend("etcd returned a key that is not UTF-8".into()))?
@@ -176,23 +211,27 @@ impl EtcdStore {
         self.client.clone()
     }
 
+    /// A write transaction, resent only when it cannot have been delivered.
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        with_retry(false, || {
+            let mut kv = self.client.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
     async fn current_etcd_revision(&self) -> Result<i64> {
-        let mut kv = self.client.kv_client();
-        // Reads are idempotent: retry once through another endpoint.
-        let mut last = None;
-        for _ in 0..3 {
-            match kv
-                .get("\0", Some(GetOptions::new().with_count_only()))
-                .await
-            {
-                Ok(r) => return Ok(r.header().map_or(0, |h| h.revision())),
-                Err(e) => {
-                    last = Some(e);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+        let r = with_retry(true, || {
+            let mut kv = self.client.kv_client();
+            async move {
+                kv.get("\0", Some(GetOptions::new().with_count_only()))
+                    .await
             }
-        }
-        Err(last.map_or(StoreError::Closed, backend))
+        })
+        .await
+        .map_err(backend)?;
+        Ok(r.header().map_or(0, |h| h.revision()))
     }
 
     /// `Compacted` for an etcd start revision older than the compaction,
@@ -256,8 +295,12 @@ impl EtcdStore {
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         check_key(key)?;
-        let mut kv = self.client.kv_client();
-        let r = kv.get(key, None).await.map_err(backend)?;
+        let r = with_retry(true, || {
+            let mut kv = self.client.kv_client();
+            async move { kv.get(key, None).await }
+        })
+        .await
+        .map_err(backend)?;
         r.kvs().first().map(convert_kv).transpose()
     }
 
@@ -285,8 +328,7 @@ impl Store for EtcdStore {
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value, Some(put)), TxnOp::get(key, None)])
             .or_else([TxnOp::get(key, None)]);
-        let mut kv = self.client.kv_client();
-        let r = kv.txn(txn).await.map_err(|e| map_err(e, lease))?;
+        let r = self.txn(txn).await.map_err(|e| map_err(e, lease))?;
         if !r.succeeded() {
             return Err(StoreError::AlreadyExists(key.to_string()));
         }
@@ -313,8 +355,7 @@ impl Store for EtcdStore {
             ])
             .and_then([TxnOp::put(key, value, Some(put)), TxnOp::get(key, None)])
             .or_else([TxnOp::get(key, None)]);
-        let mut kv = self.client.kv_client();
-        let r = kv.txn(txn).await.map_err(|e| map_err(e, lease))?;
+        let r = self.txn(txn).await.map_err(|e| map_err(e, lease))?;
         let got = txn_get(&r.op_responses())?;
         if r.succeeded() {
             return got
@@ -343,8 +384,7 @@ impl Store for EtcdStore {
                 Some(DeleteOptions::new().with_prev_key()),
             )])
             .or_else([TxnOp::get(key, None)]);
-        let mut kv = self.client.kv_client();
-        let r = kv.txn(txn).await.map_err(backend)?;
+        let r = self.txn(txn).await.map_err(backend)?;
         let resps = r.op_responses();
         if r.succeeded() {
             for op in &resps {
@@ -401,8 +441,12 @@ impl Store for EtcdStore {
                 "lease TTL must be positive, got {ttl_secs}"
             )));
         }
-        let mut l = self.client.lease_client();
-        let r = l.grant(ttl_secs, None).await.map_err(backend)?;
+        let r = with_retry(false, || {
+            let mut l = self.client.lease_client();
+            async move { l.grant(ttl_secs, None).await }
+        })
+        .await
+        .map_err(backend)?;
         Ok(r.id())
     }
 
