@@ -966,6 +966,15 @@ impl Agent {
     ) -> Result<Option<Duration>, AgentError> {
         let uid = vmi.metadata.uid.clone().unwrap_or_default();
         let run_dir = self.run_dir(&uid);
+        // containerDisks naming registry images not pulled yet.
+        let record = |(t, r, m): crate::autopull::Event| {
+            self.inner.events.record_ref(vmi_ref(vmi), t, r, &m)
+        };
+        if let Err(e) = crate::autopull::ensure_images(&self.inner.images.0, vmi, &record).await {
+            return self
+                .fail(key, rv, vmi, krvirt_controller::vm::REASON_IMAGE_PULL, e)
+                .await;
+        }
         let volumes = match self.inner.volumes.resolve(vmi).await {
             Ok(v) => v,
             Err(crate::storage::ResolveError::Wait(why)) => {

@@ -4,6 +4,7 @@
 //! a restart.
 
 pub mod agent;
+pub mod autopull;
 pub mod inventory;
 pub mod metrics;
 pub mod migration;
