@@ -329,4 +329,82 @@ async fn vm_cirros_csmall_runs_with_its_instancetype() {
     let vmi = inst.vmi("vm-cirros-csmall").await.expect("VMI");
     assert_eq!(vmi["spec"]["domain"]["cpu"]["sockets"], 1);
     assert_eq!(vmi["spec"]["domain"]["memory"]["guest"], "128Mi");
+
+    // Cluster-scoped kinds, and a preference filling what the VM leaves
+    // unset: the disk without a bus gets sata, the interface e1000, the
+    // vCPUs are laid out as cores.
+    inst.ok(&[
+        "apply",
+        "-f",
+        corpus("cluster-csmall.yaml").to_str().unwrap(),
+    ]);
+    apply(
+        &inst,
+        "pref",
+        "apiVersion: instancetype.kubevirt.io/v1beta1\nkind: VirtualMachineClusterPreference\nmetadata:\n  name: legacy\nspec:\n  devices:\n    preferredDiskBus: sata\n    preferredInterfaceModel: e1000\n  cpu:\n    preferredCPUTopology: cores\n",
+    );
+    apply(
+        &inst,
+        "vm-pref",
+        &format!(
+            r##"apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: vm-pref
+spec:
+  instancetype:
+    kind: VirtualMachineClusterInstancetype
+    name: cluster-csmall
+  preference:
+    name: legacy
+  runStrategy: Always
+  template:
+    spec:
+      domain:
+        devices:
+          disks:
+          - name: containerdisk
+          - name: cloudinitdisk
+            disk: {{bus: virtio}}
+          interfaces:
+          - name: default
+            masquerade: {{}}
+      networks:
+      - name: default
+        pod: {{}}
+      terminationGracePeriodSeconds: 0
+      volumes:
+      - name: containerdisk
+        containerDisk:
+          image: {IMAGE}
+      - name: cloudinitdisk
+        cloudInitNoCloud:
+          userData: "#!/bin/sh\necho hi\n"
+"##
+        ),
+    );
+    let (_, pid) = inst.running_vmi("vm-pref", None).await;
+    let vmi = inst.vmi("vm-pref").await.expect("VMI");
+    let disks = vmi["spec"]["domain"]["devices"]["disks"]
+        .as_array()
+        .unwrap();
+    let bus = |name: &str| {
+        disks
+            .iter()
+            .find(|d| d["name"] == name)
+            .map(|d| d["disk"]["bus"].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(bus("containerdisk"), "sata", "{vmi}");
+    assert_eq!(bus("cloudinitdisk"), "virtio", "the VM's own choice stays");
+    assert_eq!(
+        vmi["spec"]["domain"]["devices"]["interfaces"][0]["model"],
+        "e1000"
+    );
+    let args = cmdline(pid).join(" ");
+    assert!(args.contains("e1000"), "{args}");
+    assert!(
+        args.contains("cpus=1,sockets=1,cores=1,threads=1"),
+        "{args}"
+    );
 }
