@@ -24,6 +24,9 @@ const MAX_NAME: usize = 253;
 pub const DEFAULT_POOL: &str = "default";
 /// Annotation on a Volume made from a VM's `dataVolumeTemplates`.
 pub const VOLUME_OWNER_VM_ANNOTATION: &str = "krvirt.io/owner-vm";
+/// Annotation the upload endpoint sets on an `upload` Volume once the
+/// content is in the host's image store: its blob digest (`sha256:…`).
+pub const VOLUME_UPLOAD_ANNOTATION: &str = "krvirt.io/upload-digest";
 
 /// Backend type of a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -116,10 +119,12 @@ pub struct VolumeSource {
     /// resolves it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageVolumeSource>,
-    /// Import from an HTTP(S) URL (not implemented yet).
+    /// Import from an HTTP(S) URL (raw or qcow2), streamed and hashed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpVolumeSource>,
-    /// Filled by an upload (not implemented yet).
+    /// Filled by an upload: `PUT` the disk image (raw or qcow2) to
+    /// `/apis/volumes.krvirt.io/v1/namespaces/{ns}/volumes/{name}/upload`
+    /// (`krvirt volume upload`); the Volume waits in phase `UploadReady`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload: Option<Empty>,
     /// A clone of another Volume of the same namespace and pool.
@@ -141,7 +146,35 @@ pub struct ImageVolumeSource {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpVolumeSource {
+    /// `http://` or `https://` URL of a raw or qcow2 disk image.
     pub url: String,
+    /// Refuse the content unless it hashes to this (`sha256:` + 64 hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// Whether `d` is `sha256:` followed by 64 lowercase hex digits.
+pub fn valid_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// Why `url` is not an http(s) URL with a host, if it is not.
+fn url_problem(url: &str) -> Option<&'static str> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match rest {
+        None => Some("must start with http:// or https://"),
+        Some(r) if r.split(['/', '?', '#']).next().is_none_or(str::is_empty) => Some("has no host"),
+        Some(r) if r.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            Some("contains whitespace")
+        }
+        Some(_) => None,
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -191,6 +224,8 @@ pub struct VolumeSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub enum VolumePhase {
     Pending,
+    /// An `upload` Volume waiting for its content.
+    UploadReady,
     ImportInProgress,
     CloneInProgress,
     Succeeded,
@@ -428,11 +463,18 @@ impl Admit for StorageVolume {
         if s.blank.is_some() && self.spec.capacity.is_none() {
             c.required("spec.capacity", "a blank volume needs a capacity");
         }
-        if s.http.is_some() {
-            c.not_implemented("spec.source.http", "HTTP import into a Volume");
-        }
-        if s.upload.is_some() {
-            c.not_implemented("spec.source.upload", "upload into a Volume");
+        if let Some(h) = &s.http {
+            if let Some(p) = url_problem(&h.url) {
+                c.invalid("spec.source.http.url", format!("{:?} {p}", h.url));
+            }
+            if let Some(d) = &h.digest
+                && !valid_digest(d)
+            {
+                c.invalid(
+                    "spec.source.http.digest",
+                    format!("{d:?} is not sha256: followed by 64 lowercase hex digits"),
+                );
+            }
         }
         if let Some(i) = &s.image
             && i.name.is_empty()
@@ -633,16 +675,19 @@ impl DataVolumeTemplateSpec {
                 }),
                 ..Default::default()
             }
-        } else if src.http.is_some() {
-            return Err(err(
-                "spec.source.http",
-                "supported by KubeVirt but not implemented by krvirt yet (HTTP import)",
-            ));
+        } else if let Some(h) = &src.http {
+            VolumeSource {
+                http: Some(HttpVolumeSource {
+                    url: h.url.clone(),
+                    digest: None,
+                }),
+                ..Default::default()
+            }
         } else if src.upload.is_some() {
-            return Err(err(
-                "spec.source.upload",
-                "supported by KubeVirt but not implemented by krvirt yet (upload)",
-            ));
+            VolumeSource {
+                upload: Some(Empty {}),
+                ..Default::default()
+            }
         } else {
             return Err(err("spec.source", "exactly one source is required"));
         };
@@ -785,12 +830,19 @@ mod tests {
         let e = vol(json!({"capacity": "1Gi", "source": {"blank": {}, "volume": {"name": "x"}}}))
             .unwrap_err();
         assert!(fields(&e).contains(&"spec.source".to_string()), "{e:?}");
-        // Not implemented yet: refused by name.
-        let e = vol(json!({"source": {"http": {"url": "http://x/d.img"}}})).unwrap_err();
-        assert!(
-            fields(&e).contains(&"spec.source.http".to_string()),
-            "{e:?}"
-        );
+        vol(json!({"source": {"http": {"url": "http://x/d.img"}}})).unwrap();
+        vol(json!({"source": {"upload": {}}})).unwrap();
+        let digest = format!("sha256:{}", "a".repeat(64));
+        vol(json!({"source": {"http": {"url": "https://x:8443/d.qcow2", "digest": digest}}}))
+            .unwrap();
+        for (url, digest, field) in [
+            ("ftp://x/d", None, "spec.source.http.url"),
+            ("http:///d", None, "spec.source.http.url"),
+            ("http://x/d", Some("md5:00"), "spec.source.http.digest"),
+        ] {
+            let e = vol(json!({"source": {"http": {"url": url, "digest": digest}}})).unwrap_err();
+            assert_eq!(fields(&e), [field], "{url}");
+        }
     }
 
     #[test]
