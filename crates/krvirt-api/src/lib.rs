@@ -31,6 +31,7 @@ pub mod kinds;
 pub mod instancetype;
 pub mod kubevirt;
 pub mod meta;
+pub mod migration;
 pub mod network;
 mod openapi;
 pub mod quantity;
