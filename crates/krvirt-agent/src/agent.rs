@@ -1475,6 +1475,10 @@ impl Agent {
         &self.inner.cfg.qemu_bin
     }
 
+    pub(crate) fn launch_options(&self) -> &LaunchOptions {
+        &self.inner.launch_opts
+    }
+
     /// A run directory with its VMI record and no disks yet.
     pub(crate) async fn prepare_run_dir(
         &self,
@@ -1488,6 +1492,15 @@ impl Agent {
     /// Track a QEMU started outside the reconcile (a migration target).
     pub(crate) fn adopt_qemu(&self, key: Key, uid: String, handle: QemuHandle) -> Arc<QemuHandle> {
         self.adopt(key, uid, handle).handle.clone()
+    }
+
+    /// Stop and forget a QEMU this agent started for `uid` (a migration
+    /// target that failed) and remove its run directory.
+    pub(crate) async fn discard(&self, uid: &str) {
+        if let Some(vm) = self.local(uid) {
+            self.stop_local(&vm, Duration::ZERO).await;
+        }
+        let _ = std::fs::remove_dir_all(self.run_dir(uid));
     }
 
     pub(crate) fn requeue(&self, key: Key) {

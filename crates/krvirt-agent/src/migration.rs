@@ -39,7 +39,7 @@ use krvirt_api::migration::{
 };
 use krvirt_client::{ListParams, ResumeOptions};
 use krvirt_controller::queue::Key;
-use krvirt_hypervisor::{QemuHandle, RunState, launch};
+use krvirt_hypervisor::{QemuHandle, RunState, launch_with};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
@@ -326,6 +326,11 @@ fn consider_target(agent: &Agent, obj: Value) {
             warn!(%key, %why, "migration target failed");
             agent.record_event(&vmi, WARNING, "MigrationTargetFailed", &why);
             record_failure(&agent, &key, &mig_uid, &why, false).await;
+            // Never leave a half-prepared target behind (the VMI may not
+            // even record the failure if the write failed).
+            if let Some(uid) = vmi.metadata.uid.as_deref() {
+                agent.discard(uid).await;
+            }
         }
         agent.migrations().release(&mig_uid);
         agent.requeue(key);
@@ -402,7 +407,8 @@ fn incoming_wrapper(run_dir: &Path, qemu_bin: &Path) -> Result<PathBuf, String> 
     let bin = qemu_bin.to_string_lossy().replace('\'', "'\\''");
     let script = format!("#!/bin/sh\nexec '{bin}' \"$@\" -incoming defer\n");
     std::fs::write(&path, script).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+    // Run as the QEMU user: readable and executable by it (no secrets).
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
         .map_err(|e| format!("chmod {}: {e}", path.display()))?;
     Ok(path)
 }
@@ -446,7 +452,7 @@ async fn prepare_target(
     let mut config = plan.config.clone();
     // The guest's vCPUs start when the state arrives, as they were.
     config.start_paused = false;
-    let handle = launch(&config, &wrapper)
+    let handle = launch_with(&config, &wrapper, agent.launch_options())
         .await
         .map_err(|e| format!("starting the target QEMU: {e}"))?;
     let handle = agent.adopt_qemu(key.clone(), uid.clone(), handle);

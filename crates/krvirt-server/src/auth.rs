@@ -538,8 +538,8 @@ async fn join_handler(auth: Arc<Auth>, req: Request) -> Response {
 }
 
 /// What a host agent (`system:host:NAME`) may do: read everything but
-/// tokens and RBAC objects; write its own Host, the VMIs bound to it,
-/// events, and the status of volumes, snapshots, restores and images.
+/// tokens and RBAC objects; write its own Host, the VMIs bound to it (or
+/// migrating to it), events, and the status of volumes, snapshots, restores and images.
 async fn host_allowed(auth: &Auth, host: &str, a: &Attrs) -> bool {
     if a.non_resource_path.is_some() {
         return false;
@@ -564,8 +564,13 @@ async fn host_allowed(auth: &Auth, host: &str, a: &Attrs) -> bool {
             let Some(kind) = krvirt_api::find_kind("virtualmachineinstances") else {
                 return false;
             };
+            // ...and the VMIs migrating to it (the target reports its
+            // address in status.migrationState).
             match auth.registry.get(kind, &a.namespace, &a.name).await {
-                Ok(vmi) => vmi["status"]["nodeName"].as_str() == Some(host),
+                Ok(vmi) => {
+                    vmi["status"]["nodeName"].as_str() == Some(host)
+                        || vmi["status"]["migrationState"]["targetNode"].as_str() == Some(host)
+                }
                 Err(_) => false,
             }
         }

@@ -52,6 +52,10 @@ pub struct Host {
     pub data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// The server as the agent reaches it.
+    agent_url: String,
+    /// One-time join token and the server's CA (a TLS server).
+    join: Option<(String, PathBuf)>,
 }
 
 impl Host {
@@ -78,15 +82,25 @@ impl Host {
         ip(&["link", "set", &self.veth, if up { "up" } else { "down" }]);
     }
 
-    fn spawn_agent(&mut self, server_url: &str) {
+    fn spawn_agent(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, BIN])
-            .args(["--server", server_url, "agent", "--accel", "tcg"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, BIN]).args([
+            "--server",
+            &self.agent_url,
+            "agent",
+            "--accel",
+            "tcg",
+        ]);
+        if let Some((token, ca)) = &self.join {
+            // The certificate is kept in the data dir: later starts need no token.
+            cmd.args(["--join-token", token]).arg("--ca").arg(ca);
+        }
+        let child = cmd
             .args(["--node-name", &self.name])
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -202,21 +216,25 @@ impl Cluster {
                 log: dir.path().join(format!("agent-host{i}.log")),
                 data_dir,
                 child: None,
+                agent_url: String::new(),
+                join: None,
             });
         }
 
-        // The server on the bridge address.
+        // The server on the bridge address; its data dir is the Instance's.
         let port = free_port();
         let listen = format!("{prefix}.1:{port}");
+        let server_data = dir.path().join("data");
+        let log_path = dir.path().join("up.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.path().join("up.log"))
+            .open(&log_path)
             .unwrap();
         let child = Command::new(BIN)
             .args(["server", "--listen", &listen])
             .arg("--data-dir")
-            .arg(dir.path().join("server"))
+            .arg(&server_data)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -226,7 +244,34 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .expect("start krvirt server");
-        let server = Instance::from_server_process(dir, format!("http://{listen}"), child);
+        // A server with TLS says so and opens its local admin socket; the
+        // tests then talk to it over that socket and the agents join with
+        // a one-time token and the server's CA.
+        let sock = server_data.join("krvirt.sock");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let tls = loop {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if log.contains("listening on https://") && sock.exists() {
+                break true;
+            }
+            if log.contains("listening on http://") {
+                break false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "krvirt server did not start:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let (server, agent_url) = if tls {
+            (
+                Instance::from_server_process(dir, format!("unix://{}", sock.display()), child),
+                format!("https://{listen}"),
+            )
+        } else {
+            let url = format!("http://{listen}");
+            (Instance::from_server_process(dir, url.clone(), child), url)
+        };
         let mut cluster = Cluster {
             hosts,
             bridge,
@@ -235,9 +280,20 @@ impl Cluster {
         };
         // From here on the cluster's Drop cleans the network.
         std::mem::forget(guard);
-        let url = cluster.server.url.clone();
-        for h in &mut cluster.hosts {
-            h.spawn_agent(&url);
+        for i in 0..cluster.hosts.len() {
+            let join = tls.then(|| {
+                (
+                    cluster
+                        .server
+                        .ok(&["token", "create", "--join"])
+                        .trim()
+                        .to_string(),
+                    server_data.join("pki/ca.crt"),
+                )
+            });
+            cluster.hosts[i].agent_url = agent_url.clone();
+            cluster.hosts[i].join = join;
+            cluster.hosts[i].spawn_agent();
         }
         let names: Vec<String> = cluster.hosts.iter().map(|h| h.name.clone()).collect();
         for name in names {
@@ -264,8 +320,7 @@ impl Cluster {
 
     /// Start a host's agent again (after [`Host::kill_agent`]).
     pub fn restart_agent(&mut self, name: &str) {
-        let url = self.server.url.clone();
-        self.host_mut(name).spawn_agent(&url);
+        self.host_mut(name).spawn_agent();
     }
 
     /// Everything the server and agents logged (tails), for failure messages.
