@@ -28,7 +28,7 @@ use krvirt_api::host::{
 };
 use krvirt_api::kubevirt::{
     KrvirtRuntime, PhaseTransitionTimestamp, VMI_HOST_FINALIZER, VirtualMachineInstance,
-    VirtualMachineInstanceNetworkInterface, VirtualMachineInstanceStatus, VmiPhase, vmi_conditions,
+    VirtualMachineInstanceStatus, VmiPhase, vmi_conditions,
 };
 use krvirt_api::meta::{Condition, ConditionStatus, ObjectMeta, now_rfc3339, set_condition};
 use krvirt_api::quantity::Quantity;
@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::inventory::read_inventory;
-use crate::plan::{self, ImageResolver, MASQUERADE_GUEST_IP, PrepStep};
+use crate::plan::{self, ImageResolver, PrepStep};
 
 /// VMI annotation the `stop` subresource sets to override the grace period.
 pub const GRACE_ANNOTATION: &str = "krvirt.io/stop-grace-period-seconds";
@@ -265,6 +265,8 @@ struct Inner {
     volumes: crate::storage::Volumes,
     /// Lifecycle events (`source.component` = [`COMPONENT`]).
     events: EventRecorder,
+    /// Host networking of the VMIs' NICs (crate::network).
+    net: Arc<crate::network::HostNet>,
     /// QEMU's user and cgroups.
     launch_opts: LaunchOptions,
     /// Held while dedicated CPUs are chosen and taken by a launch.
@@ -312,6 +314,11 @@ impl Agent {
             warn!(reason = %accel.reason, "using TCG software emulation");
         }
         let events = EventRecorder::new(client.clone(), COMPONENT, Some(&cfg.node_name));
+        let net = Arc::new(crate::network::HostNet::new(
+            &cfg.data_dir,
+            client.clone(),
+            &cfg.node_name,
+        ));
         let launch_opts = launch_options(&cfg)?;
         let volumes = crate::storage::Volumes::new(
             client.clone(),
@@ -336,6 +343,7 @@ impl Agent {
                 vms: Mutex::new(HashMap::new()),
                 queue: WorkQueue::new(),
                 volumes,
+                net,
                 launch_opts,
                 cpu_alloc: tokio::sync::Mutex::new(()),
                 migrations: Default::default(),
@@ -407,6 +415,8 @@ impl Agent {
         tasks.push(tokio::spawn(async move {
             crate::snapshot::run(me, Duration::from_millis(500)).await
         }));
+        let net = self.inner.net.clone();
+        tasks.push(tokio::spawn(async move { net.run().await }));
         for _ in 0..4 {
             let me = self.clone();
             tasks.push(tokio::spawn(async move { me.worker().await }));
@@ -975,6 +985,10 @@ impl Agent {
                 .fail(key, rv, vmi, krvirt_controller::vm::REASON_IMAGE_PULL, e)
                 .await;
         }
+        if let Some(after) = self.inner.net.wait_for_assignment(vmi) {
+            debug!(%key, "waiting for the network controller to assign interfaces");
+            return Ok(Some(after));
+        }
         let volumes = match self.inner.volumes.resolve(vmi).await {
             Ok(v) => v,
             Err(crate::storage::ResolveError::Wait(why)) => {
@@ -1006,6 +1020,13 @@ impl Agent {
             let _ = std::fs::remove_dir_all(&run_dir);
             return self
                 .fail(key, rv, vmi, "FailedToPrepare", e.to_string())
+                .await;
+        }
+        if let Err(e) = self.inner.net.prepare(vmi, &run_dir).await {
+            self.inner.net.release(&uid).await;
+            let _ = std::fs::remove_dir_all(&run_dir);
+            return self
+                .fail(key, rv, vmi, "FailedToPrepareNetwork", e.to_string())
                 .await;
         }
         // A restored memory snapshot: start paused, load it, then run.
@@ -1099,20 +1120,7 @@ impl Agent {
                 },
             );
         }
-        st.interfaces = plan
-            .config
-            .nics
-            .iter()
-            .enumerate()
-            .map(|(i, nic)| VirtualMachineInstanceNetworkInterface {
-                name: Some(nic.id.clone()),
-                ip_address: Some(MASQUERADE_GUEST_IP.to_string()),
-                ip_addresses: vec![MASQUERADE_GUEST_IP.to_string()],
-                mac: Some(nic.mac.clone()),
-                interface_name: Some(format!("eth{i}")),
-                info_source: Some("domain".into()),
-            })
-            .collect();
+        st.interfaces = self.inner.net.interfaces_status(&plan.config, &uid);
         st.krvirt_runtime = Some(KrvirtRuntime {
             pid: Some(pid),
             qemu_version: Some(self.inner.qemu_version.clone()),
@@ -1361,6 +1369,7 @@ impl Agent {
                     .volumes
                     .sync_hotplug(key, vmi, vm.handle.qmp())
                     .await;
+                self.inner.net.refresh_status(&vm.uid, &mut st.interfaces);
             }
             RunState::Shutdown => {
                 info!(%key, "guest powered off");
@@ -1415,6 +1424,7 @@ impl Agent {
                 let _ = vm.handle.kill();
             }
         }
+        self.inner.net.release(&vm.uid).await;
         self.vms().remove(&vm.uid);
     }
 

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod autopull;
 pub mod inventory;
 pub mod metrics;
+pub mod network;
 pub mod migration;
 pub mod plan;
 pub mod snapshot;

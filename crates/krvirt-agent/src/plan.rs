@@ -397,16 +397,42 @@ pub fn plan_with_volumes(
         disks.push(config);
     }
 
+    let assignments = match krvirt_api::network::interface_assignments(&vmi.metadata.annotations) {
+        None => Vec::new(),
+        Some(Ok(a)) => a,
+        Some(Err(e)) => {
+            return Err(unsupported(
+                format!(
+                    "metadata.annotations[{}]",
+                    krvirt_api::network::INTERFACES_ANNOTATION
+                ),
+                e,
+            ));
+        }
+    };
     let mut nics = Vec::new();
     for (i, iface) in spec.domain.devices.interfaces.iter().enumerate() {
         let field = format!("spec.domain.devices.interfaces[{i}]");
         let net = spec.network(&iface.name);
-        if iface.masquerade.is_none() || net.and_then(|n| n.pod.as_ref()).is_none() {
-            return Err(unsupported(
-                &field,
-                "only the masquerade binding on the pod network is supported yet",
-            ));
-        }
+        let assigned = assignments.iter().find(|a| a.name == iface.name);
+        let backend = match assigned {
+            // On a krvirt Network: the tap the agent creates on its bridge.
+            Some(a) if a.network.is_some() => NicBackend::Tap {
+                ifname: krvirt_net::tap::tap_name(&uid, i)
+                    .map_err(|e| unsupported(&field, e.to_string()))?,
+            },
+            // The pod network without a krvirt `default` Network: QEMU
+            // user networking (the explicit fallback).
+            _ if iface.masquerade.is_some() && net.and_then(|n| n.pod.as_ref()).is_some() => {
+                NicBackend::user(Vec::new())
+            }
+            _ => {
+                return Err(unsupported(
+                    &field,
+                    "the interface has no krvirt Network assigned (the network controller assigns one before launch)",
+                ));
+            }
+        };
         let model = match iface.model.unwrap_or(InterfaceModel::Virtio) {
             InterfaceModel::Virtio => NicModel::Virtio,
             InterfaceModel::E1000 => NicModel::E1000,
@@ -422,11 +448,14 @@ pub fn plan_with_volumes(
         nics.push(NicConfig {
             id: iface.name.clone(),
             model,
-            mac: iface
-                .mac_address
-                .clone()
-                .unwrap_or_else(|| default_mac(&uid, &iface.name)),
-            backend: NicBackend::user(Vec::new()),
+            mac: match assigned {
+                Some(a) => a.mac.clone(),
+                None => iface
+                    .mac_address
+                    .clone()
+                    .unwrap_or_else(|| default_mac(&uid, &iface.name)),
+            },
+            backend,
         });
     }
 

@@ -61,6 +61,10 @@ pub struct UpArgs {
     /// Do not create the demo VM on first start
     #[arg(long)]
     pub no_demo: bool,
+    /// Do not create the `default` NAT Network (the pod network): pod
+    /// interfaces then fall back to QEMU user networking
+    #[arg(long)]
+    pub no_default_network: bool,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -313,6 +317,83 @@ async fn wait_host_ready(registry: &Registry, name: &str, timeout: Duration) {
     }
 }
 
+/// FNV-1a of a path, for names derived from the data directory.
+fn path_hash(p: &Path) -> u32 {
+    let mut h: u32 = 0x811c9dc5;
+    for b in p.as_os_str().as_encoded_bytes() {
+        h ^= *b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    h
+}
+
+/// IPv4 routes of this host as (network, mask), from /proc/net/route.
+fn host_routes() -> Vec<(u32, u32)> {
+    let text = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let hex = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::from_be);
+            Some((hex(f.get(1)?)?, hex(f.get(7)?)?))
+        })
+        .filter(|(_, mask)| *mask != 0)
+        .collect()
+}
+
+/// The `default` Network's /24 for data dir `data_dir`: in 10.200.0.0 -
+/// 10.249.255.0, starting at a point derived from the path (so instances
+/// side by side differ), skipping any subnet that overlaps a route of this
+/// host.
+fn default_subnet(data_dir: &Path) -> std::net::Ipv4Addr {
+    let routes = host_routes();
+    let h = path_hash(data_dir);
+    let n = 50 * 256;
+    (0..n)
+        .map(|i| {
+            let k = (h % n + i) % n;
+            std::net::Ipv4Addr::new(10, 200 + (k / 256) as u8, (k % 256) as u8, 0)
+        })
+        .find(|net| {
+            let a = u32::from(*net);
+            routes
+                .iter()
+                .all(|(r, m)| (a & m) != (r & m) && (a & 0xffff_ff00) != (r & 0xffff_ff00))
+        })
+        .unwrap_or(std::net::Ipv4Addr::new(10, 213, 0, 0))
+}
+
+/// Create the `default` Network (type nat) unless it exists: the network
+/// KubeVirt's `pod` interfaces attach to. Its bridge is named from the data
+/// directory (`kvd` + 8 hex digits) and its subnet avoids the host's routes.
+async fn ensure_default_network(registry: &Registry, data_dir: &Path) -> Result<()> {
+    let kind = krvirt_api::find_kind("networks").context("Network kind")?;
+    if registry
+        .get(kind, "", krvirt_api::network::DEFAULT_NETWORK)
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    let subnet = default_subnet(data_dir);
+    let net = serde_json::json!({
+        "apiVersion": "krvirt.io/v1",
+        "kind": "Network",
+        "metadata": {"name": krvirt_api::network::DEFAULT_NETWORK},
+        "spec": {
+            "type": "nat",
+            "subnet": format!("{subnet}/24"),
+            "bridge": format!("kvd{:08x}", path_hash(data_dir)),
+        }
+    });
+    match registry.create(kind, "", net).await {
+        Ok(_) => info!(%subnet, "created the default NAT Network (the pod network)"),
+        Err(ApiError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e).context("creating the default Network"),
+    }
+    Ok(())
+}
+
 /// Create the demo VM once, on the first start of a data directory.
 async fn create_demo(registry: &Registry, data_dir: &Path) -> Result<()> {
     let marker = data_dir.join(".demo-created");
@@ -343,6 +424,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    if !args.no_default_network {
+        ensure_default_network(&registry, &data_dir).await?;
+    }
 
     let images = open_images(&data_dir, &args.host)?;
     let client = krvirt_client::Client::new(&format!("http://{addr}"))?;

@@ -283,3 +283,56 @@ fn memory_is_rounded_up_to_whole_mib() {
     let p = plan(&vmi, Accel::Tcg, Path::new("/run/x"), &Table::demo()).unwrap();
     assert_eq!(p.config.memory_bytes, 2 << 20);
 }
+
+/// Two NICs on krvirt Networks (the pod network's `default` Network with
+/// masquerade, a multus Network with the bridge binding): each a tap the
+/// agent creates, named from the VMI uid and NIC index, with the MAC the
+/// network controller assigned.
+#[test]
+fn golden_vmi_two_nics_on_taps() {
+    let mut doc = corpus("vmi-multus-multiple-net.yaml");
+    let assigned = serde_json::json!([
+        {"name": "default", "mac": "02:11:22:33:44:01", "network": "default", "networkType": "nat",
+         "bridge": "kvbr-default", "subnet": "10.213.7.0/24", "gateway": "10.213.7.1", "ip": "10.213.7.20"},
+        {"name": "ptp", "mac": "02:11:22:33:44:02", "network": "ptp-conf", "networkType": "bridge",
+         "bridge": "kvbr-ptp", "subnet": "10.9.0.0/24", "gateway": "10.9.0.1", "ip": "10.9.0.5"}
+    ]);
+    doc["metadata"]["annotations"] = serde_json::json!({
+        krvirt_api::network::INTERFACES_ANNOTATION: assigned.to_string()
+    });
+    let vmi = vmi_of(doc);
+    let run_dir = Path::new("/var/lib/krvirt/run/vmi/0a1b2c3d-0000-4000-8000-00000000cafe");
+    let p = plan(&vmi, Accel::Tcg, run_dir, &Table::demo()).unwrap();
+    check_golden("vmi-multus-multiple-net", &render(&p));
+    let taps: Vec<_> = p
+        .config
+        .nics
+        .iter()
+        .map(|n| (n.mac.as_str(), n.backend.clone()))
+        .collect();
+    assert_eq!(
+        taps,
+        vec![
+            (
+                "02:11:22:33:44:01",
+                NicBackend::Tap {
+                    ifname: "kvt0a1b2c3d000".into()
+                }
+            ),
+            (
+                "02:11:22:33:44:02",
+                NicBackend::Tap {
+                    ifname: "kvt0a1b2c3d001".into()
+                }
+            ),
+        ]
+    );
+    // Without an assignment a bridge interface cannot be planned.
+    let vmi = vmi_of(corpus("vmi-multus-ptp.yaml"));
+    let err = plan(&vmi, Accel::Tcg, run_dir, &Table::demo()).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("spec.domain.devices.interfaces[0]: the interface has no krvirt Network"),
+        "{err}"
+    );
+}

@@ -1,0 +1,793 @@
+//! The host side of VMI networking: what the agent does for a VMI whose
+//! interfaces the network controller attached to krvirt Networks
+//! (annotation [`INTERFACES_ANNOTATION`]; the agent never allocates).
+//!
+//! Before QEMU starts ([`HostNet::prepare`]): the Network's bridge (with
+//! the gateway address), its dnsmasq serving exactly the leases of this
+//! host's NICs on it, the NAT rule of `nat` Networks, and one persistent
+//! tap per NIC (named from the VMI uid and NIC index) on the bridge. What
+//! was set up is recorded in the run directory (`net.json`), so everything
+//! below is recomputed from disk after a restart.
+//!
+//! The firewall (krvirt-net's nftables tables, one pair per agent, named
+//! from the data directory) is recomputed from those records, the
+//! VMIs' `krvirt.io/security-groups[.<iface>]` annotations and the
+//! SecurityGroup objects, and re-applied (one atomic transaction, only
+//! when something changed) whenever a SecurityGroup changes, and every few
+//! seconds: rule edits reach running guests without a restart.
+//!
+//! Taps go when QEMU stops ([`HostNet::release`]); taps on this agent's
+//! bridges whose run directory is gone (a crash between the two) are swept.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use krvirt_api::kubevirt::{VirtualMachineInstance, VirtualMachineInstanceNetworkInterface};
+use krvirt_api::network::{
+    INTERFACES_ANNOTATION, NetworkType, SecurityGroup, interface_assignments, security_groups_for,
+};
+use krvirt_client::{Client, ListParams, ResumeOptions};
+use krvirt_hypervisor::{NicBackend, VmConfig};
+use krvirt_net::dhcp::{DhcpServer, Lease};
+use krvirt_net::firewall::{Firewall, Group, Port, Proto, Rule, Ruleset, Zone};
+use krvirt_net::link::Netlink;
+use krvirt_net::{Cidr, NetError, tap};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+/// File in a VMI's run directory recording its NICs on krvirt Networks.
+pub const NET_RECORD: &str = "net.json";
+/// File in `{data_dir}/net/` naming what this agent owns on the host (its
+/// nft table and bridges), for operators and test cleanup.
+pub const HOST_RECORD: &str = "host.json";
+/// How often the firewall and leases are recomputed without an event.
+const RESYNC: Duration = Duration::from_secs(3);
+
+/// Why a VMI's network could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum NetPrepError {
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One NIC of a VMI on a krvirt Network, as prepared on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NicRecord {
+    pub iface: String,
+    pub tap: String,
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    pub network: String,
+    pub network_type: NetworkType,
+    pub bridge: String,
+    pub subnet: String,
+    pub gateway: Ipv4Addr,
+}
+
+/// The run directory's record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetRecord {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub nics: Vec<NicRecord>,
+}
+
+/// What the agent owns on the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostRecord {
+    /// nft table name (families `inet` and `bridge`; NAT in `{table}-nat`).
+    pub table: String,
+    pub bridges: BTreeSet<String>,
+}
+
+/// The nft table of the agent with data directory `data_dir`: `kv` + 8
+/// hex digits of a hash of the path, so agents side by side never share one.
+pub fn table_name(data_dir: &Path) -> String {
+    let mut h: u32 = 0x811c9dc5;
+    for b in data_dir.as_os_str().as_encoded_bytes() {
+        h ^= *b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    format!("kv{h:08x}")
+}
+
+/// Pure: the NICs of `vmi` that need host networking, from the
+/// controller's assignments (`None`: not assigned yet).
+pub fn nic_records(vmi: &VirtualMachineInstance) -> Option<Result<Vec<NicRecord>, NetPrepError>> {
+    let uid = vmi.metadata.uid.clone().unwrap_or_default();
+    let field = format!("metadata.annotations[{INTERFACES_ANNOTATION}]");
+    let bad = |message: String| NetPrepError::Invalid {
+        field: field.clone(),
+        message,
+    };
+    let assignments = match interface_assignments(&vmi.metadata.annotations)? {
+        Ok(a) => a,
+        Err(e) => return Some(Err(bad(e))),
+    };
+    let mut out = Vec::new();
+    for (i, iface) in vmi.spec.domain.devices.interfaces.iter().enumerate() {
+        let Some(a) = assignments.iter().find(|a| a.name == iface.name) else {
+            return Some(Err(bad(format!(
+                "no assignment for interface {}",
+                iface.name
+            ))));
+        };
+        let Some(network) = a.network.clone() else {
+            continue;
+        };
+        let rec = (|| -> Result<NicRecord, String> {
+            let ip: Ipv4Addr = a.ip.as_deref().unwrap_or("").parse().map_err(|_| "ip")?;
+            let gateway: Ipv4Addr = a
+                .gateway
+                .as_deref()
+                .unwrap_or("")
+                .parse()
+                .map_err(|_| "gateway")?;
+            let subnet = a.subnet.clone().ok_or("subnet")?;
+            subnet.parse::<Cidr>().map_err(|_| "subnet")?;
+            Ok(NicRecord {
+                iface: iface.name.clone(),
+                tap: tap::tap_name(&uid, i).map_err(|e| e.to_string())?,
+                mac: a.mac.to_ascii_lowercase(),
+                ip,
+                network,
+                network_type: a.network_type.unwrap_or_default(),
+                bridge: a.bridge.clone().ok_or("bridge")?,
+                subnet,
+                gateway,
+            })
+        })();
+        match rec {
+            Ok(r) => out.push(r),
+            Err(what) => {
+                return Some(Err(bad(format!(
+                    "interface {}: missing or invalid {what}",
+                    iface.name
+                ))));
+            }
+        }
+    }
+    Some(Ok(out))
+}
+
+/// Pure: KubeVirt `status.interfaces` for a planned VM. NICs on krvirt
+/// Networks report the address IPAM gave them (`infoSource` gains
+/// `dhcp-lease` once dnsmasq's lease file shows the guest took it); user
+/// networking NICs report QEMU's fixed guest address.
+pub fn interfaces_status(
+    config: &VmConfig,
+    records: &[NicRecord],
+    leased: &dyn Fn(&NicRecord) -> bool,
+) -> Vec<VirtualMachineInstanceNetworkInterface> {
+    config
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, nic)| {
+            let rec = records.iter().find(|r| r.iface == nic.id);
+            let (ip, source) = match (rec, &nic.backend) {
+                (Some(r), NicBackend::Tap { .. }) => (
+                    r.ip.to_string(),
+                    if leased(r) {
+                        "domain, dhcp-lease"
+                    } else {
+                        "domain"
+                    },
+                ),
+                _ => (crate::plan::MASQUERADE_GUEST_IP.to_string(), "domain"),
+            };
+            VirtualMachineInstanceNetworkInterface {
+                name: Some(nic.id.clone()),
+                ip_address: Some(ip.clone()),
+                ip_addresses: vec![ip],
+                mac: Some(nic.mac.clone()),
+                interface_name: Some(format!("eth{i}")),
+                info_source: Some(source.into()),
+            }
+        })
+        .collect()
+}
+
+/// Pure: the firewall of this host from its NIC records, the security
+/// groups of each VMI's interfaces (by VMI uid: namespace + annotations)
+/// and the SecurityGroup objects (`namespace/name` -> group).
+pub fn ruleset(
+    records: &[NetRecord],
+    annotations: &BTreeMap<String, BTreeMap<String, String>>,
+    groups: &BTreeMap<String, SecurityGroup>,
+    tap_exists: &dyn Fn(&str) -> bool,
+) -> Ruleset {
+    let mut rs = Ruleset::default();
+    let mut used: BTreeSet<String> = BTreeSet::new();
+    let mut zones: BTreeMap<String, bool> = BTreeMap::new();
+    for rec in records {
+        let ann = annotations.get(&rec.uid).cloned().unwrap_or_default();
+        for nic in &rec.nics {
+            zones.insert(
+                nic.bridge.clone(),
+                nic.network_type == NetworkType::Isolated,
+            );
+            if !tap_exists(&nic.tap) {
+                continue;
+            }
+            let names: Vec<String> = security_groups_for(&ann, &nic.iface)
+                .into_iter()
+                .map(|g| format!("{}/{g}", rec.namespace))
+                .filter(|g| groups.contains_key(g))
+                .collect();
+            used.extend(names.iter().cloned());
+            rs.ports.push(Port {
+                tap: nic.tap.clone(),
+                mac: nic.mac.clone(),
+                ip: Some(nic.ip),
+                groups: names,
+            });
+        }
+    }
+    // Groups named as a remote side are needed too (their member sets).
+    let mut pending: Vec<String> = used.iter().cloned().collect();
+    while let Some(g) = pending.pop() {
+        if let Some(sg) = groups.get(&g) {
+            let ns = g.split_once('/').map(|(n, _)| n).unwrap_or_default();
+            for r in sg.spec.ingress.iter().chain(&sg.spec.egress) {
+                if let Some(remote) = &r.security_group {
+                    let full = format!("{ns}/{remote}");
+                    if groups.contains_key(&full) && used.insert(full.clone()) {
+                        pending.push(full);
+                    }
+                }
+            }
+        }
+    }
+    for name in &used {
+        let Some(sg) = groups.get(name) else { continue };
+        let ns = name.split_once('/').map(|(n, _)| n).unwrap_or_default();
+        let conv = |r: &krvirt_api::network::SecurityRule| Rule {
+            proto: match r.protocol {
+                krvirt_api::network::RuleProtocol::Any => Proto::Any,
+                krvirt_api::network::RuleProtocol::Tcp => Proto::Tcp,
+                krvirt_api::network::RuleProtocol::Udp => Proto::Udp,
+                krvirt_api::network::RuleProtocol::Icmp => Proto::Icmp,
+            },
+            ports: r.port.map(|p| (p, r.end_port.unwrap_or(p))),
+            cidrs: r.cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
+            remote_group: r
+                .security_group
+                .as_ref()
+                .map(|g| format!("{ns}/{g}"))
+                .filter(|g| used.contains(g)),
+        };
+        rs.groups.push(Group {
+            name: name.clone(),
+            ingress: sg.spec.ingress.iter().map(conv).collect(),
+            egress: sg.spec.egress.iter().map(conv).collect(),
+        });
+    }
+    rs.zones = zones
+        .into_iter()
+        .map(|(bridge, isolated)| Zone { bridge, isolated })
+        .collect();
+    rs
+}
+
+/// This agent's host networking.
+pub struct HostNet {
+    data_dir: PathBuf,
+    client: Client,
+    node_name: String,
+    table: String,
+    firewall: tokio::sync::Mutex<Firewall>,
+    netlink: tokio::sync::OnceCell<Option<Netlink>>,
+    /// Wakes the sync loop.
+    kick: tokio::sync::Notify,
+    /// uid owning the taps (the user QEMU runs as, which opens them).
+    tap_owner: std::sync::atomic::AtomicU32,
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetPrepError {
+    let context = context.into();
+    move |source| NetPrepError::Io { context, source }
+}
+
+impl HostNet {
+    pub fn new(data_dir: &Path, client: Client, node_name: &str) -> HostNet {
+        let table = table_name(data_dir);
+        HostNet {
+            data_dir: data_dir.to_path_buf(),
+            client,
+            node_name: node_name.to_string(),
+            firewall: tokio::sync::Mutex::new(
+                Firewall::new(&table).unwrap_or_else(|_| unreachable_table()),
+            ),
+            table,
+            netlink: tokio::sync::OnceCell::new(),
+            kick: tokio::sync::Notify::new(),
+            // Unset: krvirt's default QEMU user if it exists (see `tap_owner`).
+            tap_owner: std::sync::atomic::AtomicU32::new(u32::MAX),
+        }
+    }
+
+    /// The owner of new taps: the uid set with [`HostNet::set_tap_owner`],
+    /// else krvirt's default QEMU user if it exists, else root (QEMU running
+    /// as root opens any tap).
+    fn tap_owner(&self) -> u32 {
+        match self.tap_owner.load(std::sync::atomic::Ordering::Relaxed) {
+            u32::MAX => krvirt_hypervisor::QemuUser::lookup(krvirt_hypervisor::DEFAULT_QEMU_USER)
+                .ok()
+                .flatten()
+                .map_or(0, |u| u.uid),
+            uid => uid,
+        }
+    }
+
+    /// The uid QEMU runs as: taps are handed to it (`TUNSETOWNER`), so an
+    /// unprivileged QEMU can open them and no other user can.
+    pub fn set_tap_owner(&self, uid: u32) {
+        self.tap_owner
+            .store(uid, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The nft table this agent owns.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn net_dir(&self) -> PathBuf {
+        self.data_dir.join("net")
+    }
+
+    fn run_root(&self) -> PathBuf {
+        self.data_dir.join("run").join("vmi")
+    }
+
+    fn dhcp(&self, nic: &NicRecord) -> Result<DhcpServer, NetPrepError> {
+        let subnet: Cidr = nic.subnet.parse()?;
+        Ok(DhcpServer {
+            bridge: nic.bridge.clone(),
+            subnet,
+            router: (nic.network_type != NetworkType::Isolated).then_some(nic.gateway),
+            dir: self.net_dir().join("dhcp").join(&nic.network),
+        })
+    }
+
+    async fn netlink(&self) -> Result<&Netlink, NetPrepError> {
+        let nl = self
+            .netlink
+            .get_or_init(|| async {
+                match Netlink::connect() {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        warn!(error = %e, "no netlink session");
+                        None
+                    }
+                }
+            })
+            .await;
+        nl.as_ref().ok_or_else(|| NetPrepError::Invalid {
+            field: "host".into(),
+            message: "cannot open a netlink socket (CAP_NET_ADMIN needed)".into(),
+        })
+    }
+
+    /// Every NIC record of this host (run directories with a `net.json`).
+    pub fn records(&self) -> Vec<NetRecord> {
+        let Ok(entries) = std::fs::read_dir(self.run_root()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<NetRecord> = entries
+            .flatten()
+            .filter_map(|e| {
+                let text = std::fs::read(e.path().join(NET_RECORD)).ok()?;
+                serde_json::from_slice(&text).ok()
+            })
+            .collect();
+        out.sort_by(|a, b| a.uid.cmp(&b.uid));
+        out
+    }
+
+    /// `Some(delay)` while the VMI's interfaces are not assigned yet.
+    pub fn wait_for_assignment(&self, vmi: &VirtualMachineInstance) -> Option<Duration> {
+        (!vmi.spec.domain.devices.interfaces.is_empty()
+            && !vmi.metadata.annotations.contains_key(INTERFACES_ANNOTATION))
+        .then_some(Duration::from_millis(300))
+    }
+
+    /// Set up the host side of `vmi`'s NICs in `run_dir` (which exists).
+    pub async fn prepare(
+        &self,
+        vmi: &VirtualMachineInstance,
+        run_dir: &Path,
+    ) -> Result<Vec<NicRecord>, NetPrepError> {
+        let nics = match nic_records(vmi) {
+            None => return Ok(Vec::new()),
+            Some(r) => r?,
+        };
+        if nics.is_empty() {
+            return Ok(nics);
+        }
+        let rec = NetRecord {
+            uid: vmi.metadata.uid.clone().unwrap_or_default(),
+            namespace: vmi.metadata.namespace().to_string(),
+            name: vmi.metadata.name().to_string(),
+            nics: nics.clone(),
+        };
+        let path = run_dir.join(NET_RECORD);
+        let text = serde_json::to_vec_pretty(&rec).map_err(|e| NetPrepError::Invalid {
+            field: "net record".into(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))?;
+        let nl = self.netlink().await?;
+        for nic in &nics {
+            let subnet: Cidr = nic.subnet.parse()?;
+            nl.ensure_bridge(&nic.bridge).await?;
+            nl.ensure_address(&nic.bridge, nic.gateway, subnet.prefix)
+                .await?;
+            tap::create(&nic.tap, self.tap_owner())?;
+            nl.attach(&nic.tap, &nic.bridge).await?;
+        }
+        self.record_host(&nics)?;
+        // Leases, NAT and the firewall (the new ports' anti-spoofing and
+        // groups) before the guest runs.
+        self.sync().await?;
+        info!(vmi = %rec.name, nics = nics.len(), "network prepared");
+        Ok(nics)
+    }
+
+    fn record_host(&self, nics: &[NicRecord]) -> Result<(), NetPrepError> {
+        let dir = self.net_dir();
+        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        let path = dir.join(HOST_RECORD);
+        let mut host: HostRecord = std::fs::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
+            .unwrap_or_default();
+        host.table = self.table.clone();
+        let before = host.bridges.len();
+        host.bridges.extend(nics.iter().map(|n| n.bridge.clone()));
+        if before != host.bridges.len() || !path.exists() {
+            let text = serde_json::to_vec_pretty(&host).map_err(|e| NetPrepError::Invalid {
+                field: "host record".into(),
+                message: e.to_string(),
+            })?;
+            std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// The VMI `uid` stopped here: remove its taps, update leases and rules.
+    pub async fn release(&self, uid: &str) {
+        let path = self.run_root().join(uid).join(NET_RECORD);
+        let Some(rec) = std::fs::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<NetRecord>(&t).ok())
+        else {
+            return;
+        };
+        for nic in &rec.nics {
+            if let Err(e) = tap::delete(&nic.tap) {
+                warn!(tap = %nic.tap, error = %e, "cannot delete tap");
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        self.kick.notify_one();
+    }
+
+    /// Whether dnsmasq's lease file shows `nic`'s MAC holding its address.
+    pub fn leased(&self, nic: &NicRecord) -> bool {
+        let Ok(server) = self.dhcp(nic) else {
+            return false;
+        };
+        let Ok(text) = std::fs::read_to_string(server.dir.join("leases")) else {
+            return false;
+        };
+        let ip = nic.ip.to_string();
+        text.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 3 && f[1].eq_ignore_ascii_case(&nic.mac) && f[2] == ip
+        })
+    }
+
+    /// `status.interfaces` for a VMI planned as `config`.
+    pub fn interfaces_status(
+        &self,
+        config: &VmConfig,
+        uid: &str,
+    ) -> Vec<VirtualMachineInstanceNetworkInterface> {
+        let records: Vec<NicRecord> = std::fs::read(self.run_root().join(uid).join(NET_RECORD))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<NetRecord>(&t).ok())
+            .map(|r| r.nics)
+            .unwrap_or_default();
+        interfaces_status(config, &records, &|n| self.leased(n))
+    }
+
+    /// Refresh the lease confirmation in an observed status.
+    pub fn refresh_status(
+        &self,
+        uid: &str,
+        interfaces: &mut [VirtualMachineInstanceNetworkInterface],
+    ) {
+        let Some(rec) = std::fs::read(self.run_root().join(uid).join(NET_RECORD))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<NetRecord>(&t).ok())
+        else {
+            return;
+        };
+        for st in interfaces.iter_mut() {
+            if let Some(nic) = rec.nics.iter().find(|n| Some(&n.iface) == st.name.as_ref())
+                && self.leased(nic)
+            {
+                st.info_source = Some("domain, dhcp-lease".into());
+            }
+        }
+    }
+
+    async fn security_groups(&self) -> Result<BTreeMap<String, SecurityGroup>, NetPrepError> {
+        let kind =
+            krvirt_api::find_kind("securitygroups").ok_or_else(|| NetPrepError::Invalid {
+                field: "kinds".into(),
+                message: "SecurityGroup is not registered".into(),
+            })?;
+        let list = self
+            .client
+            .list(kind, &ListParams::all_namespaces())
+            .await
+            .map_err(|e| NetPrepError::Invalid {
+                field: "securitygroups".into(),
+                message: e.to_string(),
+            })?;
+        let mut out = BTreeMap::new();
+        for o in list.items {
+            if let Ok(sg) = serde_json::from_value::<SecurityGroup>(o) {
+                out.insert(
+                    format!("{}/{}", sg.metadata.namespace(), sg.metadata.name()),
+                    sg,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    async fn vmi_annotations(
+        &self,
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, NetPrepError> {
+        let kind = krvirt_api::find_kind("virtualmachineinstances").ok_or_else(|| {
+            NetPrepError::Invalid {
+                field: "kinds".into(),
+                message: "VirtualMachineInstance is not registered".into(),
+            }
+        })?;
+        let list = self
+            .client
+            .list(
+                kind,
+                &ListParams::all_namespaces().fields(format!("status.nodeName={}", self.node_name)),
+            )
+            .await
+            .map_err(|e| NetPrepError::Invalid {
+                field: "virtualmachineinstances".into(),
+                message: e.to_string(),
+            })?;
+        let mut out = BTreeMap::new();
+        for o in list.items {
+            if let Ok(v) = serde_json::from_value::<VirtualMachineInstance>(o)
+                && let Some(uid) = v.metadata.uid.clone()
+            {
+                out.insert(uid, v.metadata.annotations);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Recompute leases, NAT and the firewall from the records on disk and
+    /// the API, and apply what changed.
+    pub async fn sync(&self) -> Result<(), NetPrepError> {
+        let mut fw = self.firewall.lock().await;
+        let records = self.records();
+        // DHCP: one dnsmasq per Network with NICs here.
+        let mut by_net: BTreeMap<String, (NicRecord, Vec<Lease>)> = BTreeMap::new();
+        for nic in records.iter().flat_map(|r| &r.nics) {
+            let e = by_net
+                .entry(nic.network.clone())
+                .or_insert_with(|| (nic.clone(), Vec::new()));
+            if tap::exists(&nic.tap) {
+                e.1.push(Lease {
+                    mac: nic.mac.clone(),
+                    ip: nic.ip,
+                });
+            }
+        }
+        let mut nat = Vec::new();
+        for (nic, leases) in by_net.values() {
+            let server = self.dhcp(nic)?;
+            server.set_leases(leases)?;
+            if !leases.is_empty() || server.pid().is_some() {
+                server.ensure_running()?;
+            }
+            if nic.network_type == NetworkType::Nat {
+                nat.push(nic.subnet.parse::<Cidr>()?);
+            }
+        }
+        nat.sort_by_key(|c| (u32::from(c.addr), c.prefix));
+        nat.dedup();
+        if !nat.is_empty() {
+            krvirt_net::nat::sync(&self.table, &nat)?;
+        }
+        let annotations = self.vmi_annotations().await?;
+        let groups = self.security_groups().await?;
+        let rs = ruleset(&records, &annotations, &groups, &tap::exists);
+        fw.apply(&rs)?;
+        Ok(())
+    }
+
+    /// Remove taps on this agent's bridges whose run directory is gone.
+    fn sweep(&self) {
+        let host: HostRecord = std::fs::read(self.net_dir().join(HOST_RECORD))
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
+            .unwrap_or_default();
+        if host.bridges.is_empty() {
+            return;
+        }
+        let live: Vec<String> = self.records().into_iter().map(|r| r.uid).collect();
+        let ours =
+            |t: &str| krvirt_net::link::master_of(t).is_some_and(|b| host.bridges.contains(&b));
+        match tap::sweep(&live, ours) {
+            Ok(gone) if !gone.is_empty() => info!(taps = ?gone, "swept taps of VMIs that are gone"),
+            Ok(_) => {}
+            Err(e) => debug!(error = %e, "tap sweep failed"),
+        }
+    }
+
+    /// Keep leases and rules in step: on SecurityGroup changes, on
+    /// [`HostNet::release`], and every few seconds.
+    pub async fn run(&self) {
+        self.sweep();
+        let Some(kind) = krvirt_api::find_kind("securitygroups") else {
+            return;
+        };
+        let mut groups = self.client.watch_resumable(
+            kind,
+            &ListParams::all_namespaces(),
+            ResumeOptions {
+                max_consecutive_failures: u32::MAX,
+                ..Default::default()
+            },
+        );
+        loop {
+            if !self.records().is_empty()
+                && let Err(e) = self.sync().await
+            {
+                debug!(error = %e, "network sync failed");
+            }
+            tokio::select! {
+                ev = groups.next() => {
+                    if ev.is_none() {
+                        tokio::time::sleep(RESYNC).await;
+                    }
+                }
+                _ = self.kick.notified() => self.sweep(),
+                _ = tokio::time::sleep(RESYNC) => self.sweep(),
+            }
+        }
+    }
+}
+
+fn unreachable_table() -> Firewall {
+    // table_name() always yields a valid name ("kv" + 8 hex digits).
+    Firewall::new("krvirt").expect("the fixed table name is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn vmi(ann: serde_json::Value) -> VirtualMachineInstance {
+        serde_json::from_value(json!({
+            "metadata": {"name": "a", "namespace": "ns", "uid": "0a1b2c3d-0000-4000-8000-00000000cafe",
+                         "annotations": ann},
+            "spec": {"domain": {"devices": {"interfaces": [
+                {"name": "default", "masquerade": {}}, {"name": "blue", "bridge": {}}]}},
+                "networks": [{"name": "default", "pod": {}}, {"name": "blue", "multus": {"networkName": "blue"}}]}
+        }))
+        .unwrap()
+    }
+
+    fn assigned() -> String {
+        json!([
+            {"name": "default", "mac": "02:00:00:00:00:01"},
+            {"name": "blue", "mac": "02:00:00:00:00:02", "network": "blue", "networkType": "bridge",
+             "bridge": "kvbr-blue", "subnet": "10.9.0.0/24", "gateway": "10.9.0.1", "ip": "10.9.0.7"}
+        ])
+        .to_string()
+    }
+
+    #[test]
+    fn records_follow_the_assignment() {
+        assert!(nic_records(&vmi(json!({}))).is_none());
+        let v = vmi(json!({INTERFACES_ANNOTATION: assigned()}));
+        let r = nic_records(&v).unwrap().unwrap();
+        assert_eq!(r.len(), 1, "the user-networking NIC needs no host side");
+        assert_eq!(r[0].tap, "kvt0a1b2c3d001");
+        assert_eq!(r[0].ip, Ipv4Addr::new(10, 9, 0, 7));
+        let broken = vmi(json!({INTERFACES_ANNOTATION: "[{\"name\": \"blue\"}]"}));
+        let e = nic_records(&broken).unwrap().unwrap_err().to_string();
+        assert!(e.contains("krvirt.io/interfaces"), "{e}");
+    }
+
+    #[test]
+    fn ruleset_from_records_annotations_and_groups() {
+        let v = vmi(json!({INTERFACES_ANNOTATION: assigned()}));
+        let rec = NetRecord {
+            uid: v.metadata.uid.clone().unwrap(),
+            namespace: "ns".into(),
+            name: "a".into(),
+            nics: nic_records(&v).unwrap().unwrap(),
+        };
+        let mut ann = BTreeMap::new();
+        ann.insert(
+            rec.uid.clone(),
+            [(
+                "krvirt.io/security-groups.blue".to_string(),
+                "web".to_string(),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        let sg: SecurityGroup = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"ingress": [{"protocol": "tcp", "port": 80, "securityGroup": "clients"}]}}))
+        .unwrap();
+        let clients: SecurityGroup = serde_json::from_value(json!({
+            "metadata": {"name": "clients", "namespace": "ns"}, "spec": {}}))
+        .unwrap();
+        let mut groups = BTreeMap::new();
+        groups.insert("ns/web".to_string(), sg);
+        groups.insert("ns/clients".to_string(), clients);
+        let rs = ruleset(&[rec.clone()], &ann, &groups, &|_| true);
+        assert_eq!(rs.ports.len(), 1);
+        assert_eq!(rs.ports[0].groups, vec!["ns/web"]);
+        assert_eq!(
+            rs.zones,
+            vec![Zone {
+                bridge: "kvbr-blue".into(),
+                isolated: false
+            }]
+        );
+        let names: Vec<&str> = rs.groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, vec!["ns/clients", "ns/web"]);
+        let web = &rs.groups[1];
+        assert_eq!(web.ingress[0].ports, Some((80, 80)));
+        assert_eq!(web.ingress[0].remote_group.as_deref(), Some("ns/clients"));
+        // The rules compile (nft syntax checked by krvirt-net's own tests).
+        krvirt_net::firewall::compile(&rs, "kvtest").unwrap();
+        // A tap that is gone is no port, but its bridge stays a zone.
+        let rs = ruleset(&[rec], &ann, &groups, &|_| false);
+        assert!(rs.ports.is_empty() && rs.groups.is_empty() && rs.zones.len() == 1);
+    }
+
+    #[test]
+    fn tables_differ_per_data_dir() {
+        let a = table_name(Path::new("/var/lib/krvirt"));
+        assert_eq!(a, table_name(Path::new("/var/lib/krvirt")));
+        assert_ne!(a, table_name(Path::new("/tmp/other")));
+        assert!(Firewall::new(&a).is_ok());
+    }
+}
