@@ -264,6 +264,8 @@ impl Controllers {
     async fn reconcile_vm(&self, key: &Key) -> Result<Option<Duration>, ControllerError> {
         let vmi_raw = self.get_opt(self.vmi_kind, key).await?;
         let Some(vm_raw) = self.get_opt(self.vm_kind, key).await? else {
+            // Garbage collection: the Volumes of its dataVolumeTemplates.
+            crate::volumes::collect_orphans(&self.registry, &key.namespace, &key.name).await?;
             // Garbage collection: a VMI whose controlling VM is gone.
             if let Some(v) = vmi_raw {
                 let vmi: VirtualMachineInstance = decode("VMI", v)?;

@@ -453,6 +453,13 @@ async fn delete(kind: &'static KindInfo, c: Ctx, body: Body) -> Response {
             resource_version: p.resource_version,
         })
         .unwrap_or_default();
+    // A Volume in use by a VM or a running VMI stays.
+    if kind.group == "krvirt.io"
+        && kind.plural == "volumes"
+        && let Err(e) = crate::volume_guard::check_delete(&c.st.registry, c.ns(), c.name()).await
+    {
+        return c.err(e);
+    }
     match c.st.registry.delete(kind, c.ns(), c.name(), &pre).await {
         Ok(out) => {
             let code = if out.deleted {

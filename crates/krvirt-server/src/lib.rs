@@ -28,6 +28,7 @@ pub mod registry;
 pub mod selector;
 mod server;
 pub mod tls;
+pub mod volume_guard;
 
 pub use connector::{ByteStream, ConsoleStream, HostConnector, NoHostConnector};
 pub use error::ApiError;
