@@ -27,6 +27,7 @@ use async_trait::async_trait;
 use futures::Stream;
 
 pub mod conformance;
+pub mod election;
 pub mod embedded;
 pub mod etcd;
 
