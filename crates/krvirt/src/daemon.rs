@@ -61,6 +61,10 @@ pub struct UpArgs {
     /// Do not create the demo VM on first start
     #[arg(long)]
     pub no_demo: bool,
+    /// Serve plain HTTP without authentication (ONLY for measuring the
+    /// cost of authentication: bench/api)
+    #[arg(long)]
+    pub insecure_no_auth: bool,
     /// Do not create the `default` NAT Network (the pod network): pod
     /// interfaces then fall back to QEMU user networking
     #[arg(long)]
@@ -81,6 +85,10 @@ pub struct ServerArgs {
     /// Store: `embedded` (a file in the data dir); etcd://… comes with the cluster work
     #[arg(long, default_value = "embedded")]
     pub store: String,
+    /// Serve plain HTTP without authentication (ONLY for measuring the
+    /// cost of authentication: bench/api)
+    #[arg(long)]
+    pub insecure_no_auth: bool,
 }
 
 /// `krvirt agent`: the host agent of one host, talking to the server given
@@ -93,6 +101,13 @@ pub struct AgentArgs {
     /// Serve this host's Prometheus `/metrics` (per-VM figures) on this address
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// One-time join token (krvirt token create --join): fetch this host's
+    /// client certificate from an https:// --server (once; kept in DATA/agent-pki)
+    #[arg(long, env = "KRVIRT_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    /// The server's CA certificate (its DATA/pki/ca.crt), for joining
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -420,16 +435,23 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(Arc::new(
         store,
     ))));
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let addr = listener.local_addr()?;
+    let auth_stop = CancellationToken::new();
+    let secure = crate::secure::listen(
+        &data_dir,
+        args.listen,
+        &registry,
+        args.insecure_no_auth,
+        &auth_stop,
+    )
+    .await?;
+    let api_url = secure.url();
     if !args.no_default_network {
         ensure_default_network(&registry, &data_dir).await?;
     }
 
     let images = open_images(&data_dir, &args.host)?;
-    let client = krvirt_client::Client::new(&format!("http://{addr}"))?;
+    // The in-process agent is the local admin: the unix socket.
+    let client = krvirt_client::Client::new(&secure.socket_url())?;
     let agent = Agent::new(agent_config(&data_dir, &args.host)?, client, images.clone())
         .context("starting the host agent")?;
     let image_svc = crate::images::ImageService::new(
@@ -447,12 +469,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let server = {
         let shutdown = shutdown.clone();
         let images = crate::images::routes(image_svc.clone());
-        tokio::spawn(async move {
-            crate::images::serve(listener, state, images, async move {
-                shutdown.cancelled().await
-            })
-            .await
-        })
+        tokio::spawn(async move { crate::secure::serve(secure, state, images, shutdown).await })
     };
     tokio::spawn(image_svc.clone().mirror_loop(shutdown.clone()));
     let controllers = krvirt_controller::Controllers::new(registry.clone())?;
@@ -466,7 +483,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         create_demo(&registry, &data_dir).await?;
     }
     info!(
-        api = %format!("http://{addr}"),
+        api = %api_url,
         data_dir = %data_dir.display(),
         host = agent.node_name(),
         accelerator = accel.accel.qemu_name(),
@@ -474,7 +491,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
         "krvirt is up"
     );
     eprintln!(
-        "krvirt is up: API http://{addr}, data {}, host {}, accelerator {} ({})",
+        "krvirt is up: API {api_url} (and {}), data {}, host {}, accelerator {} ({})",
+        crate::secure::socket_path(&data_dir).display(),
         data_dir.display(),
         agent.node_name(),
         accel.accel.qemu_name(),
@@ -492,6 +510,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         }
     }
     shutdown.cancel();
+    auth_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), ctl).await;
     Ok(())
@@ -511,23 +530,34 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(Arc::new(
         store,
     ))));
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
     let shutdown = CancellationToken::new();
+    let secure = crate::secure::listen(
+        &data_dir,
+        args.listen,
+        &registry,
+        args.insecure_no_auth,
+        &shutdown,
+    )
+    .await?;
     let state = AppState::new(registry.clone(), Arc::new(krvirt_server::NoHostConnector))
         .with_audit(open_audit(&data_dir)?);
     let ctl = tokio::spawn(krvirt_controller::Controllers::new(registry)?.run(shutdown.clone()));
     eprintln!(
-        "krvirt server listening on http://{}",
-        listener.local_addr()?
+        "krvirt server listening on {} and {}{}",
+        secure.url(),
+        secure.socket.display(),
+        secure
+            .ca_fingerprint
+            .as_deref()
+            .map(|f| format!(", CA SHA-256 {f}"))
+            .unwrap_or_default()
     );
     let sd = shutdown.clone();
-    krvirt_server::serve(listener, state, async move {
+    tokio::spawn(async move {
         shutdown_signal().await;
         sd.cancel();
-    })
-    .await?;
+    });
+    crate::secure::serve(secure, state, axum::Router::new(), shutdown.clone()).await?;
     let _ = ctl.await;
     Ok(())
 }
@@ -537,8 +567,16 @@ pub async fn agent(args: AgentArgs, server: Option<String>) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let _lock = lock_data_dir(&data_dir)?;
     let images = open_images(&data_dir, &args.host)?;
-    let client = krvirt_client::Client::from_env(server)?;
-    let agent = Agent::new(agent_config(&data_dir, &args.host)?, client, images)?;
+    let cfg = agent_config(&data_dir, &args.host)?;
+    let client = crate::secure::agent_client(
+        &data_dir,
+        server,
+        &cfg.node_name,
+        args.join_token.clone(),
+        args.ca.clone(),
+    )
+    .await?;
+    let agent = Agent::new(cfg, client, images)?;
     let shutdown = CancellationToken::new();
     let sd = shutdown.clone();
     tokio::spawn(async move {

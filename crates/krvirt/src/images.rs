@@ -474,27 +474,3 @@ pub fn routes(svc: Svc) -> Router {
         .layer(DefaultBodyLimit::disable())
         .with_state(svc)
 }
-
-/// [`krvirt_server::serve`] with the image service's routes merged in
-/// (same connect info and graceful shutdown).
-pub async fn serve<F>(
-    listener: tokio::net::TcpListener,
-    state: krvirt_server::AppState,
-    extra: Router,
-    shutdown: F,
-) -> std::io::Result<()>
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    let token = state.shutdown.clone();
-    let app = krvirt_server::router(state).merge(extra);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        token.cancel();
-    })
-    .await
-}

@@ -5,6 +5,7 @@
 mod cli;
 mod daemon;
 mod images;
+mod secure;
 
 use std::process::ExitCode;
 

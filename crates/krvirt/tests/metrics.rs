@@ -51,18 +51,10 @@ async fn boot(inst: &Instance, name: &str) {
     inst.console_shows(name, "GUEST-BOOTED").await;
 }
 
-async fn scrape(url: &str) -> (String, String) {
-    let r = reqwest::get(format!("{url}/metrics"))
-        .await
-        .expect("GET /metrics");
-    assert!(r.status().is_success(), "/metrics: {}", r.status());
-    let ct = r
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    (ct, r.text().await.unwrap())
+async fn scrape(inst: &Instance) -> (String, String) {
+    let (code, ct, text) = inst.get_raw("/metrics").await;
+    assert_eq!(code, 200, "/metrics: {text}");
+    (ct, text)
 }
 
 /// The value of the one sample of `name` carrying every label of `labels`.
@@ -93,7 +85,7 @@ async fn metrics_of_a_running_guest() {
     let vcpu0 = [vm.as_slice(), &[("id", "0"), ("state", "running")]].concat();
     let disk = [vm.as_slice(), &[("drive", "containerdisk")]].concat();
 
-    let (ct, first) = scrape(&inst.url).await;
+    let (ct, first) = scrape(&inst).await;
     assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
     assert!(first.ends_with("# EOF\n"));
     let v1 = sample(&first, "kubevirt_vmi_vcpu_seconds_total", &vcpu0)
@@ -155,7 +147,7 @@ async fn metrics_of_a_running_guest() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (_, next) = scrape(&inst.url).await;
+        let (_, next) = scrape(&inst).await;
         let v2 = sample(&next, "kubevirt_vmi_vcpu_seconds_total", &vcpu0).unwrap();
         assert!(v2 >= v1, "vcpu seconds went back: {v1} -> {v2}");
         if v2 > v1 {
@@ -223,7 +215,10 @@ fn prometheus_bin() -> PathBuf {
 async fn prometheus_scrapes_vm_metrics() {
     let bin = prometheus_bin();
     let inst = Instance::start().await;
-    let target = inst.url.trim_start_matches("http://").to_string();
+    let target = format!("127.0.0.1:{}", inst.port());
+    // Prometheus scrapes over TLS with a token bound to `view` cluster-wide.
+    let token = inst.token(&["--user", "prometheus", "--cluster-role", "view"]);
+    let ca = inst.ca_file();
     let pdir = inst.dir.path().join("prometheus");
     std::fs::create_dir_all(pdir.join("data")).unwrap();
     let config = pdir.join("prometheus.yml");
@@ -231,7 +226,9 @@ async fn prometheus_scrapes_vm_metrics() {
         &config,
         format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
-             scrape_configs:\n- job_name: krvirt\n  static_configs:\n  - targets: ['{target}']\n"
+             scrape_configs:\n- job_name: krvirt\n  scheme: https\n  tls_config:\n    ca_file: {}\n  \
+             authorization:\n    credentials: {token}\n  static_configs:\n  - targets: ['{target}']\n",
+            ca.display()
         ),
     )
     .unwrap();

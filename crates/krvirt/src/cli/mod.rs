@@ -7,6 +7,7 @@
 
 mod apply;
 mod audit;
+pub mod auth;
 mod console;
 mod create;
 mod describe;
@@ -34,9 +35,16 @@ pub use apply::LAST_APPLIED;
 /// Options every verb understands (given before or after the verb).
 #[derive(Debug, Clone, Default, Args)]
 pub struct GlobalArgs {
-    /// krvirt API server URL (else $KRVIRT_SERVER, else http://127.0.0.1:8440)
+    /// krvirt API server: https://HOST:PORT or unix:///PATH (else
+    /// --data-dir, $KRVIRT_SERVER, the saved `krvirt login`, or the local
+    /// instance's unix socket)
     #[arg(long, global = true, value_name = "URL")]
     pub server: Option<String>,
+
+    /// Talk to the local instance of this data directory, through its unix
+    /// socket (given before the verb)
+    #[arg(long = "data-dir", id = "client_data_dir", value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
 
     /// Namespace of the objects [default: default]
     #[arg(short = 'n', long, global = true, value_name = "NAMESPACE")]
@@ -92,6 +100,10 @@ pub enum ClientCommand {
     Drain(hosts::DrainArgs),
     /// Print client and server versions
     Version,
+    /// Save a server, its CA and a bearer token (--server https://…)
+    Login(auth::LoginArgs),
+    /// Create, list and revoke bearer tokens
+    Token(auth::TokenArgs),
 }
 
 /// The `-n` value and whether it was given.
@@ -109,7 +121,7 @@ pub struct Ctx {
 
 impl Ctx {
     fn new(global: &GlobalArgs) -> Result<Ctx> {
-        let client = Client::from_env(global.server.clone())?;
+        let client: Client = auth::client(global)?;
         let ns = match global.namespace.as_deref().filter(|n| !n.is_empty()) {
             Some(n) => Namespace {
                 name: n.to_string(),
@@ -167,6 +179,8 @@ async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> Result<ExitCode> {
         ClientCommand::Uncordon(a) => hosts::cordon(ctx, a, false).await,
         ClientCommand::Drain(a) => hosts::drain(ctx, a).await,
         ClientCommand::Version => version(ctx).await,
+        ClientCommand::Login(a) => auth::login(ctx, a).await,
+        ClientCommand::Token(a) => auth::token(ctx, a).await,
     }
 }
 

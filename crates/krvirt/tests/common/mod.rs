@@ -44,9 +44,6 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("krvirt-test-cache"))
 }
 
-/// Marker file in an instance's temp dir: start it with the default Network.
-const WITH_NETWORK: &str = "with-default-network";
-
 pub struct Instance {
     pub dir: tempfile::TempDir,
     pub url: String,
@@ -76,45 +73,49 @@ impl Instance {
     /// An instance for a server process started elsewhere (the multi-host
     /// harness starts `krvirt server` itself); `dir` is its temp dir.
     pub fn from_server_process(dir: tempfile::TempDir, url: String, child: Child) -> Instance {
-        let http = match url.strip_prefix("unix://") {
-            Some(sock) => reqwest::Client::builder()
-                .unix_socket(PathBuf::from(sock))
-                .build()
-                .unwrap(),
-            None => reqwest::Client::new(),
-        };
         Instance {
             dir,
             url,
             child: Some(child),
-            http,
-        }
-    }
-
-    /// Start `krvirt up` WITH the `default` NAT Network, so `pod`
-    /// interfaces sit on a real bridge with DHCP from dnsmasq (plain
-    /// [`Instance::start`] passes `--no-default-network`: QEMU user
-    /// networking, cheaper for tests that do not look at the network).
-    pub async fn start_with_network() -> Instance {
-        let dir = tempfile::Builder::new()
-            .prefix("krvirt-e2e-")
-            .tempdir()
-            .unwrap();
-        std::fs::write(dir.path().join(WITH_NETWORK), b"").unwrap();
-        let port = free_port();
-        let mut inst = Instance {
-            dir,
-            url: format!("http://127.0.0.1:{port}"),
-            child: None,
             http: reqwest::Client::new(),
-        };
-        inst.spawn();
-        inst.wait_ready().await;
-        inst
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The instance's TCP port (TLS), remembered across restarts.
+    pub fn port(&self) -> u16 {
+        let f = self.dir.path().join("port");
+        if let Ok(p) = std::fs::read_to_string(&f) {
+            return p.trim().parse().unwrap();
+        }
+        let p = self.url.rsplit(':').next().unwrap().to_string();
+        std::fs::write(&f, &p).unwrap();
+        p.parse().unwrap()
+    }
+
+    /// `https://127.0.0.1:PORT`: the network listener (TLS, tokens).
+    pub fn https_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port())
+    }
+
+    /// The instance's CA certificate (PEM file).
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir().join("pki/ca.crt")
+    }
+
+    /// `krvirt token create ARGS` through the unix socket: the token.
+    pub fn token(&self, args: &[&str]) -> String {
+        let mut a = vec!["token", "create"];
+        a.extend_from_slice(args);
+        self.ok(&a).trim().to_string()
+    }
+
+    /// Full URL of an API path for `self.http` (the unix socket).
+    fn api(&self, path: &str) -> String {
+        format!("http://localhost{path}")
     }
 
     fn spawn(&mut self) {
@@ -123,7 +124,15 @@ impl Instance {
             .append(true)
             .open(self.dir.path().join("up.log"))
             .unwrap();
-        let port = self.url.rsplit(':').next().unwrap().to_string();
+        let port = self.port().to_string();
+        // Tests reach the instance as its local admin: the unix socket
+        // (`--server unix://…` for CLI verbs, `self.http` for REST).
+        let sock = self.data_dir().join("krvirt.sock");
+        self.url = format!("unix://{}", sock.display());
+        self.http = reqwest::Client::builder()
+            .unix_socket(sock)
+            .build()
+            .unwrap();
         let child = Command::new(BIN)
             .args([
                 "up",
@@ -133,7 +142,6 @@ impl Instance {
                 "--node-name",
                 "e2e-host",
             ])
-            .args((!self.dir.path().join(WITH_NETWORK).exists()).then_some("--no-default-network"))
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -192,7 +200,7 @@ impl Instance {
     pub async fn get(&self, path: &str) -> Result<Value, String> {
         let r = self
             .http
-            .get(format!("{}{path}", self.url))
+            .get(self.api(path))
             .send()
             .await
             .map_err(|e| e.to_string())?;
@@ -205,6 +213,19 @@ impl Instance {
         }
     }
 
+    /// GET a path as the local admin: (status, content type, body).
+    pub async fn get_raw(&self, path: &str) -> (u16, String, String) {
+        let r = self.http.get(self.api(path)).send().await.unwrap();
+        let code = r.status().as_u16();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (code, ct, r.text().await.unwrap_or_default())
+    }
+
     /// POST/PUT a body; returns (status code, JSON body).
     pub async fn send(
         &self,
@@ -215,7 +236,7 @@ impl Instance {
     ) -> (u16, Value) {
         let r = self
             .http
-            .request(method, format!("{}{path}", self.url))
+            .request(method, self.api(path))
             .header("content-type", content_type)
             .body(body)
             .send()
@@ -230,6 +251,8 @@ impl Instance {
         Command::new(BIN)
             .arg("--server")
             .arg(&self.url)
+            .env_remove("KRVIRT_TOKEN")
+            .env_remove("KRVIRT_CA")
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -310,10 +333,9 @@ impl Instance {
     pub async fn console_log(&self, name: &str) -> String {
         let r = self
             .http
-            .get(format!(
-                "{}/apis/subresources.kubevirt.io/v1/namespaces/default/virtualmachineinstances/{name}/consolelog",
-                self.url
-            ))
+            .get(self.api(&format!(
+                "/apis/subresources.kubevirt.io/v1/namespaces/default/virtualmachineinstances/{name}/consolelog"
+            )))
             .send()
             .await;
         match r {
@@ -391,52 +413,10 @@ pub fn kill_processes_under(dir: &Path) {
     }
 }
 
-/// Remove what the instance's agent set up on the host (its record in
-/// `DATA/net/host.json`): taps still on its bridges, the bridges, its nft
-/// tables. Its dnsmasq went with [`kill_processes_under`].
-pub fn remove_host_network(data_dir: &Path) {
-    let Ok(text) = std::fs::read(data_dir.join("net/host.json")) else {
-        return;
-    };
-    let Ok(host) = serde_json::from_slice::<Value>(&text) else {
-        return;
-    };
-    let ip = |args: &[&str]| {
-        let _ = Command::new("ip")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    };
-    for br in host["bridges"].as_array().into_iter().flatten() {
-        let Some(br) = br.as_str() else { continue };
-        if let Ok(ports) = std::fs::read_dir(Path::new("/sys/class/net").join(br).join("brif")) {
-            for p in ports.flatten() {
-                ip(&["link", "del", &p.file_name().to_string_lossy()]);
-            }
-        }
-        ip(&["link", "del", br]);
-    }
-    if let Some(t) = host["table"].as_str() {
-        for (family, name) in [
-            ("inet", t.to_string()),
-            ("bridge", t.to_string()),
-            ("ip", format!("{t}-nat")),
-        ] {
-            let _ = Command::new("nft")
-                .args(["delete", "table", family, &name])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
 impl Drop for Instance {
     fn drop(&mut self) {
         self.kill9();
         kill_processes_under(self.dir.path());
-        remove_host_network(&self.data_dir());
         if std::thread::panicking() {
             eprintln!("--- krvirt log ---\n{}", tail(&self.log(), 80));
             // KRVIRT_E2E_KEEP=1 keeps the data dir and full log for a look.
