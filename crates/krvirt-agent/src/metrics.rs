@@ -10,9 +10,12 @@
 //! - QMP `query-memory-size-summary` for the guest memory size;
 //! - QMP `query-blockstats` per drive.
 //!
-//! Network counters are not reported: with QEMU user networking (the only
-//! NIC backend today) QEMU exposes no per-interface byte counters, and
-//! inventing them would mislead.
+//! - `/sys/class/net/TAP/statistics` for NICs on krvirt Networks (the taps
+//!   recorded in the run directory's `net.json`), seen from the guest: what
+//!   the tap transmits the guest receives.
+//!
+//! NICs on QEMU user networking report no network counters: QEMU exposes
+//! no per-interface byte counters there, and inventing them would mislead.
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -57,6 +60,49 @@ pub struct BlockStats {
     pub flush_total_time_ns: u64,
 }
 
+/// Traffic of one NIC, from the guest's point of view.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NicStats {
+    /// The KubeVirt interface name.
+    pub interface: String,
+    pub receive_bytes: u64,
+    pub transmit_bytes: u64,
+    pub receive_packets: u64,
+    pub transmit_packets: u64,
+}
+
+/// Counters of the taps of a run directory (its `net.json`), read now.
+pub fn read_nic_stats(run_dir: &std::path::Path) -> Vec<NicStats> {
+    let Some(rec) = std::fs::read(run_dir.join(crate::network::NET_RECORD))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<crate::network::NetRecord>(&t).ok())
+    else {
+        return Vec::new();
+    };
+    rec.nics
+        .iter()
+        .filter_map(|n| {
+            let dir = std::path::Path::new("/sys/class/net")
+                .join(&n.tap)
+                .join("statistics");
+            let read = |f: &str| -> Option<u64> {
+                std::fs::read_to_string(dir.join(f))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            Some(NicStats {
+                interface: n.iface.clone(),
+                receive_bytes: read("tx_bytes")?,
+                transmit_bytes: read("rx_bytes")?,
+                receive_packets: read("tx_packets")?,
+                transmit_packets: read("rx_packets")?,
+            })
+        })
+        .collect()
+}
+
 /// Everything known about one running VM at one instant. A figure that
 /// could not be read is `None` (or empty) and is left out of the output.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +116,8 @@ pub struct VmStats {
     /// Guest memory size (`base-memory` + `plugged-memory`).
     pub domain_bytes: Option<u64>,
     pub blocks: Vec<BlockStats>,
+    /// NICs on krvirt Networks.
+    pub nics: Vec<NicStats>,
 }
 
 fn clock_ticks() -> f64 {
@@ -219,6 +267,7 @@ pub async fn read_vm_stats(id: VmIdentity, handle: &QemuHandle) -> VmStats {
         resident_bytes,
         domain_bytes,
         blocks: blocks.map(|v| parse_blockstats(&v)).unwrap_or_default(),
+        nics: read_nic_stats(&handle.paths().dir),
     }
 }
 
@@ -281,6 +330,23 @@ impl VmMetrics {
         self.vms
             .iter()
             .filter_map(|vm| Some((base(&vm.id), f(vm)?)))
+            .collect()
+    }
+
+    fn per_nic(&self, f: impl Fn(&NicStats) -> u64) -> Vec<(Labels, f64)> {
+        self.vms
+            .iter()
+            .flat_map(|vm| {
+                vm.nics
+                    .iter()
+                    .map(|n| {
+                        (
+                            with(base(&vm.id), &[("interface", n.interface.clone())]),
+                            f(n) as f64,
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -399,6 +465,30 @@ impl Collector for VmMetrics {
             "Total time spent on cache flushing.",
             self.per_drive(|b| b.flush_total_time_ns as f64 / 1e9),
         )?;
+        counters(
+            e,
+            "kubevirt_vmi_network_receive_bytes",
+            "Total network traffic received in bytes.",
+            self.per_nic(|n| n.receive_bytes),
+        )?;
+        counters(
+            e,
+            "kubevirt_vmi_network_transmit_bytes",
+            "Total network traffic transmitted in bytes.",
+            self.per_nic(|n| n.transmit_bytes),
+        )?;
+        counters(
+            e,
+            "kubevirt_vmi_network_receive_packets",
+            "Total network traffic received packets.",
+            self.per_nic(|n| n.receive_packets),
+        )?;
+        counters(
+            e,
+            "kubevirt_vmi_network_transmit_packets",
+            "Total network traffic transmitted packets.",
+            self.per_nic(|n| n.transmit_packets),
+        )?;
         Ok(())
     }
 }
@@ -491,6 +581,7 @@ mod tests {
                     rd_operations: 2,
                     ..Default::default()
                 }],
+                nics: vec![],
             }],
         }
     }
@@ -515,9 +606,31 @@ mod tests {
         }
         // A figure that could not be read is left out, not reported as 0.
         assert!(!out.contains("kubevirt_vmi_memory_domain_bytes"), "{out}");
-        // No network metrics are invented.
+        // No network metrics are invented (no NIC on a krvirt Network).
         assert!(!out.contains("network"), "{out}");
         assert!(out.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn tap_counters_from_the_guests_side() {
+        let mut m = sample();
+        m.vms[0].nics = vec![NicStats {
+            interface: "blue".into(),
+            receive_bytes: 700,
+            transmit_bytes: 300,
+            receive_packets: 7,
+            transmit_packets: 3,
+        }];
+        let out = render(m);
+        for line in [
+            "kubevirt_vmi_network_receive_bytes_total{name=\"vm1\",namespace=\"default\",node=\"host-a\",interface=\"blue\"} 700",
+            "kubevirt_vmi_network_transmit_bytes_total{name=\"vm1\",namespace=\"default\",node=\"host-a\",interface=\"blue\"} 300",
+            "kubevirt_vmi_network_receive_packets_total{name=\"vm1\",namespace=\"default\",node=\"host-a\",interface=\"blue\"} 7",
+        ] {
+            assert!(out.contains(line), "missing {line:?} in:\n{out}");
+        }
+        // A run directory without NICs on Networks has no counters.
+        assert!(read_nic_stats(std::path::Path::new("/nonexistent")).is_empty());
     }
 
     #[test]
