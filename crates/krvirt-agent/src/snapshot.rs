@@ -1187,3 +1187,85 @@ async fn clone(agent: &Agent, ck: &KindInfo, c: &VirtualMachineClone) -> Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_vm_from_a_snapshot_gets_its_own_volumes_macs_and_uuid() {
+        let source = json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": "src", "namespace": "default", "uid": "u1",
+                "resourceVersion": "7", "labels": {"app": "a"},
+                "annotations": {RESUME_FROM_ANNOTATION: "x", "keep": "y"}},
+            "spec": {
+                "runStrategy": "Always",
+                "dataVolumeTemplates": [{"metadata": {"name": "src-root"}}],
+                "template": {"spec": {
+                    "domain": {
+                        "devices": {"interfaces": [{"name": "default", "macAddress": "02:00:00:00:00:09"}]},
+                        "firmware": {"uuid": "5d307ca9-b3ef-428c-8861-06e72d69f223", "serial": "s"},
+                    },
+                    "volumes": [
+                        {"name": "root", "dataVolume": {"name": "src-root"}},
+                        {"name": "data", "persistentVolumeClaim": {"claimName": "src-data"}},
+                        {"name": "boot", "containerDisk": {"image": "demo"}},
+                    ],
+                }},
+            },
+            "status": {"ready": true},
+        });
+        let renames = vec![
+            ("src-root".to_string(), "restore-r-root".to_string()),
+            ("src-data".to_string(), "restore-r-data".to_string()),
+        ];
+        let vm = new_vm_definition(
+            &source,
+            "dst",
+            "r",
+            &renames,
+            &[r#"{"op":"add","path":"/metadata/labels/new","value":"1"}"#.into()],
+        )
+        .unwrap();
+        assert_eq!(vm["metadata"]["name"], "dst");
+        assert!(vm["metadata"]["uid"].is_null() && vm["metadata"]["resourceVersion"].is_null());
+        assert!(vm.get("status").is_none());
+        assert_eq!(vm["metadata"]["labels"], json!({"app": "a", "new": "1"}));
+        let ann = &vm["metadata"]["annotations"];
+        assert!(ann[RESUME_FROM_ANNOTATION].is_null(), "{ann}");
+        assert_eq!(ann[RESTORED_BY_ANNOTATION], "r");
+        assert_eq!(ann["keep"], "y");
+        let spec = &vm["spec"]["template"]["spec"];
+        assert_eq!(
+            spec["volumes"][0],
+            json!({"name": "root", "persistentVolumeClaim": {"claimName": "restore-r-root"}})
+        );
+        assert_eq!(
+            spec["volumes"][1]["persistentVolumeClaim"]["claimName"],
+            "restore-r-data"
+        );
+        assert_eq!(spec["volumes"][2]["containerDisk"]["image"], "demo");
+        assert!(spec["domain"]["devices"]["interfaces"][0]["macAddress"].is_null());
+        assert_eq!(spec["domain"]["firmware"], json!({}));
+        assert_eq!(vm["spec"]["dataVolumeTemplates"], json!([]));
+        // The result is a valid VirtualMachine.
+        serde_json::from_value::<VirtualMachine>(vm).unwrap();
+    }
+
+    #[test]
+    fn bad_patches_are_named() {
+        let e = new_vm_definition(
+            &json!({"metadata": {}, "spec": {"template": {"spec": {}}}}),
+            "dst",
+            "r",
+            &[],
+            &[r#"{"op":"replace","path":"/metadata/nope","value":1}"#.into()],
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("spec.patches") && e.contains("/metadata/nope"),
+            "{e}"
+        );
+    }
+}
