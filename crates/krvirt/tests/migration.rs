@@ -171,3 +171,72 @@ async fn a_vm_migrates_between_namespaced_hosts_while_its_ticks_keep_counting() 
     let phase = c.server.vmi("mig").await.unwrap()["status"]["phase"].clone();
     assert_eq!(phase, "Running");
 }
+
+const PLAIN_VM: &str = r#"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: plain
+spec:
+  runStrategy: Always
+  template:
+    spec:
+      domain:
+        devices:
+          disks:
+          - name: containerdisk
+            disk: {bus: virtio}
+        memory:
+          guest: 128Mi
+      terminationGracePeriodSeconds: 0
+      volumes:
+      - name: containerdisk
+        containerDisk:
+          image: quay.io/kubevirt/cirros-container-disk-demo
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_live_migrates_or_restarts_every_vm_elsewhere() {
+    let c = Cluster::start(2).await;
+    // Both VMs on host0: host1 is cordoned while they are placed.
+    c.server.ok(&["cordon", "host1"]);
+    let hosts = c.server.ok(&["get", "hosts"]);
+    assert!(hosts.contains("host1"), "{hosts}");
+    apply(&c, VM);
+    apply(&c, PLAIN_VM);
+    let (mig_uid, _) = c.server.running_vmi("mig", None).await;
+    let (plain_uid, _) = c.server.running_vmi("plain", None).await;
+    assert_eq!(c.node_of("mig").await.as_deref(), Some("host0"));
+    assert_eq!(c.node_of("plain").await.as_deref(), Some("host0"));
+    c.until("mig counting", Duration::from_secs(120), || async {
+        ticks(&c.host("host0").console_file(&mig_uid))
+            .last()
+            .copied()
+            .filter(|n| *n >= 1)
+    })
+    .await;
+    c.server.ok(&["uncordon", "host1"]);
+
+    let out = c.server.ok(&["drain", "host0", "--timeout", "120s"]);
+    assert!(out.contains("host/host0 drained"), "{out}");
+    // The LiveMigrate VM moved (same VMI), the other was restarted (new VMI).
+    let (uid, _) = c.server.running_vmi("mig", None).await;
+    assert_eq!(uid, mig_uid, "migrated, not restarted");
+    assert_eq!(c.node_of("mig").await.as_deref(), Some("host1"));
+    let (uid2, _) = c.server.running_vmi("plain", Some(&plain_uid)).await;
+    assert_ne!(uid2, plain_uid);
+    assert_eq!(c.node_of("plain").await.as_deref(), Some("host1"));
+    let h = c
+        .server
+        .get("/apis/krvirt.io/v1/hosts/host0")
+        .await
+        .unwrap();
+    assert_eq!(h["spec"]["unschedulable"], true, "drain cordons: {h}");
+    c.server.ok(&["uncordon", "host0"]);
+    let h = c
+        .server
+        .get("/apis/krvirt.io/v1/hosts/host0")
+        .await
+        .unwrap();
+    assert!(h["spec"]["unschedulable"].is_null(), "{h}");
+}
