@@ -44,6 +44,9 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("krvirt-test-cache"))
 }
 
+/// Marker file in an instance's temp dir: start it with the default Network.
+const WITH_NETWORK: &str = "with-default-network";
+
 pub struct Instance {
     pub dir: tempfile::TempDir,
     pub url: String,
@@ -79,6 +82,28 @@ impl Instance {
             child: Some(child),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Start `krvirt up` WITH the `default` NAT Network, so `pod`
+    /// interfaces sit on a real bridge with DHCP from dnsmasq (plain
+    /// [`Instance::start`] passes `--no-default-network`: QEMU user
+    /// networking, cheaper for tests that do not look at the network).
+    pub async fn start_with_network() -> Instance {
+        let dir = tempfile::Builder::new()
+            .prefix("krvirt-e2e-")
+            .tempdir()
+            .unwrap();
+        std::fs::write(dir.path().join(WITH_NETWORK), b"").unwrap();
+        let port = free_port();
+        let mut inst = Instance {
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+            child: None,
+            http: reqwest::Client::new(),
+        };
+        inst.spawn();
+        inst.wait_ready().await;
+        inst
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -142,6 +167,7 @@ impl Instance {
                 "--node-name",
                 "e2e-host",
             ])
+            .args((!self.dir.path().join(WITH_NETWORK).exists()).then_some("--no-default-network"))
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -413,10 +439,52 @@ pub fn kill_processes_under(dir: &Path) {
     }
 }
 
+/// Remove what the instance's agent set up on the host (its record in
+/// `DATA/net/host.json`): taps still on its bridges, the bridges, its nft
+/// tables. Its dnsmasq went with [`kill_processes_under`].
+pub fn remove_host_network(data_dir: &Path) {
+    let Ok(text) = std::fs::read(data_dir.join("net/host.json")) else {
+        return;
+    };
+    let Ok(host) = serde_json::from_slice::<Value>(&text) else {
+        return;
+    };
+    let ip = |args: &[&str]| {
+        let _ = Command::new("ip")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    };
+    for br in host["bridges"].as_array().into_iter().flatten() {
+        let Some(br) = br.as_str() else { continue };
+        if let Ok(ports) = std::fs::read_dir(Path::new("/sys/class/net").join(br).join("brif")) {
+            for p in ports.flatten() {
+                ip(&["link", "del", &p.file_name().to_string_lossy()]);
+            }
+        }
+        ip(&["link", "del", br]);
+    }
+    if let Some(t) = host["table"].as_str() {
+        for (family, name) in [
+            ("inet", t.to_string()),
+            ("bridge", t.to_string()),
+            ("ip", format!("{t}-nat")),
+        ] {
+            let _ = Command::new("nft")
+                .args(["delete", "table", family, &name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 impl Drop for Instance {
     fn drop(&mut self) {
         self.kill9();
         kill_processes_under(self.dir.path());
+        remove_host_network(&self.data_dir());
         if std::thread::panicking() {
             eprintln!("--- krvirt log ---\n{}", tail(&self.log(), 80));
             // KRVIRT_E2E_KEEP=1 keeps the data dir and full log for a look.
