@@ -667,3 +667,50 @@ pub(crate) fn validate_vm(vm: &crate::kubevirt::VirtualMachine, c: &mut Causes) 
     crate::kubevirt::defaults::vmi_spec(&mut spec, vm.metadata.namespace(), vm.metadata.name());
     crate::kubevirt::validate::vmi_spec(&spec, TP, c);
 }
+
+/// Keep a VM's recorded copies across a replace that does not carry them
+/// (`krvirt apply` of the original manifest sends no annotations): while
+/// `spec.instancetype` / `spec.preference` names the same object (kind,
+/// name and `revisionName` unchanged), the stored copy stays, so the VM
+/// keeps the CPU and memory it was created with. Changing the reference
+/// (or its `revisionName`) drops the copy and the controller records the
+/// current one.
+pub(crate) fn carry_snapshots(
+    mut obj: serde_json::Value,
+    old: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let Some(old) = old else { return obj };
+    for (field, key) in [
+        ("instancetype", INSTANCETYPE_SNAPSHOT_ANNOTATION),
+        ("preference", PREFERENCE_SNAPSHOT_ANNOTATION),
+    ] {
+        let Some(copy) = old
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(key))
+            .cloned()
+        else {
+            continue;
+        };
+        let same = |p: &str| {
+            old.pointer(&format!("/spec/{field}/{p}")) == obj.pointer(&format!("/spec/{field}/{p}"))
+        };
+        if obj.pointer(&format!("/spec/{field}")).is_none()
+            || !(same("name") && same("kind") && same("revisionName"))
+        {
+            continue;
+        }
+        let Some(meta) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) else {
+            continue;
+        };
+        let ann = meta
+            .entry("annotations")
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        if ann.is_null() {
+            *ann = serde_json::Value::Object(Default::default());
+        }
+        if let Some(a) = ann.as_object_mut() {
+            a.entry(key.to_string()).or_insert(copy);
+        }
+    }
+    obj
+}

@@ -380,7 +380,10 @@ pub(crate) fn admit(
     }
     let obj = strip_bookkeeping(Value::Object(map));
     match (kind.group, kind.kind) {
-        ("kubevirt.io", "VirtualMachine") => admit_typed::<VirtualMachine>(obj, old),
+        ("kubevirt.io", "VirtualMachine") => {
+            let obj = crate::instancetype::carry_snapshots(obj, old);
+            admit_typed::<VirtualMachine>(obj, old)
+        }
         ("kubevirt.io", "VirtualMachineInstance") => {
             admit_typed::<VirtualMachineInstance>(obj, old)
         }

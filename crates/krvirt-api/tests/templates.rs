@@ -455,3 +455,33 @@ fn template_instance_rules() {
     let e = admit(ti, edited, Some(&stored)).expect_err("immutable");
     assert_cause(&e, reason::FORBIDDEN, "spec");
 }
+
+#[test]
+fn a_replace_without_the_copy_keeps_it_while_the_reference_is_the_same() {
+    let mut stored = with_ns(doc("vm-cirros-csmall.yaml"), true);
+    let snapshot = json!({"kind": "VirtualMachineInstancetype", "name": "csmall",
+                          "spec": doc("csmall.yaml")["spec"].clone()});
+    stored["metadata"]["annotations"] =
+        json!({ INSTANCETYPE_SNAPSHOT_ANNOTATION: snapshot.to_string() });
+    let stored = admit(kind("vm"), stored, None).expect("admitted");
+    // `krvirt apply` of the original manifest: no annotations.
+    let replaced = admit(
+        kind("vm"),
+        with_ns(doc("vm-cirros-csmall.yaml"), true),
+        Some(&stored),
+    )
+    .expect("admitted");
+    assert_eq!(
+        replaced["metadata"]["annotations"][INSTANCETYPE_SNAPSHOT_ANNOTATION],
+        stored["metadata"]["annotations"][INSTANCETYPE_SNAPSHOT_ANNOTATION]
+    );
+    // Another instancetype: the copy goes (the controller records the new one).
+    let mut other = with_ns(doc("vm-cirros-csmall.yaml"), true);
+    other["spec"]["instancetype"]["name"] = json!("clarge");
+    let replaced = admit(kind("vm"), other, Some(&stored)).expect("admitted");
+    assert!(
+        replaced["metadata"]["annotations"]
+            .get(INSTANCETYPE_SNAPSHOT_ANNOTATION)
+            .is_none()
+    );
+}
