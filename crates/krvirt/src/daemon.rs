@@ -61,6 +61,9 @@ pub struct UpArgs {
     /// Do not create the demo VM on first start
     #[arg(long)]
     pub no_demo: bool,
+    /// Store: `embedded` (a file in the data dir) or `etcd://HOST:PORT[,HOST:PORT…]`
+    #[arg(long, default_value = "embedded")]
+    pub store: String,
     /// Serve plain HTTP without authentication (ONLY for measuring the
     /// cost of authentication: bench/api)
     #[arg(long)]
@@ -82,9 +85,13 @@ pub struct ServerArgs {
     /// API listen address
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Store: `embedded` (a file in the data dir); etcd://… comes with the cluster work
+    /// Store: `embedded` (a file in the data dir) or `etcd://HOST:PORT[,HOST:PORT…]`
+    /// (several servers may share one etcd: one leads and runs the controllers)
     #[arg(long, default_value = "embedded")]
     pub store: String,
+    /// Leader lease TTL in seconds (etcd store): a dead leader is replaced within it
+    #[arg(long, default_value_t = 5)]
+    pub leader_ttl: i64,
     /// Serve plain HTTP without authentication (ONLY for measuring the
     /// cost of authentication: bench/api)
     #[arg(long)]
@@ -430,11 +437,8 @@ async fn create_demo(registry: &Registry, data_dir: &Path) -> Result<()> {
 pub async fn up(args: UpArgs) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let _lock = lock_data_dir(&data_dir)?;
-    let store = EmbeddedStore::open(&data_dir.join("state.db"))
-        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
-    let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(Arc::new(
-        store,
-    ))));
+    let store = open_store(&args.store, &data_dir).await?;
+    let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(store)));
     let auth_stop = CancellationToken::new();
     let secure = crate::secure::listen(
         &data_dir,
@@ -518,18 +522,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
 /// `krvirt server`: API server and controllers over the embedded store.
 pub async fn server(args: ServerArgs) -> Result<()> {
-    if args.store != "embedded" {
-        bail!(
-            "--store {}: only the embedded store is implemented yet (etcd comes with the cluster work)",
-            args.store
-        );
-    }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let _lock = lock_data_dir(&data_dir)?;
-    let store = EmbeddedStore::open(&data_dir.join("state.db"))?;
-    let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(Arc::new(
-        store,
-    ))));
+    let store = open_store(&args.store, &data_dir).await?;
+    let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(
+        store.clone(),
+    )));
     let shutdown = CancellationToken::new();
     let secure = crate::secure::listen(
         &data_dir,
@@ -541,7 +539,19 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     .await?;
     let state = AppState::new(registry.clone(), Arc::new(krvirt_server::NoHostConnector))
         .with_audit(open_audit(&data_dir)?);
-    let ctl = tokio::spawn(krvirt_controller::Controllers::new(registry)?.run(shutdown.clone()));
+    // On etcd several servers may run: only the elected leader runs the
+    // controllers (and so the scheduler).
+    let ctl = tokio::spawn(run_controllers(
+        registry,
+        store,
+        is_etcd(&args.store).then(|| {
+            (
+                format!("{}@{}", std::process::id(), args.listen),
+                args.leader_ttl,
+            )
+        }),
+        shutdown.clone(),
+    ));
     eprintln!(
         "krvirt server listening on {} and {}{}",
         secure.url(),
@@ -604,4 +614,73 @@ pub async fn agent(args: AgentArgs, server: Option<String>) -> Result<()> {
     }
     agent.run(shutdown).await?;
     Ok(())
+}
+
+/// Is `--store` an etcd address?
+fn is_etcd(spec: &str) -> bool {
+    spec.starts_with("etcd://")
+}
+
+/// Open the `--store`: `embedded` (DATA/state.db) or `etcd://HOST:PORT[,…]`.
+async fn open_store(spec: &str, data_dir: &Path) -> Result<Arc<dyn krvirt_store::Store>> {
+    if spec == "embedded" {
+        let store = EmbeddedStore::open(&data_dir.join("state.db"))
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+        return Ok(Arc::new(store));
+    }
+    if is_etcd(spec) {
+        let store = krvirt_store::etcd::EtcdStore::connect_url(spec)
+            .await
+            .with_context(|| format!("--store {spec}: connecting to etcd"))?;
+        return Ok(Arc::new(store));
+    }
+    bail!("--store {spec}: expected `embedded` or etcd://HOST:PORT[,HOST:PORT…]")
+}
+
+/// The election key of the servers sharing one store.
+const LEADER_KEY: &str = "/krvirt/leader/controllers";
+
+/// Run the controllers until `shutdown`; with `elect = Some((identity,
+/// ttl))` only while this server holds the leader lease.
+async fn run_controllers(
+    registry: Registry,
+    store: Arc<dyn krvirt_store::Store>,
+    elect: Option<(String, i64)>,
+    shutdown: CancellationToken,
+) {
+    let Some((identity, ttl)) = elect else {
+        match krvirt_controller::Controllers::new(registry) {
+            Ok(c) => c.run(shutdown).await,
+            Err(e) => warn!(error = %e, "cannot start the controllers"),
+        }
+        return;
+    };
+    let mut election = krvirt_store::election::Election::start(store, LEADER_KEY, &identity, ttl);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = election.until_leader() => {}
+        }
+        eprintln!("krvirt server {identity}: leader: running the controllers and the scheduler");
+        let token = shutdown.child_token();
+        let task = match krvirt_controller::Controllers::new(registry.clone()) {
+            Ok(c) => tokio::spawn(c.run(token.clone())),
+            Err(e) => {
+                warn!(error = %e, "cannot start the controllers");
+                break;
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = election.until_not_leader() => {
+                eprintln!("krvirt server {identity}: no longer leader: controllers stopped");
+            }
+        }
+        token.cancel();
+        let _ = task.await;
+        if shutdown.is_cancelled() {
+            break;
+        }
+    }
+    election.resign().await;
 }
