@@ -355,6 +355,52 @@ pub fn grant(path: &Path, user: &QemuUser, access: Access) -> Result<Vec<PathBuf
     Ok(changed)
 }
 
+// ----- taps ----------------------------------------------------------------------
+
+nix::ioctl_write_ptr_bad!(
+    tun_set_iff,
+    nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
+    libc::ifreq
+);
+nix::ioctl_write_int_bad!(
+    tun_set_owner,
+    nix::request_code_write!(b'T', 204, std::mem::size_of::<libc::c_int>())
+);
+
+/// Makes `uid` the owner of the existing persistent tap `ifname`
+/// (`TUNSETOWNER`), so an unprivileged QEMU can open it by name. The tap
+/// must have been created with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
+pub fn set_tap_owner(ifname: &str, uid: u32) -> Result<(), IsolationError> {
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    const IFF_VNET_HDR: libc::c_short = 0x4000;
+    let ctx = |what: &str| format!("{what} on tap {ifname}");
+    if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ {
+        return Err(IsolationError::Io {
+            context: ctx("name"),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        });
+    }
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(io_ctx("opening /dev/net/tun"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: f is an open /dev/net/tun fd and req a valid ifreq.
+    unsafe { tun_set_iff(f.as_raw_fd(), &req) }.map_err(|e| io_ctx(ctx("TUNSETIFF"))(e.into()))?;
+    // SAFETY: f is attached to the tap; the argument is passed by value.
+    unsafe { tun_set_owner(f.as_raw_fd(), uid as libc::c_int) }
+        .map_err(|e| io_ctx(ctx("TUNSETOWNER"))(e.into()))?;
+    Ok(())
+}
+
 // ----- CPUs ----------------------------------------------------------------------
 
 /// Parses a kernel CPU list (`0-3,6`; empty = no CPU).

@@ -458,7 +458,8 @@ pub async fn launch_with(
     Ok(handle)
 }
 
-/// Lets `user` open every file `cfg` names, and owns the run directory.
+/// Lets `user` open every file and tap `cfg` names, and own the run
+/// directory.
 fn grant_files(cfg: &VmConfig, user: &QemuUser) -> Result<(), ProcessError> {
     let mut grants: Vec<(&Path, Access)> = vec![(&cfg.run.dir, Access::ReadWrite)];
     for d in &cfg.disks {
@@ -483,6 +484,12 @@ fn grant_files(cfg: &VmConfig, user: &QemuUser) -> Result<(), ProcessError> {
     if let Firmware::Uefi { code, vars } = &cfg.firmware {
         grants.push((code, Access::Read));
         grants.push((vars, Access::ReadWrite));
+    }
+    // Taps are opened by name: QEMU's user must own them.
+    for n in &cfg.nics {
+        if let crate::config::NicBackend::Tap { ifname } = &n.backend {
+            isolation::set_tap_owner(ifname, user.uid)?;
+        }
     }
     for (path, access) in grants {
         // A missing file is QEMU's to report (with its own message).

@@ -12,9 +12,23 @@ use std::time::Duration;
 use common::{QemuGuard, idle_vm, qemu, tempdir, uid};
 use krvirt_hypervisor::isolation::{allowed_cpus, format_cpu_list};
 use krvirt_hypervisor::{
-    Cgroups, DEFAULT_QEMU_USER, DiskConfig, LaunchOptions, ProcessError, QemuUser, Resources,
-    StopOutcome, launch_with,
+    Cgroups, DEFAULT_QEMU_USER, DiskConfig, LaunchOptions, NicConfig, ProcessError, QemuUser,
+    Resources, StopOutcome, launch_with,
 };
+
+/// Deletes a test tap on drop (QEMU may still hold it for a moment).
+struct TapGuard(String);
+
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if krvirt_net::tap::delete(&self.0).is_ok() && !krvirt_net::tap::exists(&self.0) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
 
 fn status_field(pid: u32, field: &str) -> String {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -77,6 +91,16 @@ async fn unprivileged_sandboxed_limited_and_pinned() {
     }))
     .unwrap();
     cfg.disks.push(d);
+    // A tap made by root for root: launch hands it to QEMU's user.
+    let tap = format!("kvtiso{}", std::process::id() % 100_000);
+    krvirt_net::tap::create(&tap, 0).unwrap_or_else(|e| panic!("create tap {tap}: {e}"));
+    let _tap = TapGuard(tap.clone());
+    let nic: NicConfig = serde_json::from_value(serde_json::json!({
+        "id": "net0", "model": "virtio", "mac": "52:54:00:12:34:56",
+        "backend": {"type": "tap", "ifname": tap}
+    }))
+    .unwrap();
+    cfg.nics.push(nic);
     let limit = cfg.memory_bytes + 384 * 1024 * 1024;
     // Reversed, so the vCPU -> CPU mapping is really checked.
     let pins = vec![host_cpus[1], host_cpus[0]];
@@ -121,6 +145,12 @@ async fn unprivileged_sandboxed_limited_and_pinned() {
         user.uid
     );
     assert_eq!(std::fs::metadata(&disk).unwrap().uid(), user.uid);
+    let owner = std::fs::read_to_string(format!("/sys/class/net/{tap}/owner")).unwrap();
+    assert_eq!(
+        owner.trim(),
+        user.uid.to_string(),
+        "the tap is QEMU's user's"
+    );
 
     // cgroup: QEMU is in it, with the config's limits.
     let cg = h.cgroup().expect("a cgroup").clone();
