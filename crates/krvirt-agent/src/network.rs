@@ -761,7 +761,7 @@ mod tests {
         let mut groups = BTreeMap::new();
         groups.insert("ns/web".to_string(), sg);
         groups.insert("ns/clients".to_string(), clients);
-        let rs = ruleset(&[rec.clone()], &ann, &groups, &|_| true);
+        let rs = ruleset(std::slice::from_ref(&rec), &ann, &groups, &|_| true);
         assert_eq!(rs.ports.len(), 1);
         assert_eq!(rs.ports[0].groups, vec!["ns/web"]);
         assert_eq!(

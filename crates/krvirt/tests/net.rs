@@ -420,12 +420,10 @@ async fn networks_dhcp_isolation_security_groups_nat_and_restart() {
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         use std::io::Read;
-        for s in listener.incoming().take(2) {
-            if let Ok(mut s) = s {
-                let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf);
-                let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nhost-side-server\n");
-            }
+        for mut s in listener.incoming().take(2).flatten() {
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nhost-side-server\n");
         }
     });
     assert!(
