@@ -18,12 +18,12 @@ use krvirt_api::KindInfo;
 use krvirt_api::kubevirt::VirtualMachineInstance;
 use krvirt_api::quantity::Quantity;
 use krvirt_api::storage::{
-    ClaimInfo, CloneType, DEFAULT_POOL, Empty, PoolType, StoragePool, StorageVolume, VolumePhase,
-    VolumeStatus, VolumeStatusEntry, hotplug_requests,
+    ClaimInfo, CloneType, DEFAULT_POOL, Empty, PoolType, StoragePool, StorageVolume,
+    VOLUME_UPLOAD_ANNOTATION, VolumePhase, VolumeStatus, VolumeStatusEntry, hotplug_requests,
 };
 use krvirt_client::{Client, ClientError, ListParams, PatchTarget};
 use krvirt_hypervisor::{DiskFormat, QmpClient, RbdDisk};
-use krvirt_image::ImageStore;
+use krvirt_image::{ImageStore, ImportOptions, NameTag};
 use krvirt_storage::{CloneMode, DiskSource, Format, PoolConfig, StorageBackend, StorageError};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
@@ -76,6 +76,12 @@ fn decode<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T, Vol
         what: what.to_string(),
         source,
     })
+}
+
+/// The temporary image-store tag of the content of an `http` or `upload`
+/// Volume (by Volume uid) between its arrival and its copy into the pool.
+pub fn transfer_tag(kind: &str, volume_uid: &str) -> String {
+    format!("vol{kind}-{volume_uid}:v")
 }
 
 /// The name of a Volume in its pool.
@@ -345,6 +351,26 @@ impl Volumes {
         let ns = v.metadata.namespace().to_string();
         let name = v.metadata.name().to_string();
         let src = &v.spec.source;
+        // An upload Volume waits for its content (the upload endpoint
+        // streams it into the image store and records its digest).
+        if src.upload.is_some()
+            && !v
+                .metadata
+                .annotations
+                .contains_key(VOLUME_UPLOAD_ANNOTATION)
+        {
+            let msg = format!(
+                "waiting for an upload (PUT the disk image to /apis/volumes.krvirt.io/v1/namespaces/{ns}/volumes/{name}/upload)"
+            );
+            if st.phase != Some(VolumePhase::UploadReady) || st.host.as_deref() != Some(&self.node)
+            {
+                st.phase = Some(VolumePhase::UploadReady);
+                st.host = Some(self.node.clone());
+                st.message = Some(msg);
+                self.write_status(&ns, &name, &st).await?;
+            }
+            return Ok(());
+        }
         // Sources that depend on another Volume wait for it.
         let source_volume = src
             .volume
@@ -394,6 +420,8 @@ impl Volumes {
         enum Op {
             Blank(u64),
             Image(PathBuf, Format, CloneMode),
+            /// A full copy of transferred content, untagged afterwards.
+            Transfer(PathBuf, Format, NameTag),
             Clone(String),
             Snapshot(String, String),
         }
@@ -416,6 +444,44 @@ impl Volumes {
                     CloneType::Full => CloneMode::Full,
                 };
                 Op::Image(disk, format, mode)
+            } else if let Some(h) = &src.http {
+                let uid = v.metadata.uid.clone().unwrap_or_default();
+                let tag = NameTag::parse(&transfer_tag("import", &uid))
+                    .map_err(|e| VolumeError::Source(e.to_string()))?;
+                let mut opts = ImportOptions::new(tag.clone(), h.url.clone());
+                opts.expected_digest = h.digest.clone();
+                let imp = self
+                    .images
+                    .import_url(&h.url, &opts)
+                    .await
+                    .map_err(|e| VolumeError::Source(format!("spec.source.http: {e}")))?;
+                let path = self
+                    .images
+                    .blob_path(&imp.digest)
+                    .map_err(|e| VolumeError::Source(e.to_string()))?;
+                let format = image_format(&path);
+                Op::Transfer(path, format, tag)
+            } else if src.upload.is_some() {
+                let uid = v.metadata.uid.clone().unwrap_or_default();
+                let tag = NameTag::parse(&transfer_tag("upload", &uid))
+                    .map_err(|e| VolumeError::Source(e.to_string()))?;
+                let digest = v
+                    .metadata
+                    .annotations
+                    .get(VOLUME_UPLOAD_ANNOTATION)
+                    .cloned()
+                    .unwrap_or_default();
+                let path = self
+                    .images
+                    .blob_path(&digest)
+                    .map_err(|e| VolumeError::Source(format!("the upload: {e}")))?;
+                if !path.is_file() {
+                    return Err(VolumeError::Source(format!(
+                        "the uploaded content {digest} is not in this host's image store"
+                    )));
+                }
+                let format = image_format(&path);
+                Op::Transfer(path, format, tag)
             } else if let Some(r) = &src.volume {
                 Op::Clone(backend_name(&ns, &r.name))
             } else if let Some(s) = &src.snapshot {
@@ -426,6 +492,7 @@ impl Volumes {
                 ));
             };
         let n = bname.to_string();
+        let images = self.images.clone();
         let info = blocking(move || {
             // A previous attempt that died half-way leaves a partial volume.
             if backend.exists(&n)? {
@@ -434,6 +501,13 @@ impl Volumes {
             match op {
                 Op::Blank(size) => backend.create(&n, size)?,
                 Op::Image(path, format, mode) => backend.import(&n, &path, format, mode, size)?,
+                Op::Transfer(path, format, tag) => {
+                    backend.import(&n, &path, format, CloneMode::Full, size)?;
+                    // The blob is unreferenced now: `krvirt image gc` frees it.
+                    if let Err(e) = images.untag(&tag, false) {
+                        warn!(%tag, error = %e, "transfer tag not removed");
+                    }
+                }
                 Op::Clone(src) => {
                     backend.clone_volume(&src, &n)?;
                     grow(&*backend, &n, size)?

@@ -15,6 +15,10 @@
 //! | `POST /gc` | remove blobs no tag, layer or VM disk uses |
 //! | `POST /verify/{name:tag}` | full re-hash of the chain |
 //!
+//! and `PUT` (or `POST`) `/apis/volumes.krvirt.io/v1/namespaces/{ns}/volumes/{name}/upload`
+//! (`?digest=sha256:…` optional): the content of an `upload` Volume,
+//! streamed into a blob the host agent then copies into the Volume's pool.
+//!
 //! Every change is mirrored into the Image objects; a background loop
 //! mirrors changes the host agent makes (a failed verification before a
 //! launch turns the Image's `Verified` condition False).
@@ -319,6 +323,14 @@ async fn upload(
     );
     opts.base = q.base.as_deref().map(parse_nt).transpose()?;
     opts.expected_digest = q.digest;
+    let w = stream_to_blob(&svc, body).await?;
+    let imp = svc.blocking(move |s| s.commit(w, &opts)).await?;
+    svc.changed().await;
+    Ok((StatusCode::CREATED, Json(json!(imp))).into_response())
+}
+
+/// Stream a request body into a new blob (not yet committed).
+async fn stream_to_blob(svc: &Svc, body: Body) -> Result<krvirt_image::BlobWriter, Failure> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(16);
     let store = svc.store.clone();
     let writer = tokio::task::spawn_blocking(move || {
@@ -352,9 +364,91 @@ async fn upload(
     if let Some(e) = failed {
         return Err(bad(format!("upload interrupted: {e}")));
     }
+    Ok(w)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeUploadQuery {
+    digest: Option<String>,
+}
+
+fn api_failure(e: ApiError) -> Failure {
+    let code = StatusCode::from_u16(e.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let reason = match e.code() {
+        404 => "NotFound",
+        409 => "Conflict",
+        400 => "BadRequest",
+        _ => "InternalError",
+    };
+    Failure(code, e.to_string(), reason)
+}
+
+/// `PUT|POST /apis/volumes.krvirt.io/v1/namespaces/{ns}/volumes/{name}/upload`
+/// (`?digest=sha256:…` optional): the content of an `upload` Volume,
+/// streamed into this host's image store (hashed on the fly) under a
+/// transfer tag; the Volume is annotated with the digest and the host
+/// agent copies it into the pool (then drops the tag).
+async fn volume_upload(
+    State(svc): State<Svc>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<VolumeUploadQuery>,
+    body: Body,
+) -> Result<Response, Failure> {
+    use krvirt_api::storage::{StorageVolume, VOLUME_UPLOAD_ANNOTATION};
+    let kind = krvirt_api::find_kind("volumes")
+        .ok_or_else(|| internal("the Volume kind is not registered"))?;
+    let raw = svc
+        .registry
+        .get(kind, &ns, &name)
+        .await
+        .map_err(api_failure)?;
+    let v: StorageVolume = serde_json::from_value(raw).map_err(internal)?;
+    if v.spec.source.upload.is_none() {
+        return Err(bad(format!(
+            "Volume {ns}/{name} has no upload source (spec.source.upload)"
+        )));
+    }
+    if v.metadata
+        .annotations
+        .contains_key(VOLUME_UPLOAD_ANNOTATION)
+    {
+        return Err(Failure(
+            StatusCode::CONFLICT,
+            format!("Volume {ns}/{name} was uploaded already"),
+            "Conflict",
+        ));
+    }
+    if let Some(d) = &q.digest
+        && !krvirt_api::storage::valid_digest(d)
+    {
+        return Err(bad(format!(
+            "digest {d:?} is not sha256: followed by 64 lowercase hex digits"
+        )));
+    }
+    let uid = v.metadata.uid.clone().unwrap_or_default();
+    let mut opts = ImportOptions::new(
+        parse_nt(&krvirt_agent::storage::transfer_tag("upload", &uid))?,
+        format!("upload into Volume {ns}/{name}"),
+    );
+    opts.expected_digest = q.digest;
+    let w = stream_to_blob(&svc, body).await?;
     let imp = svc.blocking(move |s| s.commit(w, &opts)).await?;
-    svc.changed().await;
-    Ok((StatusCode::CREATED, Json(json!(imp))).into_response())
+    svc.registry
+        .merge_patch(
+            kind,
+            &ns,
+            &name,
+            &json!({"metadata": {"annotations": {VOLUME_UPLOAD_ANNOTATION: imp.digest}}}),
+            krvirt_server::Subresource::Main,
+        )
+        .await
+        .map_err(api_failure)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"volume": name, "digest": imp.digest, "size": imp.size})),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -471,6 +565,10 @@ pub fn routes(svc: Svc) -> Router {
         .route(&format!("{PREFIX}/tag"), post(tag))
         .route(&format!("{PREFIX}/gc"), post(gc))
         .route(&format!("{PREFIX}/verify/{{reference}}"), post(verify))
+        .route(
+            "/apis/volumes.krvirt.io/v1/namespaces/{ns}/volumes/{name}/upload",
+            post(volume_upload).put(volume_upload),
+        )
         .layer(DefaultBodyLimit::disable())
         .with_state(svc)
 }
