@@ -118,6 +118,32 @@ pub struct VmStats {
     pub blocks: Vec<BlockStats>,
     /// NICs on krvirt Networks.
     pub nics: Vec<NicStats>,
+    /// Figures of the VM's cgroup (when it has one).
+    pub cgroup: CgroupStats,
+}
+
+/// What the VM's cgroup says: QEMU as a whole, guest RAM and overhead.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CgroupStats {
+    /// Memory charged to the cgroup (v1 `memory.usage_in_bytes`, v2
+    /// `memory.current`).
+    pub memory_bytes: Option<u64>,
+    /// Its memory limit, if any.
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU time used by every process in it, in seconds.
+    pub cpu_seconds: Option<f64>,
+}
+
+/// Reads the cgroup figures of a VM (absent ones stay `None`).
+pub fn read_cgroup_stats(cg: Option<&krvirt_hypervisor::VmCgroup>) -> CgroupStats {
+    let Some(cg) = cg else {
+        return CgroupStats::default();
+    };
+    CgroupStats {
+        memory_bytes: cg.memory_usage_bytes().ok(),
+        memory_limit_bytes: cg.memory_limit().ok().flatten(),
+        cpu_seconds: cg.cpu_usage_ns().ok().map(|ns| ns as f64 / 1e9),
+    }
 }
 
 fn clock_ticks() -> f64 {
@@ -268,6 +294,7 @@ pub async fn read_vm_stats(id: VmIdentity, handle: &QemuHandle) -> VmStats {
         domain_bytes,
         blocks: blocks.map(|v| parse_blockstats(&v)).unwrap_or_default(),
         nics: read_nic_stats(&handle.paths().dir),
+        cgroup: read_cgroup_stats(handle.cgroup()),
     }
 }
 
@@ -410,6 +437,24 @@ impl Collector for VmMetrics {
             "kubevirt_vmi_memory_resident_bytes",
             "Resident set size of the process running the domain.",
             self.per_vm(|vm| vm.resident_bytes.map(|b| b as f64)),
+        )?;
+        gauges(
+            e,
+            "krvirt_vmi_cgroup_memory_usage_bytes",
+            "Memory charged to the VM's cgroup (QEMU: guest RAM it touched plus its own overhead).",
+            self.per_vm(|vm| vm.cgroup.memory_bytes.map(|b| b as f64)),
+        )?;
+        gauges(
+            e,
+            "krvirt_vmi_cgroup_memory_limit_bytes",
+            "Memory limit of the VM's cgroup (resources.limits.memory plus QEMU's overhead).",
+            self.per_vm(|vm| vm.cgroup.memory_limit_bytes.map(|b| b as f64)),
+        )?;
+        counters(
+            e,
+            "krvirt_vmi_cgroup_cpu_usage_seconds",
+            "CPU time used by the VM's cgroup (every QEMU thread).",
+            self.per_vm(|vm| vm.cgroup.cpu_seconds),
         )?;
         gauges(
             e,
@@ -582,6 +627,11 @@ mod tests {
                     ..Default::default()
                 }],
                 nics: vec![],
+                cgroup: CgroupStats {
+                    memory_bytes: Some(300 << 20),
+                    memory_limit_bytes: Some(1 << 30),
+                    cpu_seconds: Some(3.5),
+                },
             }],
         }
     }
@@ -597,6 +647,9 @@ mod tests {
             "kubevirt_vmi_cpu_usage_seconds_total{name=\"vm1\",namespace=\"default\",node=\"host-a\"} 2.5",
             "# TYPE kubevirt_vmi_memory_resident_bytes gauge",
             "kubevirt_vmi_memory_resident_bytes{name=\"vm1\",namespace=\"default\",node=\"host-a\"} 1048576",
+            "krvirt_vmi_cgroup_memory_usage_bytes{name=\"vm1\",namespace=\"default\",node=\"host-a\"} 314572800",
+            "krvirt_vmi_cgroup_memory_limit_bytes{name=\"vm1\",namespace=\"default\",node=\"host-a\"} 1073741824",
+            "krvirt_vmi_cgroup_cpu_usage_seconds_total{name=\"vm1\",namespace=\"default\",node=\"host-a\"} 3.5",
             "kubevirt_vmi_storage_read_traffic_bytes_total{name=\"vm1\",namespace=\"default\",node=\"host-a\",drive=\"containerdisk\"} 4096",
             "kubevirt_vmi_storage_iops_read_total{name=\"vm1\",namespace=\"default\",node=\"host-a\",drive=\"containerdisk\"} 2",
             "kubevirt_vmi_storage_write_traffic_bytes_total{name=\"vm1\",namespace=\"default\",node=\"host-a\",drive=\"containerdisk\"} 0",
