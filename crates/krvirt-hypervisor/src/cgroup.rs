@@ -6,7 +6,7 @@
 //! controller, `/sys/fs/cgroup/{cpu,cpuacct,memory}`; a "hybrid" host that
 //! mounts an empty v2 tree at `/sys/fs/cgroup/unified` counts as v1).
 //!
-//! Every VM gets a cgroup named after its run directory (`vmi-{uid}`)
+//! Every VM gets a cgroup named after its run directory (the VMI uid)
 //! under a parent, by default `krvirt` next to the agent's own cgroup
 //! ([`Cgroups::host`]): on v1 inside the agent's cgroup of each controller,
 //! on v2 beside it (a v2 cgroup that holds processes cannot hand
