@@ -321,7 +321,9 @@ pub(crate) async fn resume(
     (file, tag): &(PathBuf, String),
     stay_paused: bool,
 ) -> Result<(), String> {
-    memory_job(qmp, "snapshot-load", file, tag).await?;
+    // The mark goes either way: a state that cannot be loaded (the VM's
+    // devices changed since) must not keep every later start failing.
+    let loaded = memory_job(qmp, "snapshot-load", file, tag).await;
     if let Some(k) = kind("virtualmachines") {
         agent
             .client()
@@ -335,6 +337,7 @@ pub(crate) async fn resume(
             .await
             .map_err(|e| format!("clearing the resume mark: {e}"))?;
     }
+    loaded.map_err(|e| format!("resuming from the memory snapshot: {e}"))?;
     if !stay_paused {
         qmp.execute("cont", None)
             .await
