@@ -462,7 +462,13 @@ pub async fn launch_with(
 /// directory.
 fn grant_files(cfg: &VmConfig, user: &QemuUser) -> Result<(), ProcessError> {
     let mut grants: Vec<(&Path, Access)> = vec![(&cfg.run.dir, Access::ReadWrite)];
+    let mut keyrings = Vec::new();
     for d in &cfg.disks {
+        // librbd reads the Ceph config (and the keyrings it names) as QEMU.
+        if let Some(conf) = d.rbd.as_ref().and_then(|r| r.conf.as_ref()) {
+            grants.push((conf, Access::Read));
+            keyrings.extend(conf_keyrings(conf));
+        }
         grants.push((
             &d.path,
             if d.read_only {
@@ -491,6 +497,9 @@ fn grant_files(cfg: &VmConfig, user: &QemuUser) -> Result<(), ProcessError> {
             isolation::set_tap_owner(ifname, user.uid)?;
         }
     }
+    for k in &keyrings {
+        grants.push((k, Access::Read));
+    }
     for (path, access) in grants {
         // A missing file is QEMU's to report (with its own message).
         if !path.exists() {
@@ -502,6 +511,26 @@ fn grant_files(cfg: &VmConfig, user: &QemuUser) -> Result<(), ProcessError> {
         }
     }
     Ok(())
+}
+
+/// `keyring = PATH` entries of a Ceph config (absolute paths only).
+fn conf_keyrings(conf: &Path) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string(conf) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            let k = k.trim().replace([' ', '-'], "_");
+            (k == "keyring").then(|| {
+                v.split(',')
+                    .map(|p| PathBuf::from(p.trim()))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .flatten()
+        .filter(|p| p.is_absolute() && p.is_file())
+        .collect()
 }
 
 fn write_record(dir: &Path, record: &LaunchRecord) -> Result<(), ProcessError> {
@@ -1115,6 +1144,24 @@ mod tests {
             RunState::from_qapi("new-state"),
             RunState::Other("new-state".into())
         );
+    }
+
+    #[test]
+    fn ceph_conf_keyrings() {
+        let d = tempfile::tempdir().unwrap();
+        let k = d.path().join("client.keyring");
+        std::fs::write(&k, "[client.admin]\n").unwrap();
+        let conf = d.path().join("ceph.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[global]\nkeyring = /dev/null\n[client]\n  keyring = {}, relative.keyring\n",
+                k.display()
+            ),
+        )
+        .unwrap();
+        assert_eq!(conf_keyrings(&conf), vec![k]);
+        assert!(conf_keyrings(&d.path().join("missing.conf")).is_empty());
     }
 
     #[test]
