@@ -19,6 +19,7 @@
 
 pub mod network;
 mod instancetypes;
+pub mod hostlife;
 pub mod migration;
 pub mod placement;
 pub mod queue;

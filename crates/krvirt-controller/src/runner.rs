@@ -161,6 +161,11 @@ impl Controllers {
             Ok(t) => tasks.push(tokio::spawn(t.run())),
             Err(e) => warn!(error = %e, "template controller not started"),
         }
+        // Host leases and fencing of lost hosts' VMIs.
+        match crate::hostlife::HostLifecycle::new(me.registry.clone(), me.events.clone()) {
+            Ok(h) => tasks.push(tokio::spawn(h.run())),
+            Err(e) => warn!(error = %e, "host lifecycle controller not started"),
+        }
         // Live migrations.
         match crate::migration::MigrationController::new(me.registry.clone(), me.events.clone()) {
             Ok(m) => tasks.push(tokio::spawn(m.run())),
