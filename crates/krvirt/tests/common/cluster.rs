@@ -56,6 +56,7 @@ pub struct Host {
     agent_url: String,
     /// One-time join token and the server's CA (a TLS server).
     join: Option<(String, PathBuf)>,
+    env: Vec<(String, String)>,
 }
 
 impl Host {
@@ -101,6 +102,7 @@ impl Host {
             cmd.args(["--join-token", token]).arg("--ca").arg(ca);
         }
         let child = cmd
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["--node-name", &self.name])
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -142,6 +144,17 @@ impl Cluster {
     /// Build the network, start the server and `n` agents, wait until all
     /// hosts are Ready.
     pub async fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[]).await
+    }
+
+    /// [`Cluster::start`] with extra environment for the server and the
+    /// agents (e.g. short leases: `KRVIRT_HOST_LEASE_SECONDS`,
+    /// `KRVIRT_HEARTBEAT_INTERVAL_MS`).
+    pub async fn start_with(n: usize, env: &[(&str, &str)]) -> Cluster {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         assert!(
             nix_is_root(),
             "the multi-host harness needs root (network namespaces)"
@@ -218,6 +231,7 @@ impl Cluster {
                 child: None,
                 agent_url: String::new(),
                 join: None,
+                env: env.clone(),
             });
         }
 
@@ -232,6 +246,7 @@ impl Cluster {
             .open(&log_path)
             .unwrap();
         let child = Command::new(BIN)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["server", "--listen", &listen])
             .arg("--data-dir")
             .arg(&server_data)
