@@ -50,6 +50,8 @@ struct Binding {
 
 #[derive(Default)]
 struct Snapshot {
+    /// Store revision read before the lists (0: never loaded).
+    revision: i64,
     roles: HashMap<(String, String), Vec<PolicyRule>>,
     cluster_roles: HashMap<String, Vec<PolicyRule>>,
     bindings: Vec<Binding>,
@@ -291,7 +293,10 @@ impl Rbac {
         let sel = Selector::default();
         let reg = &self.registry;
         let rbac = krvirt_api::auth::RBAC_GROUP;
-        let mut s = Snapshot::default();
+        let mut s = Snapshot {
+            revision: self.store_revision().await.unwrap_or(0),
+            ..Default::default()
+        };
         for o in reg.list(kind(rbac, "Role")?, None, &sel).await?.0 {
             let ns = o["metadata"]["namespace"].as_str().unwrap_or_default();
             let name = o["metadata"]["name"].as_str().unwrap_or_default();
@@ -395,23 +400,41 @@ impl Rbac {
         });
     }
 
-    /// Whether `id` may do `a`. A denial re-reads the store once first.
+    async fn store_revision(&self) -> Result<i64, ApiError> {
+        self.registry
+            .store()
+            .revision()
+            .await
+            .map_err(|e| ApiError::ServiceUnavailable(format!("store: {e}")))
+    }
+
+    /// Re-read only when the store moved since the snapshot was taken (a
+    /// stream of refused requests costs one cheap revision read each).
+    async fn refresh_if_stale(&self) -> Result<(), ApiError> {
+        if self.store_revision().await? != self.snapshot().revision {
+            self.reload().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `id` may do `a`. Before a denial the store is checked for
+    /// changes the watch has not delivered yet.
     pub async fn allowed(&self, id: &Identity, a: &Attrs) -> bool {
         if self.snapshot().allowed(id, a) {
             return true;
         }
-        if self.reload().await.is_err() {
+        if self.refresh_if_stale().await.is_err() {
             return false;
         }
         self.snapshot().allowed(id, a)
     }
 
-    /// Whether the Namespace `ns` exists (re-reading the store when not known).
+    /// Whether the Namespace `ns` exists (checking the store when not known).
     pub async fn namespace_exists(&self, ns: &str) -> Result<bool, ApiError> {
         if self.snapshot().namespaces.contains(ns) {
             return Ok(true);
         }
-        self.reload().await?;
+        self.refresh_if_stale().await?;
         Ok(self.snapshot().namespaces.contains(ns))
     }
 
