@@ -123,12 +123,7 @@ impl AgentConfig {
             accel_mode: AccelMode::Auto,
             qemu_bin: krvirt_hypervisor::qemu_binary(),
             labels: BTreeMap::new(),
-            // KRVIRT_HEARTBEAT_INTERVAL_MS: tests renew the lease faster.
-            heartbeat_interval: std::env::var("KRVIRT_HEARTBEAT_INTERVAL_MS")
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .filter(|ms| *ms > 0)
-                .map_or(Duration::from_secs(10), Duration::from_millis),
+            heartbeat_interval: Duration::from_secs(10),
             sys_root: PathBuf::from("/"),
             qemu_user: Some(krvirt_hypervisor::DEFAULT_QEMU_USER.to_string()),
             cgroup_parent: None,
@@ -146,6 +141,10 @@ pub(crate) static QEMU_USER: std::sync::OnceLock<krvirt_hypervisor::QemuUser> =
 
 /// How this host confines QEMU: its user (created if missing) and cgroups.
 fn launch_options(cfg: &AgentConfig) -> Result<LaunchOptions, AgentError> {
+    if !nix::unistd::geteuid().is_root() {
+        warn!("krvirt is not running as root: QEMU runs as krvirt's own user, without cgroups");
+        return Ok(LaunchOptions::default());
+    }
     let user = match cfg.qemu_user.as_deref() {
         None | Some("root") | Some("") => {
             warn!("QEMU runs as root (--qemu-user root): guests are not isolated by user");
