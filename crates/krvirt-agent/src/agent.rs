@@ -123,7 +123,12 @@ impl AgentConfig {
             accel_mode: AccelMode::Auto,
             qemu_bin: krvirt_hypervisor::qemu_binary(),
             labels: BTreeMap::new(),
-            heartbeat_interval: Duration::from_secs(10),
+            // KRVIRT_HEARTBEAT_INTERVAL_MS: tests renew the lease faster.
+            heartbeat_interval: std::env::var("KRVIRT_HEARTBEAT_INTERVAL_MS")
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|ms| *ms > 0)
+                .map_or(Duration::from_secs(10), Duration::from_millis),
             sys_root: PathBuf::from("/"),
             qemu_user: Some(krvirt_hypervisor::DEFAULT_QEMU_USER.to_string()),
             cgroup_parent: None,
