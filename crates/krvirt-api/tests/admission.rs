@@ -947,6 +947,20 @@ fn bridge_binding_and_multus_networks() {
         reason::INVALID,
         "spec.networks[0]",
     );
+    // Only the network controller assigns addresses.
+    let forged = set(
+        with_net(
+            json!([{"name": "a", "bridge": {}}]),
+            json!([{"name": "a", "multus": {"networkName": "blue"}}]),
+        ),
+        "/metadata/annotations",
+        json!({"krvirt.io/interfaces": "[]"}),
+    );
+    vmi_cause(
+        forged,
+        reason::FORBIDDEN,
+        "metadata.annotations[krvirt.io/interfaces]",
+    );
     for bad in ["", "Blue", "a/b/c", "ns/"] {
         vmi_cause(
             with_net(

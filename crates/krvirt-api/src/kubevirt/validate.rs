@@ -39,6 +39,7 @@ impl Admit for VirtualMachine {
         labels_and_annotations(&self.spec.template.metadata, "spec.template.metadata", c);
         crate::storage::validate_templates(&self.spec.data_volume_templates, c);
         behaviour_annotations(&self.spec.template.metadata, "spec.template.metadata", c);
+        controller_annotations(&self.spec.template.metadata, "spec.template.metadata", c);
         if self.spec.instancetype.is_some() || self.spec.preference.is_some() {
             crate::instancetype::validate_vm(self, c);
         } else {
@@ -59,6 +60,9 @@ impl Admit for VirtualMachineInstance {
     fn validate(&self, old: Option<&Self>, c: &mut Causes) {
         metadata(&self.metadata, "metadata", MAX_NAME, true, c);
         behaviour_annotations(&self.metadata, "metadata", c);
+        if old.is_none() {
+            controller_annotations(&self.metadata, "metadata", c);
+        }
         vmi_spec(&self.spec, "spec", c);
         if let Some(old) = old {
             immutable_identity(&old.metadata, &self.metadata, c);
@@ -137,6 +141,22 @@ pub(crate) fn immutable_identity(old: &ObjectMeta, new: &ObjectMeta, c: &mut Cau
 /// gates there) which krvirt does not implement.
 pub(crate) const ANNOTATIONS_NOT_IMPLEMENTED: &[&str] =
     &["hooks.kubevirt.io/hookSidecars", "kubevirt.io/ignitiondata"];
+
+/// Annotations only krvirt's controllers write (the network controller's
+/// address assignment): refused in a new VMI or a VM template, so nobody
+/// hands a guest an address IPAM did not give it.
+pub(crate) const CONTROLLER_ANNOTATIONS: &[&str] = &[crate::network::INTERFACES_ANNOTATION];
+
+fn controller_annotations(meta: &ObjectMeta, p: &str, c: &mut Causes) {
+    for key in CONTROLLER_ANNOTATIONS {
+        if meta.annotations.contains_key(*key) {
+            c.forbidden(
+                format!("{}[{key}]", join(p, "annotations")),
+                "written by krvirt's network controller only",
+            );
+        }
+    }
+}
 
 fn behaviour_annotations(meta: &ObjectMeta, p: &str, c: &mut Causes) {
     for key in ANNOTATIONS_NOT_IMPLEMENTED {
