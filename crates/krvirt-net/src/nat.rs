@@ -1,8 +1,8 @@
 //! The NAT ("pod") networks' host side: IPv4 forwarding and one masquerade
 //! rule per NAT subnet for traffic leaving it, in krvirt's own
-//! `ip {table}-nat` table, replaced atomically with `nft -j -f -`.
+//! `ip {table}-nat` table, replaced atomically with `nft -f -`.
 
-use serde_json::{Value, json};
+use crate::firewall::Script;
 
 use crate::error::{NetError, io_err};
 use crate::ipam::Cidr;
@@ -26,26 +26,25 @@ pub fn nat_table(table: &str) -> String {
 
 /// The transaction replacing the NAT table with masquerade rules for
 /// `subnets` (each: `ip saddr S ip daddr != S masquerade`).
-pub fn compile(table: &str, subnets: &[Cidr]) -> Value {
+pub fn compile(table: &str, subnets: &[Cidr]) -> Script {
     let name = nat_table(table);
-    let t = json!({"family": "ip", "name": name});
-    let mut cmds = vec![
-        json!({"add": {"table": t.clone()}}),
-        json!({"delete": {"table": t.clone()}}),
-        json!({"add": {"table": t}}),
-        json!({"add": {"chain": {"family": "ip", "table": name, "name": "postrouting",
-            "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}}),
-    ];
-    for s in subnets {
-        let net = json!({"prefix": {"addr": s.network().to_string(), "len": s.prefix}});
-        cmds.push(json!({"add": {"rule": {"family": "ip", "table": name, "chain": "postrouting",
-            "expr": [
-                {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": net.clone()}},
-                {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": net}},
-                {"masquerade": null}
-            ]}}}));
+    let mut s = Script::default();
+    s.line(format_args!("table ip {name}"));
+    s.line(format_args!("delete table ip {name}"));
+    s.line(format_args!("table ip {name} {{"));
+    s.line(format_args!("  chain postrouting {{"));
+    s.line(format_args!(
+        "    type nat hook postrouting priority 100; policy accept;"
+    ));
+    for n in subnets {
+        let net = format!("{}/{}", n.network(), n.prefix);
+        s.line(format_args!(
+            "    ip saddr {net} ip daddr != {net} masquerade"
+        ));
     }
-    json!({ "nftables": cmds })
+    s.line(format_args!("  }}"));
+    s.line(format_args!("}}"));
+    s
 }
 
 /// Apply [`compile`] (and forwarding, when there is any NAT subnet).
@@ -58,8 +57,9 @@ pub fn sync(table: &str, subnets: &[Cidr]) -> Result<(), NetError> {
 
 /// Remove the NAT table.
 pub fn remove(table: &str) -> Result<(), NetError> {
-    let t = json!({"family": "ip", "name": nat_table(table)});
-    crate::firewall::apply(
-        &json!({"nftables": [{"add": {"table": t.clone()}}, {"delete": {"table": t}}]}),
-    )
+    let name = nat_table(table);
+    let mut s = Script::default();
+    s.line(format_args!("table ip {name}"));
+    s.line(format_args!("delete table ip {name}"));
+    crate::firewall::apply(&s)
 }

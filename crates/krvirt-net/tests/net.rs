@@ -482,7 +482,7 @@ async fn incremental_group_changes_equal_a_full_replace() {
     // Only the group's chain changes: the plan is a flush + refill.
     let plan = fw.plan(&rs(vec![allow.clone()])).unwrap().to_string();
     assert!(
-        plan.contains("\"flush\"") && !plan.contains("\"delete\""),
+        plan.contains("flush chain") && !plan.contains("delete"),
         "{plan}"
     );
     fw.apply(&rs(vec![allow])).unwrap();
