@@ -1147,11 +1147,11 @@ async fn clone(agent: &Agent, ck: &KindInfo, c: &VirtualMachineClone) -> Result<
                 Err(e) if e.code() == Some(409) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            st.phase = Some(ClonePhase::RestoreInProgress);
+            st.phase = Some(ClonePhase::CreatingTargetVM);
             conditions(
                 &mut st.conditions,
                 false,
-                "RestoreInProgress",
+                "CreatingTargetVM",
                 "creating the target VirtualMachine from the snapshot",
             );
         }

@@ -4,8 +4,8 @@
 //! new MAC addresses and optionally a new SMBIOS serial, labels and
 //! annotations filtered.
 //!
-//! Phases: `SnapshotInProgress` → `RestoreInProgress` (the restore creates
-//! the target VM: KubeVirt's `CreatingTargetVM` happens inside it) →
+//! Phases: `SnapshotInProgress` → `CreatingTargetVM` (the restore makes
+//! the target's Volumes, then the target) → `RestoreInProgress` →
 //! `Succeeded`, or `Failed`. The pure parts (phase transitions, filters,
 //! the patches handed to the restore) live here; the agent drives them.
 
@@ -372,6 +372,9 @@ pub fn decide(
     }
     match restore {
         Progress::Absent => Step::CreateRestore,
+        // The restore first makes the target's disks and the target, then
+        // finishes restoring into it.
+        Progress::Running if !target_taken => Step::Wait(ClonePhase::CreatingTargetVM),
         Progress::Running => Step::Wait(ClonePhase::RestoreInProgress),
         Progress::Done => Step::Finish,
         Progress::Failed => Step::Fail("the restore into the target failed".into()),
@@ -397,6 +400,10 @@ mod tests {
         assert_eq!(
             decide(Some(SnapshotInProgress), true, false, Done, Absent),
             Step::CreateRestore
+        );
+        assert_eq!(
+            decide(Some(RestoreInProgress), true, false, Done, Running),
+            Step::Wait(ClonePhase::CreatingTargetVM)
         );
         // The restore made the target: that is not a conflict.
         assert_eq!(
