@@ -3,13 +3,13 @@
 use serde_json::Value;
 
 use crate::admission::{Causes, admit_typed, strip_bookkeeping};
+use crate::clone::VirtualMachineClone;
 use crate::error::reason;
 use crate::event::Event;
 use crate::host::Host;
 use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::network::{Network, SecurityGroup};
-use crate::clone::VirtualMachineClone;
 use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
 use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;

@@ -17,16 +17,16 @@
 //! Every step is recorded as an Event (`krvirt events`), and events older
 //! than an hour (or beyond 100 per object) are expired.
 
-pub mod network;
-mod instancetypes;
 pub mod hostlife;
+mod instancetypes;
 pub mod migration;
+pub mod network;
 pub mod placement;
 pub mod queue;
 mod runner;
+pub mod templates;
 pub mod vm;
 mod volumes;
-pub mod templates;
 pub mod webhook;
 
 pub use runner::{ControllerError, Controllers};
