@@ -335,6 +335,22 @@ impl Controllers {
             }
             d.requeue_after = Some(RESYNC);
         }
+        // Say once (per message) why the VM cannot use its instancetype.
+        let invalid = |st: Option<&krvirt_api::kubevirt::VirtualMachineStatus>| {
+            st.and_then(|s| {
+                s.conditions.iter().find(|c| {
+                    c.type_ == vm_conditions::FAILURE
+                        && c.reason.as_deref() == Some(vm::REASON_INSTANCETYPE)
+                })
+            })
+            .and_then(|c| c.message.clone())
+        };
+        if let Some(msg) = invalid(Some(&d.status))
+            && invalid(vm.status.as_ref()).as_deref() != Some(msg.as_str())
+        {
+            self.events
+                .record_ref(vm_ref.clone(), WARNING, vm::REASON_INSTANCETYPE, &msg);
+        }
 
         let actions = std::mem::take(&mut d.actions);
         for action in &actions {

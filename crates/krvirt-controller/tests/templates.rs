@@ -279,6 +279,18 @@ async fn vmis_are_expanded_from_the_vms_copy() {
         "{f}"
     );
     assert!(get(&p, "virtualmachineinstances", "clash").await.is_none());
+    until("an InvalidInstancetype event", || async {
+        let (events, _) = p
+            .registry
+            .list(kind("events"), None, &krvirt_server::Selector::everything())
+            .await
+            .ok()?;
+        events
+            .iter()
+            .any(|e| e["reason"] == "InvalidInstancetype" && e["involvedObject"]["name"] == "clash")
+            .then_some(())
+    })
+    .await;
 
     // Editing the instancetype does not reach the VM: its next VMI is the same.
     p.registry
