@@ -240,3 +240,84 @@ async fn drain_live_migrates_or_restarts_every_vm_elsewhere() {
         .unwrap();
     assert!(h["spec"]["unschedulable"].is_null(), "{h}");
 }
+
+const SLOW_POLICY: &str = r#"
+apiVersion: migrations.kubevirt.io/v1alpha1
+kind: MigrationPolicy
+metadata:
+  name: slow
+spec:
+  bandwidthPerMigration: 1Mi
+  allowAutoConverge: false
+  selectors:
+    virtualMachineInstanceSelector:
+      app: mig
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_migration_leaves_the_guest_running_on_its_source() {
+    let c = Cluster::start(2).await;
+    // 1 MiB/s for this VM: the transfer takes long enough to cancel it.
+    apply(&c, SLOW_POLICY);
+    apply(&c, VM);
+    let (uid, src_pid) = c.server.running_vmi("mig", None).await;
+    let src = c.node_of("mig").await.unwrap();
+    let dst = if src == "host0" { "host1" } else { "host0" }.to_string();
+    c.until("guest counting", Duration::from_secs(120), || async {
+        ticks(&c.host(&src).console_file(&uid))
+            .last()
+            .copied()
+            .filter(|n| *n >= 1)
+    })
+    .await;
+    c.server.ok(&["migrate", "mig", "--to", &dst]);
+    // Sending, under the policy's parameters.
+    let ms = c
+        .until("migration Running", Duration::from_secs(60), || async {
+            let v = c.server.vmi("mig").await?;
+            let ms = v["status"]["migrationState"].clone();
+            ms["startTimestamp"].is_string().then_some(ms)
+        })
+        .await;
+    assert_eq!(ms["migrationPolicyName"], "slow", "{ms}");
+    assert_eq!(
+        ms["migrationConfiguration"]["bandwidthPerMigration"], "1Mi",
+        "{ms}"
+    );
+    let out = c.server.ok(&["migrate", "mig", "--cancel"]);
+    assert!(out.contains("cancelled"), "{out}");
+    let ms = c
+        .until("migration aborted", Duration::from_secs(60), || async {
+            let v = c.server.vmi("mig").await?;
+            let ms = v["status"]["migrationState"].clone();
+            (ms["failed"] == true).then_some(ms)
+        })
+        .await;
+    assert_eq!(ms["abortStatus"], "Succeeded", "{ms}");
+    assert_ne!(ms["completed"], true, "{ms}");
+    // The guest never left: same host, same QEMU, still counting.
+    assert_eq!(c.node_of("mig").await.as_deref(), Some(src.as_str()));
+    assert!(pid_alive(src_pid));
+    let before = ticks(&c.host(&src).console_file(&uid))
+        .last()
+        .copied()
+        .unwrap();
+    c.until(
+        "ticks go on on the source",
+        Duration::from_secs(30),
+        || async {
+            ticks(&c.host(&src).console_file(&uid))
+                .last()
+                .copied()
+                .filter(|n| *n > before)
+        },
+    )
+    .await;
+    // The target's QEMU and run directory are gone.
+    c.until("target cleaned up", Duration::from_secs(30), || async {
+        (!c.host(&dst).data_dir.join("run/vmi").join(&uid).exists()).then_some(())
+    })
+    .await;
+    let v = c.server.vmi("mig").await.unwrap();
+    assert_eq!(v["status"]["phase"], "Running");
+}
