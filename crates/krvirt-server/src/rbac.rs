@@ -447,3 +447,136 @@ impl Rbac {
             .cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(verb: &str, group: &str, resource: &str, ns: &str, name: &str) -> Attrs {
+        Attrs {
+            verb: verb.into(),
+            group: group.into(),
+            resource: resource.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            non_resource_path: None,
+        }
+    }
+
+    fn role_allows(role: &str, a: &Attrs) -> bool {
+        builtin_cluster_roles()[role]
+            .iter()
+            .any(|r| rule_allows(r, a, true))
+    }
+
+    #[test]
+    fn builtin_roles() {
+        let create_vm = attrs("create", "kubevirt.io", "virtualmachines", "a", "");
+        let list_vm = attrs("list", "kubevirt.io", "virtualmachines", "a", "");
+        let console = attrs(
+            "get",
+            "subresources.kubevirt.io",
+            "virtualmachineinstances/console",
+            "a",
+            "x",
+        );
+        let bind = attrs(
+            "create",
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            "a",
+            "",
+        );
+        let quota = attrs("update", "", "resourcequotas", "a", "q");
+        let metrics = Attrs {
+            verb: "get".into(),
+            non_resource_path: Some("/metrics".into()),
+            ..Default::default()
+        };
+        assert!(role_allows("view", &list_vm) && !role_allows("view", &create_vm));
+        assert!(!role_allows("view", &console) && role_allows("edit", &console));
+        assert!(role_allows("edit", &create_vm) && !role_allows("edit", &bind));
+        assert!(role_allows("admin", &bind) && !role_allows("admin", &quota));
+        assert!(role_allows("view", &metrics) && !role_allows("edit", &metrics));
+        assert!(role_allows("cluster-admin", &quota) && role_allows("cluster-admin", &metrics));
+        // cluster-scoped kinds are not in the namespaced roles
+        let tokens = attrs("list", "krvirt.io", "tokens", "", "");
+        assert!(!role_allows("admin", &tokens) && !role_allows("view", &tokens));
+    }
+
+    #[test]
+    fn custom_rules() {
+        let r = PolicyRule {
+            verbs: vec!["get".into(), "update".into()],
+            api_groups: vec!["subresources.kubevirt.io".into()],
+            resources: vec!["virtualmachines/*".into()],
+            resource_names: vec!["web".into()],
+            ..Default::default()
+        };
+        let start = |name: &str| {
+            attrs(
+                "update",
+                "subresources.kubevirt.io",
+                "virtualmachines/start",
+                "a",
+                name,
+            )
+        };
+        assert!(rule_allows(&r, &start("web"), false));
+        assert!(!rule_allows(&r, &start("db"), false), "resourceNames");
+        let mut del = start("web");
+        del.verb = "delete".into();
+        assert!(!rule_allows(&r, &del, false), "verbs");
+        let nr = PolicyRule {
+            verbs: vec!["get".into()],
+            non_resource_urls: vec!["/metrics*".into()],
+            ..Default::default()
+        };
+        let m = Attrs {
+            verb: "get".into(),
+            non_resource_path: Some("/metrics".into()),
+            ..Default::default()
+        };
+        assert!(rule_allows(&nr, &m, true));
+        assert!(
+            !rule_allows(&nr, &m, false),
+            "only through a ClusterRoleBinding"
+        );
+    }
+
+    #[test]
+    fn bindings_are_scoped_to_their_namespace() {
+        let mut s = Snapshot::default();
+        s.bindings.push(Binding {
+            namespace: "a".into(),
+            subjects: vec![RbacSubject {
+                kind: "Group".into(),
+                name: "team".into(),
+                ..Default::default()
+            }],
+            role_ref: RoleRef {
+                kind: "ClusterRole".into(),
+                name: "edit".into(),
+                api_group: krvirt_api::auth::RBAC_GROUP.into(),
+            },
+        });
+        let id = Identity {
+            user: "u".into(),
+            groups: vec!["team".into()],
+        };
+        let other = Identity {
+            user: "team".into(),
+            groups: vec![],
+        };
+        let in_a = attrs("create", "kubevirt.io", "virtualmachines", "a", "");
+        let in_b = attrs("create", "kubevirt.io", "virtualmachines", "b", "");
+        let all = attrs("list", "kubevirt.io", "virtualmachines", "", "");
+        assert!(s.allowed(&id, &in_a));
+        assert!(!s.allowed(&id, &in_b));
+        assert!(
+            !s.allowed(&id, &all),
+            "a RoleBinding never grants cluster-wide"
+        );
+        assert!(!s.allowed(&other, &in_a), "a User subject is not a Group");
+    }
+}
