@@ -443,8 +443,19 @@ impl HostNet {
         }
         self.record_host(&nics)?;
         // Leases, NAT and the firewall (the new ports' anti-spoofing and
-        // groups) before the guest runs.
-        self.sync().await?;
+        // groups) before the guest runs; the API may blink, so a few tries.
+        let mut tries = 0;
+        loop {
+            match self.sync().await {
+                Ok(()) => break,
+                Err(e) if tries < 4 => {
+                    tries += 1;
+                    debug!(error = %e, tries, "network sync before launch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         info!(vmi = %rec.name, nics = nics.len(), "network prepared");
         Ok(nics)
     }
