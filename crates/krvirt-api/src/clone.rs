@@ -486,4 +486,77 @@ mod tests {
         );
         assert_eq!(d["firmware"]["serial"], "new-serial");
     }
+
+    fn refused(kind: &str, obj: Value) -> Vec<String> {
+        let k = crate::find_kind(kind).unwrap();
+        match crate::admit(k, obj, None) {
+            Ok(v) => panic!("accepted: {v}"),
+            Err(e) => e.causes.into_iter().map(|c| c.field).collect(),
+        }
+    }
+
+    #[test]
+    fn admission_names_the_bad_fields() {
+        let fields = refused(
+            "virtualmachineclones",
+            json!({"apiVersion": API_VERSION, "kind": "VirtualMachineClone",
+                "metadata": {"name": "c", "namespace": "default"},
+                "spec": {"source": {"kind": "Pod", "name": "x"},
+                    "target": {"kind": "VirtualMachine", "name": ""},
+                    "newMacAddresses": {"eth0": "zz"},
+                    "patches": ["{\"op\":\"copy\",\"path\":\"/a\"}"]}}),
+        );
+        for f in [
+            "spec.source.kind",
+            "spec.target.name",
+            "spec.newMacAddresses.eth0",
+            "spec.patches[0]",
+        ] {
+            assert!(fields.iter().any(|x| x == f), "{f} not in {fields:?}");
+        }
+        let fields = refused(
+            "virtualmachinerestores",
+            json!({"apiVersion": crate::snapshot::API_VERSION, "kind": "VirtualMachineRestore",
+                "metadata": {"name": "r", "namespace": "default"},
+                "spec": {"target": {"kind": "VirtualMachine", "name": "vm"},
+                    "virtualMachineSnapshotName": "s", "patches": ["nope"]}}),
+        );
+        assert_eq!(fields, ["spec.patches[0]"]);
+        let fields = refused(
+            "virtualmachinesnapshots",
+            json!({"apiVersion": crate::snapshot::API_VERSION, "kind": "VirtualMachineSnapshot",
+                "metadata": {"name": "s", "namespace": "default"},
+                "spec": {"source": {"kind": "VirtualMachine", "name": "vm"},
+                    "deletionPolicy": "Keep", "includeMemory": true}}),
+        );
+        assert_eq!(fields, ["spec.deletionPolicy"]);
+        // The corpus clone, with a real MAC, is accepted.
+        let k = crate::find_kind("virtualmachineclones").unwrap();
+        crate::admit(
+            k,
+            json!({"apiVersion": API_VERSION, "kind": "VirtualMachineClone",
+                "metadata": {"name": "testclone", "namespace": "default"},
+                "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "vm-cirros"},
+                    "target": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "vm-clone-target"},
+                    "labelFilters": ["*", "!someKey/*"], "annotationFilters": ["anotherKey/*"],
+                    "template": {"labelFilters": ["*"], "annotationFilters": ["anotherKey/*"]},
+                    "newMacAddresses": {"interfaceName": "02-11-22-33-44-55"},
+                    "newSMBiosSerial": "new-serial"}}),
+            None,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn openapi_documents_include_memory_and_the_clone_kind() {
+        let c = serde_json::to_value(crate::openapi_components()).unwrap();
+        let schemas = &c["schemas"];
+        assert!(
+            schemas["VirtualMachineClone"].is_object(),
+            "no clone schema"
+        );
+        let text = schemas.to_string();
+        assert!(text.contains("includeMemory") && text.contains("memoryStateBytes"));
+        assert!(text.contains("newSMBiosSerial"));
+    }
 }
