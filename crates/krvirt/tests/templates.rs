@@ -82,6 +82,17 @@ fn template(versions: &[String]) -> String {
     )
 }
 
+/// `needle` on the VM's console; TCG guests boot slowly when the machine
+/// is loaded (several guests, builds), so the wait is generous.
+async fn console_shows(inst: &Instance, vm: &str, needle: &str) {
+    inst.until(
+        &format!("{needle:?} on {vm}'s console"),
+        Duration::from_secs(300),
+        || async { inst.console_log(vm).await.contains(needle).then_some(()) },
+    )
+    .await
+}
+
 fn qemu_img_info(path: &std::path::Path) -> String {
     let out = Command::new("qemu-img")
         .args(["info", "-U"])
@@ -218,9 +229,9 @@ async fn vms_from_two_template_versions_boot_with_their_parameters() {
         ("web2", "beta", "GREETING-hello-V2"),
     ] {
         inst.running_vmi(vm, None).await;
-        inst.console_shows(vm, "GUEST-BOOTED").await;
-        inst.console_shows(vm, &format!("HOSTNAME: {host}")).await;
-        inst.console_shows(vm, greeting).await;
+        console_shows(&inst, vm, "GUEST-BOOTED").await;
+        console_shows(&inst, vm, &format!("HOSTNAME: {host}")).await;
+        console_shows(&inst, vm, greeting).await;
     }
 }
 
@@ -307,7 +318,7 @@ async fn vm_cirros_csmall_runs_with_its_instancetype() {
         "{args:?}"
     );
     assert_eq!(opt(&args, "-m"), "128M", "{args:?}");
-    inst.console_shows("vm-cirros-csmall", "GUEST-BOOTED").await;
+    console_shows(&inst, "vm-cirros-csmall", "GUEST-BOOTED").await;
 
     // Editing the instancetype changes no existing VM: a restart still
     // gets one vCPU.
