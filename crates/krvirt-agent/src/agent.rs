@@ -536,10 +536,10 @@ impl Agent {
             }),
             qemu_version: Some(self.inner.qemu_version.clone()),
             agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
-            addresses: vec![HostAddress {
-                type_: "Hostname".into(),
-                address: self.inner.cfg.node_name.clone(),
-            }],
+            addresses: crate::migration::host_addresses(
+                &self.inner.cfg.node_name,
+                self.inner.client.base_url(),
+            ),
             conditions,
             heartbeat_time: Some(now_rfc3339()),
         })

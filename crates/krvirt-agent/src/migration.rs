@@ -355,6 +355,25 @@ pub fn local_address_towards(server_url: &str) -> std::io::Result<IpAddr> {
     Ok(sock.local_addr()?.ip())
 }
 
+/// The Host's addresses: its name and, when there is a route to the
+/// server, the address other hosts reach it at (`InternalIP`, where
+/// migration streams arrive).
+pub fn host_addresses(node: &str, server_url: &str) -> Vec<krvirt_api::host::HostAddress> {
+    let mut v = vec![krvirt_api::host::HostAddress {
+        type_: "Hostname".into(),
+        address: node.to_string(),
+    }];
+    if let Ok(ip) = local_address_towards(server_url)
+        && !ip.is_unspecified()
+    {
+        v.push(krvirt_api::host::HostAddress {
+            type_: "InternalIP".into(),
+            address: ip.to_string(),
+        });
+    }
+    v
+}
+
 fn url_host_port(url: &str) -> Option<String> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let hostport = rest.split('/').next()?;

@@ -94,6 +94,12 @@ async fn a_lost_hosts_vm_comes_back_elsewhere_once_and_its_stale_copy_is_stopped
         .unwrap();
     assert_eq!(ready["status"], "False", "{h}");
     assert_eq!(ready["reason"], "NodeLeaseExpired", "{h}");
+    let hosts = c.server.ok(&["get", "hosts"]);
+    let line = hosts
+        .lines()
+        .find(|l| l.starts_with(lost.as_str()))
+        .unwrap_or_default();
+    assert!(line.contains("NotReady"), "{hosts}");
     let events = c.server.ok(&["events", "--for", "vmi/ha"]);
     assert!(events.contains("NodeUnresponsive"), "{events}");
 

@@ -200,8 +200,26 @@ async fn drain_live_migrates_or_restarts_every_vm_elsewhere() {
     let c = Cluster::start(2).await;
     // Both VMs on host0: host1 is cordoned while they are placed.
     c.server.ok(&["cordon", "host1"]);
-    let hosts = c.server.ok(&["get", "hosts"]);
-    assert!(hosts.contains("host1"), "{hosts}");
+    let hosts = c.server.ok(&["get", "hosts", "-o", "wide"]);
+    let line = hosts
+        .lines()
+        .find(|l| l.starts_with("host1"))
+        .unwrap_or_default();
+    assert!(line.contains("Ready,SchedulingDisabled"), "{hosts}");
+    // Each host publishes the address migrations reach it at.
+    let h1 = c
+        .server
+        .get("/apis/krvirt.io/v1/hosts/host1")
+        .await
+        .unwrap();
+    assert!(
+        h1["status"]["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["type"] == "InternalIP" && a["address"] == c.host("host1").ip.as_str()),
+        "{h1}"
+    );
     apply(&c, VM);
     apply(&c, PLAIN_VM);
     let (mig_uid, _) = c.server.running_vmi("mig", None).await;
