@@ -88,6 +88,8 @@ pub enum ClientCommand {
     Addvolume(volume::AddVolumeArgs),
     /// Detach a hot-plugged Volume from a running virtual machine
     Removevolume(volume::RemoveVolumeArgs),
+    /// Volume operations: upload (fill an `upload` Volume from a local file)
+    Volume(volume::VolumeArgs),
     /// Manage disk images: list, import, upload, tag, inspect, rm, gc, verify
     Image(image::ImageArgs),
     /// Live-migrate a running virtual machine to another host (--cancel stops it)
@@ -173,6 +175,7 @@ async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> Result<ExitCode> {
         ClientCommand::Audit(a) => audit::audit(a).await,
         ClientCommand::Addvolume(a) => volume::add(ctx, a).await,
         ClientCommand::Removevolume(a) => volume::remove(ctx, a).await,
+        ClientCommand::Volume(a) => volume::volume(ctx, a).await,
         ClientCommand::Image(a) => image::image(ctx, a).await,
         ClientCommand::Migrate(a) => hosts::migrate(ctx, a).await,
         ClientCommand::Cordon(a) => hosts::cordon(ctx, a, true).await,

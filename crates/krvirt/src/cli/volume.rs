@@ -99,3 +99,71 @@ pub async fn remove(ctx: &Ctx, a: RemoveVolumeArgs) -> Result<ExitCode> {
     ))?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// `krvirt volume …`
+#[derive(Debug, Args)]
+pub struct VolumeArgs {
+    #[command(subcommand)]
+    pub cmd: VolumeCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum VolumeCommand {
+    /// Fill an `upload` Volume with a local disk image (raw or qcow2),
+    /// streamed to the server
+    Upload {
+        /// The Volume (its spec.source is `upload: {}`)
+        name: String,
+        file: std::path::PathBuf,
+        /// Refuse it unless it hashes to this sha256:… digest
+        #[arg(long)]
+        digest: Option<String>,
+    },
+}
+
+pub async fn volume(ctx: &Ctx, args: VolumeArgs) -> Result<ExitCode> {
+    match args.cmd {
+        VolumeCommand::Upload { name, file, digest } => {
+            let f = tokio::fs::File::open(&file)
+                .await
+                .map_err(|e| anyhow!("opening {}: {e}", file.display()))?;
+            let len = f.metadata().await?.len();
+            let mut url = reqwest::Url::parse(&format!(
+                "{}/apis/volumes.krvirt.io/v1/namespaces/{}/volumes/{name}/upload",
+                ctx.client.request_base(),
+                ctx.ns.name
+            ))?;
+            if let Some(d) = digest {
+                url.query_pairs_mut().append_pair("digest", &d);
+            }
+            let resp = ctx
+                .client
+                .http()
+                .put(url)
+                .header("content-type", "application/octet-stream")
+                .header("content-length", len)
+                .body(reqwest::Body::wrap_stream(
+                    tokio_util::io::ReaderStream::with_capacity(f, 1 << 20),
+                ))
+                .send()
+                .await?;
+            let status = resp.status();
+            let v: serde_json::Value = resp.json().await.unwrap_or_default();
+            if !status.is_success() {
+                bail!(
+                    "{}",
+                    v["message"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("upload failed: HTTP {status}"))
+                );
+            }
+            out(&format!(
+                "volume/{name} uploaded ({} bytes, {}); the host agent copies it into the pool\n",
+                v["size"].as_u64().unwrap_or(len),
+                v["digest"].as_str().unwrap_or_default()
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
