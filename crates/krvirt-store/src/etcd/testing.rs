@@ -45,6 +45,13 @@ impl EtcdCluster {
 
     /// `n` members, all up and serving when this returns.
     pub fn start(n: usize) -> io::Result<EtcdCluster> {
+        Self::start_in(n, None)
+    }
+
+    /// `n` members with their data under `base` (default: /dev/shm when
+    /// present, else the system temp dir). Benchmarks put it on the same
+    /// file system as the store they compare against.
+    pub fn start_in(n: usize, base: Option<&Path>) -> io::Result<EtcdCluster> {
         let bin = etcd_binary();
         if !bin.exists() {
             return Err(io::Error::new(
@@ -57,7 +64,7 @@ impl EtcdCluster {
         }
         let mut last = None;
         for _ in 0..3 {
-            match Self::try_start(n) {
+            match Self::try_start(n, base) {
                 Ok(c) => return Ok(c),
                 // A port taken between choosing and binding: try others.
                 Err(e) => last = Some(e),
@@ -66,9 +73,13 @@ impl EtcdCluster {
         Err(last.unwrap_or_else(|| io::Error::other("etcd did not start")))
     }
 
-    fn try_start(n: usize) -> io::Result<EtcdCluster> {
+    fn try_start(n: usize, base: Option<&Path>) -> io::Result<EtcdCluster> {
         let shm = Path::new("/dev/shm");
-        let dir = if shm.is_dir() {
+        let dir = if let Some(base) = base {
+            tempfile::Builder::new()
+                .prefix("krvirt-etcd-")
+                .tempdir_in(base)?
+        } else if shm.is_dir() {
             tempfile::Builder::new()
                 .prefix("krvirt-etcd-")
                 .tempdir_in(shm)?
