@@ -3,7 +3,8 @@
 //! unprivileged `krvirt-qemu` user, under QEMU's seccomp sandbox, in a
 //! cgroup with the limits its spec implies, its vCPU pinned to the CPU the
 //! VMI status names; a second dedicated VM that does not fit is refused
-//! with a condition; stopping removes the cgroup.
+//! with a condition; after `kill -9` of krvirt the guest is adopted again,
+//! and stopping it removes the cgroup.
 
 mod common;
 
@@ -92,7 +93,7 @@ fn apply(inst: &Instance, name: &str, yaml: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn isolated_guest_with_limits_and_dedicated_cpu() {
     let user = QemuUser::lookup(DEFAULT_QEMU_USER).unwrap();
-    let inst = Instance::start().await;
+    let mut inst = Instance::start().await;
     // krvirt up created the user if it was missing.
     let user = user
         .or_else(|| QemuUser::lookup(DEFAULT_QEMU_USER).unwrap())
@@ -193,6 +194,19 @@ async fn isolated_guest_with_limits_and_dedicated_cpu() {
     let v = inst.vmi("toobig").await.unwrap();
     assert_ne!(v["status"]["phase"], "Running");
     inst.ok(&["delete", "vm", "toobig"]);
+
+    // krvirt killed with -9 and restarted: the guest runs on, adopted with
+    // what its launch recorded (so stopping still removes the cgroup).
+    inst.kill9();
+    assert!(pid_alive(pid), "the guest outlives krvirt");
+    inst.restart().await;
+    let (uid2, pid2) = inst.running_vmi("iso", None).await;
+    assert_eq!(
+        (uid2.as_str(), pid2),
+        (uid.as_str(), pid),
+        "same guest adopted"
+    );
+    assert_eq!(status_field(pid, "Seccomp"), "2");
 
     // Stop: QEMU exits, its cgroup goes away.
     inst.ok(&["stop", "iso"]);
