@@ -19,7 +19,9 @@
 //! namespace and name; host agents get a fixed role (read everything,
 //! write only their own Host, their VMIs' status and events).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Request, State};
@@ -132,7 +134,15 @@ pub struct Auth {
     admin_uid: u32,
     rbac: Arc<Rbac>,
     pki: Option<Arc<crate::tls::Pki>>,
+    /// Token objects by name, as last read (a store read per request is
+    /// most of the cost of authentication). Dropped when a token is written
+    /// through this server (before the write is answered) or its watch
+    /// reports a change, and after [`TOKEN_CACHE_TTL`] in any case.
+    tokens: std::sync::RwLock<HashMap<String, (Value, Instant)>>,
 }
+
+/// Longest time a cached Token object is used without reading it again.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(10);
 
 impl Auth {
     /// `admin_uid`: unix socket peers with this uid (or root) are admins.
@@ -142,6 +152,7 @@ impl Auth {
             registry,
             admin_uid,
             pki: None,
+            tokens: Default::default(),
         })
     }
 
@@ -152,6 +163,7 @@ impl Auth {
             registry,
             admin_uid,
             pki: Some(pki),
+            tokens: Default::default(),
         })
     }
 
@@ -165,8 +177,74 @@ impl Auth {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<(), ApiError> {
         self.rbac.reload().await?;
-        self.rbac.spawn_watch(shutdown);
+        self.rbac.spawn_watch(shutdown.clone());
+        let me = self.clone();
+        let kind = Self::token_kind()?;
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            loop {
+                if let Ok(mut events) = me
+                    .registry
+                    .watch(kind, None, crate::Selector::default(), None)
+                    .await
+                {
+                    me.forget_tokens(None);
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            ev = events.next() => match ev {
+                                Some(Ok(ev)) => me.forget_tokens(
+                                    ev.object["metadata"]["name"].as_str(),
+                                ),
+                                Some(Err(_)) | None => break,
+                            }
+                        }
+                    }
+                }
+                me.forget_tokens(None);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        });
         Ok(())
+    }
+
+    /// Drop a cached Token (all of them with `None`).
+    pub fn forget_tokens(&self, name: Option<&str>) {
+        let mut cache = match self.tokens.write() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        match name {
+            Some(n) => {
+                cache.remove(n);
+            }
+            None => cache.clear(),
+        }
+    }
+
+    async fn token_object(&self, name: &str) -> Result<Value, AuthError> {
+        if let Ok(cache) = self.tokens.read()
+            && let Some((obj, at)) = cache.get(name)
+            && at.elapsed() < TOKEN_CACHE_TTL
+        {
+            return Ok(obj.clone());
+        }
+        let kind = Self::token_kind().map_err(|e| AuthError::Store(e.to_string()))?;
+        let obj = match self.registry.get(kind, "", name).await {
+            Ok(o) => o,
+            Err(ApiError::NotFound { .. }) => return Err(AuthError::Unknown),
+            Err(e) => return Err(AuthError::Store(e.to_string())),
+        };
+        if let Ok(mut cache) = self.tokens.write() {
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(name.to_string(), (obj.clone(), Instant::now()));
+        }
+        Ok(obj)
     }
 
     fn token_kind() -> Result<&'static krvirt_api::KindInfo, ApiError> {
@@ -179,12 +257,7 @@ impl Auth {
     /// Look a bearer token up; the Token object on success.
     pub async fn verify_token(&self, token: &str) -> Result<Value, AuthError> {
         let (name, secret) = parse_token(token).ok_or(AuthError::Malformed)?;
-        let kind = Self::token_kind().map_err(|e| AuthError::Store(e.to_string()))?;
-        let obj = match self.registry.get(kind, "", name).await {
-            Ok(o) => o,
-            Err(ApiError::NotFound { .. }) => return Err(AuthError::Unknown),
-            Err(e) => return Err(AuthError::Store(e.to_string())),
-        };
+        let obj = self.token_object(name).await?;
         let spec = &obj["spec"];
         let stored = spec["secretHash"].as_str().unwrap_or_default();
         if !ct_eq(hash_secret(secret).as_bytes(), stored.as_bytes()) {
@@ -275,6 +348,9 @@ impl Auth {
             return Err(
                 ApiError::BadRequest(format!("host {host:?}: must be a DNS label")).into_response(),
             );
+        }
+        if let Some((name, _)) = parse_token(join_token) {
+            self.forget_tokens(Some(name));
         }
         let obj = self.verify_token(join_token).await.map_err(unauthorized)?;
         if obj["spec"]["join"].as_bool() != Some(true) {
@@ -504,7 +580,15 @@ pub async fn layer(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) 
     }
     req.extensions_mut().insert(Principal(id.user.clone()));
     req.extensions_mut().insert(id);
-    next.run(req).await
+    let token_write = attrs.group == "krvirt.io"
+        && attrs.resource.split('/').next() == Some("tokens")
+        && !matches!(attrs.verb.as_str(), "get" | "list" | "watch");
+    let resp = next.run(req).await;
+    if token_write {
+        // before the client hears "revoked", this server forgets the token
+        auth.forget_tokens((!attrs.name.is_empty()).then_some(attrs.name.as_str()));
+    }
+    resp
 }
 
 async fn join_handler(auth: Arc<Auth>, req: Request) -> Response {
