@@ -439,6 +439,17 @@ pub fn kill_processes_under(dir: &Path) {
     }
 }
 
+/// Remove the cgroups of the instance's guests (their QEMUs were killed
+/// with everything else under the instance's directory).
+pub fn remove_vm_cgroups(data_dir: &Path) {
+    let Ok(dirs) = std::fs::read_dir(data_dir.join("run/vmi")) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let _ = krvirt_hypervisor::release(&krvirt_hypervisor::RunPaths::in_dir(d.path()));
+    }
+}
+
 /// Remove what the instance's agent set up on the host (its record in
 /// `DATA/net/host.json`): taps still on its bridges, the bridges, its nft
 /// tables. Its dnsmasq went with [`kill_processes_under`].
@@ -485,6 +496,7 @@ impl Drop for Instance {
         self.kill9();
         kill_processes_under(self.dir.path());
         remove_host_network(&self.data_dir());
+        remove_vm_cgroups(&self.data_dir());
         if std::thread::panicking() {
             eprintln!("--- krvirt log ---\n{}", tail(&self.log(), 80));
             // KRVIRT_E2E_KEEP=1 keeps the data dir and full log for a look.
