@@ -290,17 +290,19 @@ fn memory_is_rounded_up_to_whole_mib() {
 /// network controller assigned.
 #[test]
 fn golden_vmi_two_nics_on_taps() {
-    let mut doc = corpus("vmi-multus-multiple-net.yaml");
+    let doc = corpus("vmi-multus-multiple-net.yaml");
     let assigned = serde_json::json!([
         {"name": "default", "mac": "02:11:22:33:44:01", "network": "default", "networkType": "nat",
          "bridge": "kvbr-default", "subnet": "10.213.7.0/24", "gateway": "10.213.7.1", "ip": "10.213.7.20"},
         {"name": "ptp", "mac": "02:11:22:33:44:02", "network": "ptp-conf", "networkType": "bridge",
          "bridge": "kvbr-ptp", "subnet": "10.9.0.0/24", "gateway": "10.9.0.1", "ip": "10.9.0.5"}
     ]);
-    doc["metadata"]["annotations"] = serde_json::json!({
-        krvirt_api::network::INTERFACES_ANNOTATION: assigned.to_string()
-    });
-    let vmi = vmi_of(doc);
+    // Admitted first; the network controller adds the assignment after.
+    let mut vmi = vmi_of(doc);
+    vmi.metadata.annotations.insert(
+        krvirt_api::network::INTERFACES_ANNOTATION.to_string(),
+        assigned.to_string(),
+    );
     let run_dir = Path::new("/var/lib/krvirt/run/vmi/0a1b2c3d-0000-4000-8000-00000000cafe");
     let p = plan(&vmi, Accel::Tcg, run_dir, &Table::demo()).unwrap();
     check_golden("vmi-multus-multiple-net", &render(&p));
