@@ -241,6 +241,16 @@ pub fn decide(
         ));
     }
     if phase == MigrationPhase::Pending {
+        // The host has not reported the guest yet (e.g. it just arrived by
+        // an earlier migration): the target needs its run directory.
+        if st
+            .krvirt_runtime
+            .as_ref()
+            .and_then(|r| r.run_dir.as_ref())
+            .is_none()
+        {
+            return Step::Nothing;
+        }
         // One migration per VMI at a time, oldest first.
         if st
             .migration_state
@@ -725,7 +735,8 @@ mod tests {
         serde_json::from_value(json!({
             "metadata": {"name": "v", "namespace": "default", "uid": "vu", "labels": {"app": "db"}},
             "spec": {"domain": {"devices": {}}},
-            "status": {"phase": "Running", "nodeName": node, "migrationState": ms},
+            "status": {"phase": "Running", "nodeName": node, "migrationState": ms,
+                       "krvirtRuntime": {"runDir": "/run/vmi/vu"}},
         }))
         .unwrap()
     }
@@ -768,6 +779,13 @@ mod tests {
         assert_eq!(
             decide(&m, Some(&v), &load, &snap(&hosts, &[], &[])),
             Step::Phase(MigrationPhase::Scheduling, None)
+        );
+        // Not reported by its host yet (just migrated here): wait.
+        let mut fresh = v.clone();
+        fresh.status.as_mut().unwrap().krvirt_runtime = None;
+        assert_eq!(
+            decide(&m, Some(&fresh), &load, &snap(&hosts, &[], &[])),
+            Step::Nothing
         );
         // Two migrations already leave host a: wait.
         let busy = [

@@ -170,6 +170,25 @@ async fn a_vm_migrates_between_namespaced_hosts_while_its_ticks_keep_counting() 
     assert!(pid_alive(dst_pid));
     let phase = c.server.vmi("mig").await.unwrap()["status"]["phase"].clone();
     assert_eq!(phase, "Running");
+
+    // And back again at once (the controller waits until the new host has
+    // reported the guest).
+    let out = c
+        .server
+        .ok(&["migrate", "mig", "--to", &src, "--wait", "--timeout", "90s"]);
+    assert!(out.contains(&format!("to {src}")), "{out}");
+    assert_eq!(c.node_of("mig").await.as_deref(), Some(src.as_str()));
+    let back = c
+        .until(
+            "ticks after the way back",
+            Duration::from_secs(60),
+            || async {
+                let t = ticks(&src_host.console_file(&uid));
+                (t.len() >= 2).then_some(t)
+            },
+        )
+        .await;
+    assert!(back[0] > *after.last().unwrap(), "{back:?} after {after:?}");
 }
 
 const PLAIN_VM: &str = r#"
