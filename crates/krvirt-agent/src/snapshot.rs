@@ -1065,6 +1065,28 @@ async fn clone(agent: &Agent, ck: &KindInfo, c: &VirtualMachineClone) -> Result<
     let ns = c.metadata.namespace();
     let uid = c.metadata.uid.clone().unwrap_or_default();
     let source_is_vm = c.spec.source.kind == "VirtualMachine";
+    // One host drives a clone: the one holding the source's first Volume
+    // (local pools: its snapshots and the copies are made there).
+    let first_claim = if source_is_vm {
+        get::<VirtualMachine>(agent, "virtualmachines", ns, &c.spec.source.name)
+            .await?
+            .and_then(|vm| claims(&vm).into_iter().next().map(|(_, c)| c))
+    } else {
+        get::<VirtualMachineSnapshot>(agent, "virtualmachinesnapshots", ns, &c.spec.source.name)
+            .await?
+            .and_then(|s| s.status.and_then(|st| st.volumes.into_iter().next()))
+    };
+    if let Some(claim) = first_claim {
+        let host = agent
+            .volumes()
+            .get_volume(ns, &claim)
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|v| v.status.and_then(|st| st.host));
+        if host.is_some_and(|h| h != agent.node_name()) {
+            return Ok(());
+        }
+    }
     let target = c
         .spec
         .target
