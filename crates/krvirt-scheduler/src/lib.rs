@@ -22,8 +22,11 @@
 //! dedicated CPUs take whole host CPUs out of that shared pool, never
 //! over-committed.
 //!
+//! VM (anti-)affinity works per host (`topologyKey: kubernetes.io/hostname`)
+//! or per domain of any host label (`topology.kubernetes.io/zone`...).
+//!
 //! Speed: per-host usage is kept incrementally; every distinct VM
-//! (anti-)affinity term has a per-host count of the VMIs it matches,
+//! (anti-)affinity term has a per-host (and per-domain) count of the VMIs it matches,
 //! updated when a VMI is placed (terms are found through an index on their
 //! first `matchLabels` pair), so checking a term against a host is one
 //! array read.
@@ -269,10 +272,17 @@ impl HostState {
     }
 }
 
-/// One distinct VM (anti-)affinity term: a selector in some namespaces.
+/// One distinct VM (anti-)affinity term: a selector in some namespaces,
+/// over a topology (hosts, or the hosts sharing a label value).
 struct Term {
     namespaces: Vec<String>,
     selector: LabelSelector,
+    /// `None`: per host (`kubernetes.io/hostname`); else the host label
+    /// whose values are the topology domains.
+    topology: Option<String>,
+    /// Per-domain sums of `matches` / `owners` when `topology` is a label.
+    domain_matches: HashMap<String, u32>,
+    domain_owners: HashMap<String, u32>,
     /// Placed VMIs the selector matches, per host.
     matches: Vec<u32>,
     total_matches: u64,
@@ -282,6 +292,48 @@ struct Term {
 }
 
 impl Term {
+    /// Matching VMIs in the domain of host `h`.
+    fn matches_on(&self, h: usize, host: &HostState) -> u32 {
+        match &self.topology {
+            None => self.matches[h],
+            Some(k) => host
+                .labels
+                .get(k)
+                .and_then(|v| self.domain_matches.get(v))
+                .copied()
+                .unwrap_or(0),
+        }
+    }
+
+    /// VMIs owning this term as required anti-affinity in `h`'s domain.
+    fn owners_on(&self, h: usize, host: &HostState) -> u32 {
+        match &self.topology {
+            None => self.owners[h],
+            Some(k) => host
+                .labels
+                .get(k)
+                .and_then(|v| self.domain_owners.get(v))
+                .copied()
+                .unwrap_or(0),
+        }
+    }
+
+    fn add_match(&mut self, h: usize, labels: &BTreeMap<String, String>) {
+        self.matches[h] += 1;
+        self.total_matches += 1;
+        if let Some(v) = self.topology.as_ref().and_then(|k| labels.get(k)) {
+            *self.domain_matches.entry(v.clone()).or_default() += 1;
+        }
+    }
+
+    fn add_owner(&mut self, h: usize, labels: &BTreeMap<String, String>) {
+        self.owners[h] += 1;
+        self.total_owners += 1;
+        if let Some(v) = self.topology.as_ref().and_then(|k| labels.get(k)) {
+            *self.domain_owners.entry(v.clone()).or_default() += 1;
+        }
+    }
+
     fn applies_to(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
         self.namespaces.iter().any(|n| n == namespace) && self.selector.matches(labels)
     }
@@ -329,9 +381,10 @@ pub struct Scheduler {
     scratch: Scratch,
 }
 
-fn term_hash(namespaces: &[String], selector: &LabelSelector) -> u64 {
+fn term_hash(namespaces: &[String], selector: &LabelSelector, topology: Option<&str>) -> u64 {
     let mut h = DefaultHasher::new();
     namespaces.hash(&mut h);
+    topology.hash(&mut h);
     selector.hash(&mut h);
     h.finish()
 }
@@ -385,10 +438,10 @@ fn validate_node_term(term: &NodeSelectorTerm, path: &str) -> Result<(), Schedul
 }
 
 fn validate_vm_term(term: &PodAffinityTerm, path: &str) -> Result<(), ScheduleError> {
-    if term.topology_key != HOSTNAME_LABEL {
+    if term.topology_key.is_empty() {
         return Err(invalid(
             format!("{path}.topologyKey"),
-            format!("only {HOSTNAME_LABEL} is supported"),
+            format!("required (e.g. {HOSTNAME_LABEL} or topology.kubernetes.io/zone)"),
         ));
     }
     if let Some(sel) = &term.label_selector {
@@ -650,12 +703,20 @@ impl Scheduler {
         Ok(p)
     }
 
-    fn term_index(&mut self, namespaces: &[String], selector: &LabelSelector) -> usize {
-        let hash = term_hash(namespaces, selector);
+    fn term_index(
+        &mut self,
+        namespaces: &[String],
+        selector: &LabelSelector,
+        topology: Option<&str>,
+    ) -> usize {
+        let hash = term_hash(namespaces, selector, topology);
         if let Some(ids) = self.terms_by_hash.get(&hash) {
             for &i in ids {
                 let t = &self.terms[i];
-                if t.namespaces == namespaces && &t.selector == selector {
+                if t.namespaces == namespaces
+                    && &t.selector == selector
+                    && t.topology.as_deref() == topology
+                {
                     return i;
                 }
             }
@@ -664,6 +725,9 @@ impl Scheduler {
         let mut term = Term {
             namespaces: namespaces.to_vec(),
             selector: selector.clone(),
+            topology: topology.map(str::to_string),
+            domain_matches: HashMap::new(),
+            domain_owners: HashMap::new(),
             matches: vec![0; n],
             total_matches: 0,
             owners: vec![0; n],
@@ -671,8 +735,7 @@ impl Scheduler {
         };
         for p in &self.placed {
             if term.applies_to(&p.namespace, &p.labels) {
-                term.matches[p.host] += 1;
-                term.total_matches += 1;
+                term.add_match(p.host, &self.hosts[p.host].labels);
             }
         }
         let id = self.terms.len();
@@ -710,10 +773,11 @@ impl Scheduler {
                 &none
             }
         };
+        let topology = (term.topology_key != HOSTNAME_LABEL).then_some(term.topology_key.as_str());
         if term.namespaces.is_empty() {
-            self.term_index(std::slice::from_ref(&vmi.namespace), sel)
+            self.term_index(std::slice::from_ref(&vmi.namespace), sel, topology)
         } else {
-            self.term_index(&term.namespaces, sel)
+            self.term_index(&term.namespaces, sel, topology)
         }
     }
 
@@ -736,8 +800,7 @@ impl Scheduler {
         if let Some(pa) = &vmi.affinity.pod_anti_affinity {
             for t in &pa.required_during_scheduling_ignored_during_execution {
                 let id = self.resolve_term(vmi, t);
-                self.terms[id].owners[h] += 1;
-                self.terms[id].total_owners += 1;
+                self.terms[id].add_owner(h, &self.hosts[h].labels);
             }
         }
         let host = &mut self.hosts[h];
@@ -773,8 +836,7 @@ impl Scheduler {
         for id in Self::candidate_terms(&self.terms_by_label, &self.terms_unkeyed, &vmi.labels) {
             let t = &mut self.terms[id];
             if t.applies_to(&vmi.namespace, &vmi.labels) {
-                t.matches[h] += 1;
-                t.total_matches += 1;
+                t.add_match(h, &self.hosts[h].labels);
             }
         }
         self.placed.push(PlacedVmi {
@@ -880,7 +942,7 @@ impl Scheduler {
             let vm_pref: i64 = s
                 .pref
                 .iter()
-                .map(|&(id, w)| w * i64::from(terms[id].matches[h]))
+                .map(|&(id, w)| w * i64::from(terms[id].matches_on(h, host)))
                 .sum();
             s.feasible.push(Candidate {
                 host: h,
@@ -1027,13 +1089,19 @@ impl Scheduler {
         if vmi.guest_numa_nodes > 0 && fit_numa(vmi, host).is_none() {
             return Some(Reason::Numa);
         }
-        if s.aff_req.iter().any(|&id| terms[id].matches[h] == 0) {
+        if s.aff_req
+            .iter()
+            .any(|&id| terms[id].matches_on(h, host) == 0)
+        {
             return Some(Reason::VmAffinity);
         }
-        if s.anti_req.iter().any(|&id| terms[id].matches[h] > 0) {
+        if s.anti_req
+            .iter()
+            .any(|&id| terms[id].matches_on(h, host) > 0)
+        {
             return Some(Reason::VmAntiAffinity);
         }
-        if s.sym.iter().any(|&id| terms[id].owners[h] > 0) {
+        if s.sym.iter().any(|&id| terms[id].owners_on(h, host) > 0) {
             return Some(Reason::ExistingAntiAffinity);
         }
         None

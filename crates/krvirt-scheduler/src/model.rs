@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// The label every host carries implicitly (its name), and the only
-/// `topologyKey` VM (anti-)affinity supports.
+/// The label every host carries implicitly (its name): the per-host
+/// `topologyKey` of VM (anti-)affinity. Any other key groups hosts by that
+/// label's value (e.g. `topology.kubernetes.io/zone`); hosts without the
+/// label are in no domain.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
 /// `spec.affinity`.

@@ -332,10 +332,12 @@ fn vm_affinity_required_and_preferred() {
     .unwrap();
     assert_ne!(s.schedule(&pref).unwrap().host, web_host);
 
-    // Other topology keys are refused by field.
+    // An empty topology key is refused by field.
     let mut bad = vmi("bad", 1, 1);
-    bad.affinity = serde_json::from_value(json!({"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-        {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "topology.kubernetes.io/zone"}]}}))
+    bad.affinity = serde_json::from_value(
+        json!({"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": ""}]}}),
+    )
     .unwrap();
     match s.schedule(&bad).unwrap_err() {
         ScheduleError::Invalid { field, .. } => assert_eq!(
@@ -343,6 +345,59 @@ fn vm_affinity_required_and_preferred() {
             "spec.affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey"
         ),
         other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn zone_topology_spreads_and_groups_by_label_value() {
+    // Two zones of two hosts each, and one host without a zone label.
+    let mut hosts = Vec::new();
+    for (name, zone) in [
+        ("a1", Some("a")),
+        ("a2", Some("a")),
+        ("b1", Some("b")),
+        ("b2", Some("b")),
+        ("n", None),
+    ] {
+        let mut h = host(name, 8, 64);
+        if let Some(z) = zone {
+            h.labels = labels(&[("topology.kubernetes.io/zone", z)]);
+        }
+        hosts.push(h);
+    }
+    let mut s = Scheduler::new(hosts, Overcommit::default());
+    let zone_anti: Affinity = serde_json::from_value(json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"app": "db"}}, "topologyKey": "topology.kubernetes.io/zone"}]}}))
+    .unwrap();
+    let mut zones = Vec::new();
+    for i in 0..3 {
+        let mut v = vmi(&format!("db{i}"), 1, 1);
+        v.labels = labels(&[("app", "db")]);
+        v.affinity = zone_anti.clone();
+        let h = s.place(&v).unwrap().host;
+        zones.push(h[..1].to_string());
+    }
+    // One per zone; the third can only go to the host without a zone,
+    // which is in no domain (as in Kubernetes: no topology pair, no
+    // conflict), so further replicas land there too.
+    zones.sort();
+    assert_eq!(zones, ["a", "b", "n"]);
+    let mut v = vmi("db3", 1, 1);
+    v.labels = labels(&[("app", "db")]);
+    v.affinity = zone_anti;
+    assert_eq!(s.place(&v).unwrap().host, "n");
+
+    // Required affinity by zone: any host of the zone of the first web VM.
+    let mut web = vmi("web", 1, 1);
+    web.labels = labels(&[("app", "web")]);
+    web.node_selector = labels(&[("topology.kubernetes.io/zone", "b")]);
+    s.place(&web).unwrap();
+    let mut near = vmi("near", 1, 1);
+    near.affinity = serde_json::from_value(json!({"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "topology.kubernetes.io/zone"}]}}))
+    .unwrap();
+    for _ in 0..4 {
+        assert!(s.place(&near).unwrap().host.starts_with('b'));
     }
 }
 
