@@ -10,6 +10,7 @@ use crate::host::Host;
 use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::meta::{Condition, ObjectMeta};
+use crate::migration::{MigrationPolicy, VirtualMachineInstanceMigration};
 use crate::network::{Network, SecurityGroup};
 use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
 use crate::storage::{StoragePool, StorageVolume};
@@ -44,6 +45,8 @@ pub fn openapi_components() -> Components {
     add::<crate::auth::RoleBinding>(&mut schemas);
     add::<crate::auth::ClusterRoleBinding>(&mut schemas);
     add::<crate::auth::Token>(&mut schemas);
+    add::<VirtualMachineInstanceMigration>(&mut schemas);
+    add::<MigrationPolicy>(&mut schemas);
     add::<crate::instancetype::VirtualMachineInstancetype>(&mut schemas);
     add::<crate::instancetype::VirtualMachineClusterInstancetype>(&mut schemas);
     add::<crate::instancetype::VirtualMachinePreference>(&mut schemas);

@@ -9,6 +9,7 @@ use crate::event::Event;
 use crate::host::Host;
 use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
+use crate::migration::{MigrationPolicy, VirtualMachineInstanceMigration};
 use crate::network::{Network, SecurityGroup};
 use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
 use crate::storage::{StoragePool, StorageVolume};
@@ -167,6 +168,28 @@ pub(crate) static KINDS: &[KindInfo] = &[
         namespaced: false,
         subresources: &[],
         schema_name: "Image",
+    },
+    KindInfo {
+        group: "kubevirt.io",
+        version: "v1",
+        kind: "VirtualMachineInstanceMigration",
+        plural: "virtualmachineinstancemigrations",
+        singular: "virtualmachineinstancemigration",
+        short_names: &["vmim", "vmims"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "VirtualMachineInstanceMigration",
+    },
+    KindInfo {
+        group: "migrations.kubevirt.io",
+        version: "v1alpha1",
+        kind: "MigrationPolicy",
+        plural: "migrationpolicies",
+        singular: "migrationpolicy",
+        short_names: &[],
+        namespaced: false,
+        subresources: &[],
+        schema_name: "MigrationPolicy",
     },
     KindInfo {
         group: "",
@@ -417,6 +440,10 @@ pub(crate) fn admit(
             admit_typed::<crate::auth::ClusterRoleBinding>(obj, old)
         }
         ("krvirt.io", "Token") => admit_typed::<crate::auth::Token>(obj, old),
+        ("kubevirt.io", "VirtualMachineInstanceMigration") => {
+            admit_typed::<VirtualMachineInstanceMigration>(obj, old)
+        }
+        ("migrations.kubevirt.io", "MigrationPolicy") => admit_typed::<MigrationPolicy>(obj, old),
         (INSTANCETYPE_GROUP, "VirtualMachineInstancetype") => {
             admit_typed::<crate::instancetype::VirtualMachineInstancetype>(obj, old)
         }
