@@ -23,8 +23,7 @@ use futures::{Stream, StreamExt};
 use krvirt_api::KindInfo;
 use krvirt_api::event::{NORMAL, ObjectReference, WARNING, reason as event_reason};
 use krvirt_api::host::{
-    AcceleratorStatus, Host, HostAddress, HostCpu, HostResources, HostSpec, HostStatus,
-    HugepagesPool, NumaNode,
+    AcceleratorStatus, Host, HostCpu, HostResources, HostSpec, HostStatus, HugepagesPool, NumaNode,
 };
 use krvirt_api::kubevirt::{
     KrvirtRuntime, PhaseTransitionTimestamp, VMI_HOST_FINALIZER, VirtualMachineInstance,
