@@ -76,11 +76,18 @@ impl Instance {
     /// An instance for a server process started elsewhere (the multi-host
     /// harness starts `krvirt server` itself); `dir` is its temp dir.
     pub fn from_server_process(dir: tempfile::TempDir, url: String, child: Child) -> Instance {
+        let http = match url.strip_prefix("unix://") {
+            Some(sock) => reqwest::Client::builder()
+                .unix_socket(PathBuf::from(sock))
+                .build()
+                .unwrap(),
+            None => reqwest::Client::new(),
+        };
         Instance {
             dir,
             url,
             child: Some(child),
-            http: reqwest::Client::new(),
+            http,
         }
     }
 
