@@ -86,7 +86,12 @@ const VMS: &str = "/apis/kubevirt.io/v1/namespaces/default/virtualmachines";
 /// Create a VM through `inst`; true if acknowledged (201).
 async fn create_vm(inst: &Instance, name: &str, run: &str) -> bool {
     let (code, body) = inst
-        .send(reqwest::Method::POST, VMS, "application/json", vm(name, run))
+        .send(
+            reqwest::Method::POST,
+            VMS,
+            "application/json",
+            vm(name, run),
+        )
         .await;
     assert!(
         code == 201 || code >= 500,
@@ -152,7 +157,11 @@ async fn leader_dies_another_takes_over_without_lost_writes() {
             acked.push(name);
         }
     }
-    assert_eq!(acked.len(), 12, "all writes before the kill are acknowledged");
+    assert_eq!(
+        acked.len(),
+        12,
+        "all writes before the kill are acknowledged"
+    );
 
     // kill -9 the leader, and keep writing through the others meanwhile.
     let killed_at = Instant::now();
@@ -213,7 +222,9 @@ async fn leader_dies_another_takes_over_without_lost_writes() {
     assert!(create_vm(any, "runs", "Always").await);
     let vmi: Value = any
         .until("VMI of `runs`", Duration::from_secs(30), || async {
-            any.vmi("runs").await.filter(|v| v["status"]["phase"].is_string())
+            any.vmi("runs")
+                .await
+                .filter(|v| v["status"]["phase"].is_string())
         })
         .await;
     assert_eq!(vmi["status"]["phase"], "Pending", "{vmi}");
