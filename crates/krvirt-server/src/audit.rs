@@ -43,6 +43,11 @@ const LINE_MIDDLE: &str = "\",\"record\":";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal(pub String);
 
+/// Where a request came from when it is not a TCP peer address (request
+/// extension): `unix:uid=N` for the unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLabel(pub String);
+
 /// The id of a request (request extension, `X-Request-Id`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub String);
@@ -437,6 +442,7 @@ pub async fn layer(
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|c| c.0.to_string())
+                .or_else(|| req.extensions().get::<PeerLabel>().map(|p| p.0.clone()))
                 .unwrap_or_else(|| "unknown".into()),
             verb: verb(&method, &info),
             method: method.to_string(),

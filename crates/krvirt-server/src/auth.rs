@@ -518,10 +518,14 @@ fn forbidden(id: &Identity, a: &Attrs) -> Response {
 pub async fn layer(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<Peer>>().cloned()
-        && let Some(addr) = peer.addr
-    {
-        req.extensions_mut().insert(ConnectInfo(addr));
+    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<Peer>>().cloned() {
+        if let Some(addr) = peer.addr {
+            req.extensions_mut().insert(ConnectInfo(addr));
+        }
+        if let Some(uid) = peer.uid {
+            req.extensions_mut()
+                .insert(crate::audit::PeerLabel(format!("unix:uid={uid}")));
+        }
     }
     if is_open_path(&method, &path) {
         return next.run(req).await;

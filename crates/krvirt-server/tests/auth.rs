@@ -362,6 +362,19 @@ async fn view_cannot_mutate_and_tenants_stay_in_their_namespace() {
     assert!(users.iter().any(|u| u == "alice"), "{users:?}");
     assert!(users.iter().any(|u| u == "system:admin"), "{users:?}");
     assert!(!users.iter().any(|u| u == "anonymous"), "{users:?}");
+    let admin_rec = records
+        .iter()
+        .find(|r| r.entry.user == "system:admin")
+        .unwrap();
+    assert!(
+        admin_rec.entry.source.starts_with("unix:uid="),
+        "{admin_rec:?}"
+    );
+    let alice_rec = records.iter().find(|r| r.entry.user == "alice").unwrap();
+    assert!(
+        alice_rec.entry.source.starts_with("127.0.0.1:"),
+        "{alice_rec:?}"
+    );
 }
 
 #[tokio::test]
