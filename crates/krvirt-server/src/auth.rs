@@ -573,13 +573,14 @@ pub async fn layer(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) 
             }
             Err(e) => return e.into_response(),
         }
-        if let Some(quotas) = auth.rbac.quotas(&attrs.namespace)
-            && crate::quota::applies(&attrs)
-        {
-            match crate::quota::admit(&auth.registry, &quotas, &attrs, req).await {
-                Ok(r) => req = r,
-                Err(resp) => return resp,
-            }
+    }
+    if !attrs.namespace.is_empty()
+        && crate::quota::applies(&attrs)
+        && let Some(quotas) = auth.rbac.quotas(&attrs.namespace)
+    {
+        match crate::quota::admit(&auth.registry, &quotas, &attrs, req).await {
+            Ok(r) => req = r,
+            Err(resp) => return resp,
         }
     }
     req.extensions_mut().insert(Principal(id.user.clone()));

@@ -8,7 +8,9 @@
 //! Volumes. vCPUs count `domain.resources.requests.cpu`, else
 //! cores × sockets × threads; memory counts
 //! `domain.resources.requests.memory`, else `domain.memory.guest`.
-//! (Concurrent creates may both pass; updates are not re-checked yet.)
+//! Replacing or merge-patching an object is checked for what it adds
+//! (growing a VM's vCPUs over the quota is refused; shrinking never is).
+//! (Concurrent writes may both pass: the check is not transactional.)
 
 use std::collections::BTreeMap;
 
@@ -24,9 +26,10 @@ use crate::rbac::Attrs;
 use crate::registry::Registry;
 use crate::selector::Selector;
 
-/// Whether a request is subject to quotas.
+/// Whether a request is subject to quotas: creates, and replacing or
+/// merge-patching the object itself (not its status).
 pub fn applies(a: &Attrs) -> bool {
-    a.verb == "create"
+    matches!(a.verb.as_str(), "create" | "update" | "patch")
         && matches!(
             (a.group.as_str(), a.resource.as_str()),
             ("kubevirt.io", "virtualmachines")
@@ -48,6 +51,19 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// What `self` holds beyond `o` (per resource, never negative).
+    fn minus(&self, o: &Usage) -> Usage {
+        Usage {
+            cpu_millis: self.cpu_millis.saturating_sub(o.cpu_millis),
+            cpu_limit_millis: self.cpu_limit_millis.saturating_sub(o.cpu_limit_millis),
+            memory: self.memory.saturating_sub(o.memory),
+            memory_limit: self.memory_limit.saturating_sub(o.memory_limit),
+            storage: self.storage.saturating_sub(o.storage),
+            vms: self.vms.saturating_sub(o.vms),
+            vmis: self.vmis.saturating_sub(o.vmis),
+        }
+    }
+
     fn add(&mut self, o: &Usage) {
         self.cpu_millis += o.cpu_millis;
         self.cpu_limit_millis += o.cpu_limit_millis;
@@ -211,12 +227,35 @@ pub async fn admit(
         serde_json::from_slice(&bytes).ok()
     };
     // An unparsable body is refused by the handler with the right error.
-    if let Some(obj) = obj {
-        let want = usage_of(&a.resource, &obj);
+    if let Some(body) = obj {
+        // For a write to an existing object: what it holds now, and what
+        // it will hold.
+        let old = if a.verb == "create" {
+            None
+        } else {
+            match krvirt_api::find_kind(&a.resource) {
+                Some(kind) => reg.get(kind, &a.namespace, &a.name).await.ok(),
+                None => None,
+            }
+        };
+        let obj = match (&old, a.verb.as_str()) {
+            (Some(old), "patch") => {
+                let mut merged = old.clone();
+                crate::patch::merge_patch(&mut merged, &body);
+                merged
+            }
+            _ => body,
+        };
+        let new = usage_of(&a.resource, &obj);
+        let prev = old
+            .as_ref()
+            .map(|o| usage_of(&a.resource, o))
+            .unwrap_or_default();
         let mut used = namespace_usage(reg, &a.namespace)
             .await
             .map_err(IntoResponse::into_response)?;
         let before = used;
+        let want = new.minus(&prev);
         used.add(&want);
         for (qname, hard) in quotas {
             for (res, limit) in hard {

@@ -476,6 +476,19 @@ async fn quota_exceeded_is_forbidden_naming_the_quota() {
         .as_admin(Method::POST, &vms("q"), Some(vm("two", 1)))
         .await;
     assert_eq!(code, 201, "{body}");
+    // growing a VM past the CPU quota is refused too (merge patch)
+    let grow = json!({"spec": {"template": {"spec": {"domain": {"cpu": {"cores": 2}}}}}});
+    let resp = s
+        .admin()
+        .patch(format!("http://localhost{}/two", vms("q")))
+        .header("content-type", "application/merge-patch+json")
+        .body(grow.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let msg = resp.text().await.unwrap();
+    assert!(msg.contains("exceeded quota: small"), "{msg}");
     let (code, body) = s
         .as_admin(Method::POST, &vms("q"), Some(vm("three", 0)))
         .await;
