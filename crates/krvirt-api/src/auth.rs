@@ -562,3 +562,56 @@ impl Admit for Token {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    fn fields(kind: &str, obj: serde_json::Value) -> Vec<String> {
+        let k = crate::find_kind(kind).expect("served");
+        match crate::admit(k, obj, None) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.causes.iter().map(|c| c.field.clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn bad_objects_are_refused_by_field() {
+        let f = fields(
+            "tokens",
+            json!({"apiVersion": "krvirt.io/v1", "kind": "Token", "metadata": {"name": "t1"},
+                   "spec": {"user": "a", "secretHash": "xyz", "expires": "soon"}}),
+        );
+        assert_eq!(f, ["spec.secretHash", "spec.expires"]);
+        let f = fields(
+            "clusterrolebindings",
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                   "metadata": {"name": "b"},
+                   "subjects": [{"kind": "ServiceAccount", "name": "x"}],
+                   "roleRef": {"kind": "Role", "name": "r"}}),
+        );
+        assert_eq!(f, ["subjects[0].kind", "roleRef.kind"]);
+        let f = fields(
+            "resourcequotas",
+            json!({"apiVersion": "v1", "kind": "ResourceQuota",
+                   "metadata": {"name": "q", "namespace": "a"},
+                   "spec": {"hard": {"pods": "3", "requests.cpu": "lots"}}}),
+        );
+        assert_eq!(f, ["spec.hard[pods]", "spec.hard[requests.cpu]"]);
+        let f = fields(
+            "roles",
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                   "metadata": {"name": "r", "namespace": "a"},
+                   "rules": [{"verbs": ["get"], "nonResourceURLs": ["/metrics"]}]}),
+        );
+        assert_eq!(f, ["rules[0].nonResourceURLs"]);
+        let ok = fields(
+            "rolebindings",
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                   "metadata": {"name": "b", "namespace": "a"},
+                   "subjects": [{"kind": "User", "name": "alice"}],
+                   "roleRef": {"kind": "ClusterRole", "name": "edit"}}),
+        );
+        assert!(ok.is_empty(), "{ok:?}");
+    }
+}
