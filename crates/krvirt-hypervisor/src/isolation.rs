@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Default name of the account QEMU runs as.
@@ -340,6 +340,17 @@ pub fn grant(path: &Path, user: &QemuUser, access: Access) -> Result<Vec<PathBuf
                 Some(nix::unistd::Gid::from_raw(user.gid)),
             )
             .map_err(|e| io_ctx(format!("chown {} to {}", abs.display(), user.name))(e.into()))?;
+            // A copy of a read-only blob (a reflink clone of an image, say)
+            // keeps mode 0444: root could write it anyway, its new owner
+            // could not.
+            let md = std::fs::metadata(&abs).map_err(io_ctx(format!("stat {}", abs.display())))?;
+            if md.is_file() && md.mode() & 0o600 != 0o600 {
+                std::fs::set_permissions(
+                    &abs,
+                    std::fs::Permissions::from_mode((md.mode() | 0o600) & 0o7777),
+                )
+                .map_err(io_ctx(format!("chmod u+rw {}", abs.display())))?;
+            }
         }
         Access::Read => {
             if !has_access(&abs, user, 4)? {
@@ -544,7 +555,6 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("private");
         std::fs::create_dir(&dir).unwrap();
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let ro = dir.join("kernel");
         std::fs::write(&ro, "k").unwrap();
