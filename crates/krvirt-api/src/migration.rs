@@ -299,6 +299,7 @@ pub struct MigrationPolicy {
     #[serde(default)]
     pub spec: MigrationPolicySpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub status: Option<serde_json::Value>,
 }
 
