@@ -39,6 +39,17 @@ async fn lifecycle_events_describe_and_audit() {
     );
 
     inst.ok(&["pause", "vm", "vm-cirros"]);
+    // unpause is refused until the agent has reported the pause (the
+    // VMI's Paused condition), as in KubeVirt.
+    inst.until("Paused", Duration::from_secs(30), || async {
+        let vmi = inst.vmi("vm-cirros").await?;
+        let paused = vmi["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Paused" && c["status"] == "True");
+        paused.then_some(())
+    })
+    .await;
     inst.ok(&["unpause", "vm", "vm-cirros"]);
     until_events(&inst, "vmi/vm-cirros", &["Paused", "Unpaused"]).await;
 
