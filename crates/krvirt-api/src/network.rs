@@ -5,8 +5,9 @@
 //! - `nat`: the bridge carries the gateway address; traffic leaving the
 //!   subnet is masqueraded (the default "pod" network is one, created by
 //!   `krvirt up` as [`DEFAULT_NETWORK`]);
-//! - `bridge`: like `nat` without masquerade, optionally with a host
-//!   `uplink` interface enslaved to the bridge;
+//! - `bridge`: like `nat` without masquerade, on `spec.bridge` (which may
+//!   be an existing host bridge with its own uplink; `spec.uplink`, krvirt
+//!   enslaving an interface itself, is refused as not implemented yet);
 //! - `isolated`: nothing enters or leaves the bridge but DHCP.
 //!
 //! KubeVirt interfaces reach Networks through `networks[].pod` (the default
@@ -300,6 +301,12 @@ impl Admit for Network {
             (Some(u), NetworkType::Bridge) if !ifname_ok(u) => {
                 c.invalid("spec.uplink", "1-15 characters of A-Za-z0-9_-")
             }
+            // Refused rather than ignored until the agents enslave it.
+            (Some(_), NetworkType::Bridge) => c.invalid(
+                "spec.uplink",
+                "not implemented yet: krvirt does not enslave host interfaces; \
+                 name an existing host bridge (with its uplink) in spec.bridge",
+            ),
             (Some(_), NetworkType::Nat | NetworkType::Isolated) => {
                 c.invalid("spec.uplink", "only a bridge-type network has an uplink")
             }
@@ -475,9 +482,15 @@ mod tests {
         use crate::admission::admit_typed;
         use serde_json::json;
         let ok = json!({"apiVersion": API_VERSION, "kind": "Network", "metadata": {"name": "net-a"},
-            "spec": {"type": "bridge", "subnet": "10.9.0.0/24", "uplink": "eth1",
+            "spec": {"type": "bridge", "subnet": "10.9.0.0/24", "bridge": "br0",
                      "dhcp": {"rangeStart": "10.9.0.10", "rangeEnd": "10.9.0.20"}}});
         assert!(fields(admit_typed::<Network>(ok.clone(), None)).is_empty());
+        let mut up = ok.clone();
+        up["spec"]["uplink"] = json!("eth1");
+        assert_eq!(
+            fields(admit_typed::<Network>(up, None)),
+            vec!["spec.uplink"]
+        );
         let bad = json!({"metadata": {"name": "n"}, "spec": {"type": "nat", "subnet": "10.9.0.1/24", "uplink": "eth1"}});
         let f = fields(admit_typed::<Network>(bad, None));
         assert!(

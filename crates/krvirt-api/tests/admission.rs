@@ -1440,14 +1440,14 @@ fn status_is_kept_and_lenient() {
     let obj = set(
         vmi(),
         "/status",
-        json!({"phase": "Running", "nodeName": "h1", "migrationState": {"completed": true},
+        json!({"phase": "Running", "nodeName": "h1", "notAKubeVirtField": {"completed": true},
                "krvirtRuntime": {"pid": 42, "accelerator": "tcg", "runDir": "/var/lib/krvirt/run/vmi/u"}}),
     );
     let out = accepted(vmi_kind(), obj);
     assert_eq!(out["status"]["phase"], "Running");
     assert_eq!(out["status"]["krvirtRuntime"]["pid"], 42);
     assert!(
-        out["status"].get("migrationState").is_none(),
+        out["status"].get("notAKubeVirtField").is_none(),
         "unknown status fields are dropped"
     );
 }
