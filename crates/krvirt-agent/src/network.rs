@@ -74,6 +74,9 @@ pub struct NicRecord {
     pub bridge: String,
     pub subnet: String,
     pub gateway: Ipv4Addr,
+    /// Host interface enslaved to the bridge (`bridge` Networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
 }
 
 /// The run directory's record.
@@ -150,6 +153,7 @@ pub fn nic_records(vmi: &VirtualMachineInstance) -> Option<Result<Vec<NicRecord>
                 bridge: a.bridge.clone().ok_or("bridge")?,
                 subnet,
                 gateway,
+                uplink: a.uplink.clone(),
             })
         })();
         match rec {
@@ -438,6 +442,11 @@ impl HostNet {
             nl.ensure_bridge(&nic.bridge).await?;
             nl.ensure_address(&nic.bridge, nic.gateway, subnet.prefix)
                 .await?;
+            if let Some(up) = &nic.uplink
+                && krvirt_net::link::master_of(up).as_deref() != Some(nic.bridge.as_str())
+            {
+                nl.attach(up, &nic.bridge).await?;
+            }
             tap::create(&nic.tap, self.tap_owner())?;
             nl.attach(&nic.tap, &nic.bridge).await?;
         }

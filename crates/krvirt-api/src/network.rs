@@ -6,8 +6,9 @@
 //!   subnet is masqueraded (the default "pod" network is one, created by
 //!   `krvirt up` as [`DEFAULT_NETWORK`]);
 //! - `bridge`: like `nat` without masquerade, on `spec.bridge` (which may
-//!   be an existing host bridge with its own uplink; `spec.uplink`, krvirt
-//!   enslaving an interface itself, is refused as not implemented yet);
+//!   be an existing host bridge), optionally with a host `uplink`
+//!   interface the agents enslave to the bridge (the VMs then share the
+//!   uplink's L2 segment);
 //! - `isolated`: nothing enters or leaves the bridge but DHCP.
 //!
 //! KubeVirt interfaces reach Networks through `networks[].pod` (the default
@@ -72,6 +73,10 @@ pub struct InterfaceAssignment {
     /// The guest's address, from IPAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// `bridge` Networks: the host interface the agent enslaves to the
+    /// bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
 }
 
 /// Parse the [`INTERFACES_ANNOTATION`] of a VMI, if present.
@@ -301,12 +306,7 @@ impl Admit for Network {
             (Some(u), NetworkType::Bridge) if !ifname_ok(u) => {
                 c.invalid("spec.uplink", "1-15 characters of A-Za-z0-9_-")
             }
-            // Refused rather than ignored until the agents enslave it.
-            (Some(_), NetworkType::Bridge) => c.invalid(
-                "spec.uplink",
-                "not implemented yet: krvirt does not enslave host interfaces; \
-                 name an existing host bridge (with its uplink) in spec.bridge",
-            ),
+
             (Some(_), NetworkType::Nat | NetworkType::Isolated) => {
                 c.invalid("spec.uplink", "only a bridge-type network has an uplink")
             }
@@ -487,6 +487,8 @@ mod tests {
         assert!(fields(admit_typed::<Network>(ok.clone(), None)).is_empty());
         let mut up = ok.clone();
         up["spec"]["uplink"] = json!("eth1");
+        assert!(fields(admit_typed::<Network>(up.clone(), None)).is_empty());
+        up["spec"]["uplink"] = json!("eth1; rm");
         assert_eq!(
             fields(admit_typed::<Network>(up, None)),
             vec!["spec.uplink"]

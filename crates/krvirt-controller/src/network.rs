@@ -383,6 +383,9 @@ impl NetworkController {
                 asg.subnet = Some(format!("{}/{prefix}", pool.subnet.network()));
                 asg.gateway = Some(pool.gateway.to_string());
                 asg.ip = Some(ip.to_string());
+                if net.spec.type_ == krvirt_api::network::NetworkType::Bridge {
+                    asg.uplink = net.spec.uplink.clone();
+                }
             }
             out.push(asg);
         }

@@ -66,6 +66,74 @@ fn network(name: &str, bridge: &str, (a, b): (u8, u8), range: Option<(u8, u8)>) 
     )
 }
 
+/// A "LAN host" on the segment a `bridge` Network's uplink leads to: a
+/// namespace behind a veth pair whose host end is the uplink, running an
+/// HTTP server. Removed on drop.
+struct LanHost {
+    ns: String,
+    uplink: String,
+    server: Option<std::process::Child>,
+}
+
+impl LanHost {
+    fn new(id: u32, (a, b): (u8, u8)) -> LanHost {
+        let ns = format!("kvlan{id}");
+        let uplink = format!("kvtu{id}");
+        let sh = |args: &[&str]| {
+            let o = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        let mut lan = LanHost {
+            ns: ns.clone(),
+            uplink: uplink.clone(),
+            server: None,
+        };
+        sh(&["ip", "netns", "add", &ns]);
+        sh(&[
+            "ip", "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        sh(&["ip", "link", "set", &uplink, "up"]);
+        let addr = format!("10.{a}.{b}.250/24");
+        sh(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        let www = std::env::temp_dir().join(format!("kvlan-www-{id}"));
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("index.html"), "lan-host\n").unwrap();
+        lan.server = Some(
+            std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &ns, "busybox", "httpd", "-f", "-p", "80", "-h",
+                ])
+                .arg(&www)
+                .spawn()
+                .unwrap(),
+        );
+        lan
+    }
+}
+
+impl Drop for LanHost {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.uplink])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
+    }
+}
+
 fn security_group(ingress: &str) -> String {
     format!(
         "apiVersion: krvirt.io/v1\nkind: SecurityGroup\nmetadata:\n  name: web\n  namespace: default\nspec:\n  ingress:\n{ingress}"
@@ -263,15 +331,15 @@ async fn networks_dhcp_isolation_security_groups_nat_and_restart() {
         "-f",
         &write(&dir, "blue.yaml", &network("blue", &blue_br, blue, None)),
     ]);
-    inst.ok(&[
-        "apply",
-        "-f",
-        &write(
-            &dir,
-            "red.yaml",
-            &network("red", &red_br, red, Some((10, 11))),
-        ),
-    ]);
+    // red has an uplink: a host interface leading to a "LAN" with a host
+    // at .250 that the agent enslaves to red's bridge.
+    let lan = LanHost::new(id, red);
+    let red_yaml = format!(
+        "{}  uplink: {}\n",
+        network("red", &red_br, red, Some((10, 11))),
+        lan.uplink
+    );
+    inst.ok(&["apply", "-f", &write(&dir, "red.yaml", &red_yaml)]);
     // `web` allows nothing on port 80 yet (only ICMP).
     let sg_closed = security_group("  - protocol: icmp\n");
     let sg_open = security_group(&format!(
@@ -390,6 +458,24 @@ async fn networks_dhcp_isolation_security_groups_nat_and_restart() {
     assert!(
         a1.fetch(&inst, r1_red, 80, "krvirt-demo r1").await,
         "a1 -> r1 on red"
+    );
+    // red's uplink is a port of its bridge: r1 reaches the LAN host, blue
+    // does not.
+    assert_eq!(
+        std::fs::read_link(format!("/sys/class/net/{}/master", lan.uplink))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
+        Some(red_br.clone()),
+        "uplink enslaved to red's bridge"
+    );
+    let lan_host = Ipv4Addr::new(10, red.0, red.1, 250);
+    assert!(
+        r1.fetch(&inst, lan_host, 80, "lan-host").await,
+        "r1 -> the LAN host behind red's uplink"
+    );
+    assert!(
+        !a2.fetch(&inst, lan_host, 80, "lan-host").await,
+        "blue -> the LAN host behind red's uplink"
     );
     // Another network: r1 cannot reach blue.
     assert!(
