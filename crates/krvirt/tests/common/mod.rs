@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod registry;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
