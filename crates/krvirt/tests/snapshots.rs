@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -28,28 +28,8 @@ fn apply(inst: &Instance, name: &str, yaml: &str) {
 /// Type `commands` on a VM's serial console (the `console` verb); returns
 /// what came back.
 async fn console(inst: &Instance, vm: &str, commands: &str) -> String {
-    let mut child = Command::new(BIN)
-        .args(["--server", &inst.url, "console", vm])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let stdin = child.stdin.as_mut().unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        stdin
-            .write_all(format!("\n{commands}\n").as_bytes())
-            .unwrap();
-        stdin.flush().unwrap();
-        std::thread::sleep(Duration::from_secs(3));
-        stdin.write_all(&[0x1d]).unwrap();
-    }
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+    inst.console_type(vm, commands, Duration::from_secs(3))
         .await
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Write `word.` at the start of the VM's data disk; the guest confirms.

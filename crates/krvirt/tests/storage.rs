@@ -83,28 +83,8 @@ impl Drop for BtrfsMount {
 
 /// Type `commands` on a VM's serial console; returns what came back.
 async fn console(inst: &Instance, vm: &str, commands: &str) -> String {
-    let mut child = Command::new(BIN)
-        .args(["--server", &inst.url, "console", vm])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let stdin = child.stdin.as_mut().unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        stdin
-            .write_all(format!("\n{commands}\n").as_bytes())
-            .unwrap();
-        stdin.flush().unwrap();
-        std::thread::sleep(Duration::from_secs(4));
-        stdin.write_all(&[0x1d]).unwrap();
-    }
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+    inst.console_type(vm, commands, Duration::from_secs(4))
         .await
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 async fn volume(inst: &Instance, name: &str) -> Option<Value> {

@@ -390,6 +390,34 @@ impl Instance {
     }
 
     /// Wait until the VMI's console shows `needle`.
+    /// Types `commands` on `vm`'s serial console through `krvirt console`,
+    /// lets the guest answer for `settle`, leaves with Ctrl-] and returns
+    /// what the console printed.
+    pub async fn console_type(&self, vm: &str, commands: &str, settle: Duration) -> String {
+        use std::io::Write;
+        let mut child = Command::new(BIN)
+            .args(["--server", &self.url, "console", vm])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            let stdin = child.stdin.as_mut().unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            stdin
+                .write_all(format!("\n{commands}\n").as_bytes())
+                .unwrap();
+            stdin.flush().unwrap();
+            std::thread::sleep(settle);
+            stdin.write_all(&[0x1d]).unwrap();
+        }
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub async fn console_shows(&self, name: &str, needle: &str) -> String {
         self.until(
             &format!("{needle:?} on {name}'s console"),
