@@ -139,12 +139,21 @@ pub struct Auth {
     /// through this server (before the write is answered) or its watch
     /// reports a change, and after [`TOKEN_CACHE_TTL`] in any case.
     tokens: std::sync::RwLock<HashMap<String, (Value, Instant)>>,
+    /// One lock per namespace with quotas: a quota check and the write it
+    /// admits happen under it, so concurrent creates through this server
+    /// cannot both pass a check that only one of them fits.
+    quota_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Longest time a cached Token object is used without reading it again.
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(10);
 
 impl Auth {
+    fn quota_lock(&self, namespace: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.quota_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(namespace.to_string()).or_default().clone()
+    }
+
     /// `admin_uid`: unix socket peers with this uid (or root) are admins.
     pub fn new(registry: Registry, admin_uid: u32) -> Arc<Auth> {
         Arc::new(Auth {
@@ -153,6 +162,7 @@ impl Auth {
             admin_uid,
             pki: None,
             tokens: Default::default(),
+            quota_locks: Default::default(),
         })
     }
 
@@ -164,6 +174,7 @@ impl Auth {
             admin_uid,
             pki: Some(pki),
             tokens: Default::default(),
+            quota_locks: Default::default(),
         })
     }
 
@@ -574,10 +585,13 @@ pub async fn layer(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) 
             Err(e) => return e.into_response(),
         }
     }
+    let mut quota_guard = None;
     if !attrs.namespace.is_empty()
         && crate::quota::applies(&attrs)
         && let Some(quotas) = auth.rbac.quotas(&attrs.namespace)
     {
+        let lock = auth.quota_lock(&attrs.namespace);
+        quota_guard = Some(lock.lock_owned().await);
         match crate::quota::admit(&auth.registry, &quotas, &attrs, req).await {
             Ok(r) => req = r,
             Err(resp) => return resp,
@@ -589,6 +603,8 @@ pub async fn layer(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) 
         && attrs.resource.split('/').next() == Some("tokens")
         && !matches!(attrs.verb.as_str(), "get" | "list" | "watch");
     let resp = next.run(req).await;
+    // the admitted write is stored (or refused): the next check sees it
+    drop(quota_guard);
     if token_write {
         // before the client hears "revoked", this server forgets the token
         auth.forget_tokens((!attrs.name.is_empty()).then_some(attrs.name.as_str()));

@@ -434,6 +434,63 @@ async fn expired_and_revoked_tokens_are_refused() {
 }
 
 #[tokio::test]
+async fn concurrent_creates_never_exceed_a_quota() {
+    let s = start().await;
+    s.namespace("cq").await;
+    let (code, body) = s
+        .as_admin(
+            Method::POST,
+            "/api/v1/namespaces/cq/resourcequotas",
+            Some(json!({"apiVersion": "v1", "kind": "ResourceQuota",
+                "metadata": {"name": "three"},
+                "spec": {"hard": {"count/virtualmachines.kubevirt.io": "3"}}})),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    // wait until this server enforces the new quota: a 4th VM is refused
+    for n in ["a", "b", "c"] {
+        let (code, body) = s.as_admin(Method::POST, &vms("cq"), Some(vm(n, 1))).await;
+        assert_eq!(code, 201, "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = s
+            .as_admin(Method::POST, &vms("cq"), Some(vm("probe", 1)))
+            .await;
+        if code == 403 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "quota never enforced: {code} {body}"
+        );
+        let _ = s
+            .as_admin(Method::DELETE, &format!("{}/probe", vms("cq")), None)
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in ["a", "b", "c"] {
+        let (code, body) = s
+            .as_admin(Method::DELETE, &format!("{}/{n}", vms("cq")), None)
+            .await;
+        assert!(code < 300, "{code} {body}");
+    }
+    // ten creates at once: exactly three fit
+    let names: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+    let path = vms("cq");
+    let results = futures::future::join_all(
+        names
+            .iter()
+            .map(|n| s.as_admin(Method::POST, &path, Some(vm(n, 1)))),
+    )
+    .await;
+    let created = results.iter().filter(|(c, _)| *c == 201).count();
+    let refused = results.iter().filter(|(c, _)| *c == 403).count();
+    let codes: Vec<u16> = results.iter().map(|(c, _)| *c).collect();
+    assert_eq!((created, refused), (3, 7), "{codes:?}");
+}
+
+#[tokio::test]
 async fn quota_exceeded_is_forbidden_naming_the_quota() {
     let s = start().await;
     s.namespace("q").await;
