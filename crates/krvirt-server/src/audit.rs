@@ -428,32 +428,18 @@ pub async fn layer(
     req.extensions_mut().insert(RequestId(id.clone()));
     let method = req.method().clone();
     let entry = (audit.is_some() && is_mutating(&method)).then(|| {
-        let path = req.uri().path().to_string();
-        let info = parse_path(&path);
-        AuditEntry {
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            request_id: id.clone(),
-            user: req
-                .extensions()
-                .get::<Principal>()
-                .map(|p| p.0.clone())
-                .unwrap_or_else(|| "anonymous".into()),
-            source: req
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.to_string())
-                .or_else(|| req.extensions().get::<PeerLabel>().map(|p| p.0.clone()))
-                .unwrap_or_else(|| "unknown".into()),
-            verb: verb(&method, &info),
-            method: method.to_string(),
-            path,
-            group: info.group,
-            resource: info.resource,
-            namespace: info.namespace,
-            name: info.name,
-            subresource: info.subresource,
-            code: 0,
-        }
+        let user = req
+            .extensions()
+            .get::<Principal>()
+            .map(|p| p.0.clone())
+            .unwrap_or_else(|| "anonymous".into());
+        let source = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.to_string())
+            .or_else(|| req.extensions().get::<PeerLabel>().map(|p| p.0.clone()))
+            .unwrap_or_else(|| "unknown".into());
+        entry_for(&method, req.uri().path(), user, source, &id)
     });
     let mut resp = next.run(req).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -466,6 +452,32 @@ pub async fn layer(
         }
     }
     resp
+}
+
+/// The record of a `method` request to `path` (its `code` still 0).
+pub fn entry_for(
+    method: &Method,
+    path: &str,
+    user: String,
+    source: String,
+    request_id: &str,
+) -> AuditEntry {
+    let info = parse_path(path);
+    AuditEntry {
+        time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        request_id: request_id.to_string(),
+        user,
+        source,
+        verb: verb(method, &info),
+        method: method.to_string(),
+        path: path.to_string(),
+        group: info.group,
+        resource: info.resource,
+        namespace: info.namespace,
+        name: info.name,
+        subresource: info.subresource,
+        code: 0,
+    }
 }
 
 #[cfg(test)]

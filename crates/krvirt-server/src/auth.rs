@@ -520,7 +520,11 @@ fn forbidden(id: &Identity, a: &Attrs) -> Response {
             )
         }
     };
-    status(StatusCode::FORBIDDEN, "Forbidden", &msg)
+    let mut resp = status(StatusCode::FORBIDDEN, "Forbidden", &msg);
+    // for the audit of refused requests (crate::server::audit_refused)
+    resp.extensions_mut()
+        .insert(crate::audit::Principal(id.user.clone()));
+    resp
 }
 
 /// Axum middleware: authenticate, authorise, check the namespace exists

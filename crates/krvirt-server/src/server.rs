@@ -144,6 +144,52 @@ async fn peer_addr(
     next.run(req).await
 }
 
+/// Audits the mutating requests that authentication or authorisation
+/// refused (they never reach the audit layer inside the router, which
+/// marks every response it saw with a request id): user `unauthenticated`
+/// for a 401, the refused user for a 403.
+async fn audit_refused(
+    axum::extract::State(audit): axum::extract::State<Option<crate::audit::AuditLog>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let Some(log) = audit.filter(|_| crate::audit::is_mutating(req.method())) else {
+        return next.run(req).await;
+    };
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let source = match req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::tls::Peer>>()
+    {
+        Some(axum::extract::ConnectInfo(p)) => match (p.addr, p.uid) {
+            (Some(a), _) => a.to_string(),
+            (None, Some(uid)) => format!("unix:uid={uid}"),
+            (None, None) => "unknown".into(),
+        },
+        None => "unknown".into(),
+    };
+    let mut resp = next.run(req).await;
+    if resp.headers().contains_key(crate::audit::REQUEST_ID_HEADER) {
+        return resp;
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let user = match resp.extensions().get::<crate::audit::Principal>() {
+        Some(p) => p.0.clone(),
+        None => "unauthenticated".into(),
+    };
+    let mut entry = crate::audit::entry_for(&method, &path, user, source, &id);
+    entry.code = resp.status().as_u16();
+    if let Err(e) = log.append(entry) {
+        tracing::error!(error = %e, request_id = %id, "audit record lost");
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut()
+            .insert(crate::audit::REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
 /// Serve the API (plus `extra` routes, under the same authentication) on
 /// every listener of `listeners` until `shutdown` completes. `auth: None`
 /// serves without authentication (benchmarks of the auth overhead only).
@@ -159,9 +205,12 @@ where
 {
     let token = state.shutdown.clone();
     let stop = CancellationToken::new();
+    let audit = state.audit.clone();
     let mut app = router(state).merge(extra);
     app = match auth {
-        Some(a) => app.layer(axum::middleware::from_fn_with_state(a, crate::auth::layer)),
+        Some(a) => app
+            .layer(axum::middleware::from_fn_with_state(a, crate::auth::layer))
+            .layer(axum::middleware::from_fn_with_state(audit, audit_refused)),
         None => app.layer(axum::middleware::from_fn(peer_addr)),
     };
     {

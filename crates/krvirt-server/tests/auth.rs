@@ -356,8 +356,48 @@ async fn view_cannot_mutate_and_tenants_stay_in_their_namespace() {
     assert_eq!(code, 404, "{body}");
     assert!(body["message"].as_str().unwrap().contains("nope"), "{body}");
 
-    // the audit log names the real principals
-    let records = krvirt_server::audit::read_records(&s.dir.path().join("audit.log")).unwrap();
+    // refused writes are audited too: no credentials (401), and alice
+    // trying another namespace (403)
+    let (code, _) = s
+        .as_token(None, Method::POST, &vms("team-b"), Some(vm("x401", 1)))
+        .await;
+    assert_eq!(code, 401);
+    let (code, _) = s
+        .as_token(
+            Some(&alice),
+            Method::POST,
+            &vms("team-b"),
+            Some(vm("x403", 1)),
+        )
+        .await;
+    assert_eq!(code, 403);
+
+    // the audit log names the real principals (its writer appends in the
+    // background: wait for the refused writes' records)
+    let log = s.dir.path().join("audit.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let records = krvirt_server::audit::read_records(&log).unwrap();
+        let seen = |code: u16| records.iter().any(|r| r.entry.code == code);
+        if (seen(401) && seen(403)) || Instant::now() > deadline {
+            break records;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        records.iter().any(|r| r.entry.user == "unauthenticated"
+            && r.entry.code == 401
+            && r.entry.verb == "create"
+            && r.entry.namespace == "team-b"),
+        "{records:?}"
+    );
+    assert!(
+        records.iter().any(|r| r.entry.user == "alice"
+            && r.entry.code == 403
+            && r.entry.namespace == "team-b"),
+        "{records:?}"
+    );
+    assert!(krvirt_server::audit::verify_file(&s.dir.path().join("audit.log")).is_ok());
     let users: Vec<String> = records.iter().map(|r| r.entry.user.clone()).collect();
     assert!(users.iter().any(|u| u == "alice"), "{users:?}");
     assert!(users.iter().any(|u| u == "system:admin"), "{users:?}");
