@@ -305,14 +305,19 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
-        let mut kv = self.client.kv_client();
-        let opts = if prefix.is_empty() {
-            GetOptions::new().with_all_keys()
-        } else {
-            GetOptions::new().with_prefix()
-        };
         let key = if prefix.is_empty() { "\0" } else { prefix };
-        let r = kv.get(key, Some(opts)).await.map_err(backend)?;
+        // a read: safe to repeat on another member after a transport error
+        let r = with_retry(true, || {
+            let mut kv = self.client.kv_client();
+            let opts = if prefix.is_empty() {
+                GetOptions::new().with_all_keys()
+            } else {
+                GetOptions::new().with_prefix()
+            };
+            async move { kv.get(key, Some(opts)).await }
+        })
+        .await
+        .map_err(backend)?;
         let rev = to_store(r.header().map_or(0, |h| h.revision()));
         let items = r.kvs().iter().map(convert_kv).collect::<Result<_>>()?;
         Ok((items, rev))
