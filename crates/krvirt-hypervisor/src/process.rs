@@ -425,6 +425,20 @@ pub async fn launch_with(
                 None => continue,
                 Some(Ok(c)) => break c,
                 Some(Err(e)) => {
+                    // QEMU listens on QMP before it opens its disks: a
+                    // connection it dropped usually means it is exiting
+                    // over a bad option. Report that, with its message.
+                    if let Ok(status) =
+                        tokio::time::timeout(Duration::from_secs(2), &mut exit_rx).await
+                    {
+                        let status = status.unwrap_or_else(|_| "exited".into());
+                        cleanup_cgroup(&cgroup);
+                        let _ = remove_if_exists(&run.pidfile);
+                        return Err(ProcessError::LaunchFailed {
+                            status,
+                            stderr: log_tail(&log_path, log_start),
+                        });
+                    }
                     kill_now(pidfd);
                     cleanup_cgroup(&cgroup);
                     return Err(e.into());
