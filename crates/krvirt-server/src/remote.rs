@@ -90,10 +90,14 @@ pub fn remote_error(host: &str, vmi: &Value, code: u16, body: &[u8]) -> ApiError
         .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
     match code {
         409 => ApiError::Conflict {
+            // the host's own Conflict names the VMI by uid: keep its reason
+            message: message
+                .strip_prefix("Operation cannot be fulfilled on ")
+                .and_then(|m| m.split_once("\": ").map(|(_, r)| r.to_string()))
+                .unwrap_or(message),
             group: "kubevirt.io".into(),
             resource: "virtualmachineinstances".into(),
             name: str_at(vmi, "/metadata/name").to_string(),
-            message,
         },
         503 => ApiError::ServiceUnavailable(format!("host {host}: {message}")),
         _ => ApiError::Internal(format!("host {host} answered {code}: {message}")),
