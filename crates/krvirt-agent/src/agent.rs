@@ -1570,7 +1570,9 @@ impl Agent {
     /// `metadata.{namespace,name,uid}`, enough for the host operations
     /// below. The host API uses it to check that a VMI really runs here.
     pub fn running_vmi_ref(&self, uid: &str) -> Option<Value> {
-        let vm = self.local(uid).filter(|v| !v.stopping.load(Ordering::SeqCst))?;
+        let vm = self
+            .local(uid)
+            .filter(|v| !v.stopping.load(Ordering::SeqCst))?;
         Some(json!({
             "apiVersion": "kubevirt.io/v1",
             "kind": "VirtualMachineInstance",

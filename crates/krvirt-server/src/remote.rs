@@ -284,9 +284,9 @@ impl HostConnector for RemoteConnector {
                 resp.status()
             )));
         }
-        let upgraded = hyper::upgrade::on(resp).await.map_err(|e| {
-            ApiError::ServiceUnavailable(format!("host {} console: {e}", t.host))
-        })?;
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ApiError::ServiceUnavailable(format!("host {} console: {e}", t.host)))?;
         Ok(Box::new(TokioIo::new(upgraded)))
     }
 

@@ -177,7 +177,10 @@ impl Pki {
         };
         pki.server_cert_pem = cert;
         pki.server_key_pem = key;
-        let (cli_crt, cli_key) = (dir.join("apiserver-client.crt"), dir.join("apiserver-client.key"));
+        let (cli_crt, cli_key) = (
+            dir.join("apiserver-client.crt"),
+            dir.join("apiserver-client.key"),
+        );
         let (cert, key) = match (read(&cli_crt)?, read(&cli_key)?) {
             (Some(c), Some(k)) => (c, k),
             _ => {
@@ -276,7 +279,11 @@ impl Pki {
     /// The TLS client config with which this server dials agents' host
     /// APIs: it trusts only the cluster CA and presents [`SERVER_CN`].
     pub fn host_api_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        host_api_client_config(&self.ca_cert_pem, &self.client_cert_pem, &self.client_key_pem)
+        host_api_client_config(
+            &self.ca_cert_pem,
+            &self.client_cert_pem,
+            &self.client_key_pem,
+        )
     }
 
     /// The rustls server config: this server's chain (leaf + CA), client

@@ -240,7 +240,10 @@ fn host_api_answers_map_to_api_errors() {
     assert!(e.to_string().contains("host h1: busy"), "{e}");
     let e = remote_error("h1", &v, 500, br#"{"message":"qmp: boom"}"#);
     assert_eq!(e.code(), 500);
-    assert!(e.to_string().contains("host h1 answered 500: qmp: boom"), "{e}");
+    assert!(
+        e.to_string().contains("host h1 answered 500: qmp: boom"),
+        "{e}"
+    );
     assert!(valid_uid(UID));
     assert!(!valid_uid("../../etc"));
     assert!(!valid_uid(""));
@@ -264,7 +267,10 @@ impl HostConnector for Recorder {
         Err(ApiError::Internal("no console here".into()))
     }
     async fn console_log(&self, _: &Value, _: bool) -> Result<ByteStream, ApiError> {
-        self.1.lock().unwrap().push(format!("{} consolelog", self.0));
+        self.1
+            .lock()
+            .unwrap()
+            .push(format!("{} consolelog", self.0));
         Err(ApiError::Internal("no log here".into()))
     }
 }
@@ -300,9 +306,18 @@ async fn hosts_that_cannot_serve_answer_503_naming_the_host() {
     let c = connector(&e);
     // no such Host
     let m = unavailable(c.pause(&vmi("ghost")).await);
-    assert!(m.contains("host ghost") && m.contains("not registered"), "{m}");
+    assert!(
+        m.contains("host ghost") && m.contains("not registered"),
+        "{m}"
+    );
     // NotReady
-    put_host(&e.registry, "down", false, Some("127.0.0.1:9".parse().unwrap())).await;
+    put_host(
+        &e.registry,
+        "down",
+        false,
+        Some("127.0.0.1:9".parse().unwrap()),
+    )
+    .await;
     let m = unavailable(c.console(&vmi("down")).await);
     assert!(m.contains("host down") && m.contains("NotReady"), "{m}");
     // Ready but no host API advertised (an agent not joined over TLS)

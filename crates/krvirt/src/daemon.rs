@@ -556,8 +556,7 @@ pub async fn server(args: ServerArgs) -> Result<()> {
         Some(remote) => Arc::new(remote),
         None => Arc::new(krvirt_server::NoHostConnector),
     };
-    let state = AppState::new(registry.clone(), connector)
-        .with_audit(open_audit(&data_dir)?);
+    let state = AppState::new(registry.clone(), connector).with_audit(open_audit(&data_dir)?);
     // On etcd several servers may run: only the elected leader runs the
     // controllers (and so the scheduler).
     let ctl = tokio::spawn(run_controllers(
@@ -613,7 +612,9 @@ pub async fn agent(args: AgentArgs, server: Option<String>) -> Result<()> {
         cfg.host_api_port = Some(listener.local_addr()?.port());
         Some((listener, tls))
     } else {
-        warn!("not joined to a TLS server: no host API (the server cannot reach this host's consoles)");
+        warn!(
+            "not joined to a TLS server: no host API (the server cannot reach this host's consoles)"
+        );
         None
     };
     let agent = Agent::new(cfg, client, images)?;

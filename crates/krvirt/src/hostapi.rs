@@ -126,7 +126,9 @@ fn running(agent: &Agent, uid: &str) -> Result<Value, Response> {
     if !valid_uid(uid) {
         return Err(ApiError::BadRequest(format!("uid {uid:?} is not a VMI uid")).into_response());
     }
-    agent.running_vmi_ref(uid).ok_or_else(|| not_here(agent, uid))
+    agent
+        .running_vmi_ref(uid)
+        .ok_or_else(|| not_here(agent, uid))
 }
 
 async fn pause(State(agent): State<Agent>, UrlPath(uid): UrlPath<String>, stop: bool) -> Response {
