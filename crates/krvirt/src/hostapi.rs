@@ -104,27 +104,28 @@ fn router(agent: Agent) -> Router {
         .with_state(agent)
 }
 
-fn not_here(agent: &Agent, uid: &str) -> Response {
+fn not_here(agent: &Agent, uid: &str) -> ApiError {
     ApiError::Conflict {
         group: "kubevirt.io".into(),
         resource: "virtualmachineinstances".into(),
         name: uid.to_string(),
         message: format!("the VMI is not running on host {}", agent.node_name()),
     }
-    .into_response()
 }
 
 fn agent_err(agent: &Agent, uid: &str, e: AgentError) -> Response {
     match e {
-        AgentError::NotRunningHere(_) => not_here(agent, uid),
+        AgentError::NotRunningHere(_) => not_here(agent, uid).into_response(),
         other => ApiError::Internal(other.to_string()).into_response(),
     }
 }
 
 /// The VMI reference of `uid` if it runs here, else the error answer.
-fn running(agent: &Agent, uid: &str) -> Result<Value, Response> {
+fn running(agent: &Agent, uid: &str) -> Result<Value, ApiError> {
     if !valid_uid(uid) {
-        return Err(ApiError::BadRequest(format!("uid {uid:?} is not a VMI uid")).into_response());
+        return Err(ApiError::BadRequest(format!(
+            "uid {uid:?} is not a VMI uid"
+        )));
     }
     agent
         .running_vmi_ref(uid)
@@ -134,7 +135,7 @@ fn running(agent: &Agent, uid: &str) -> Result<Value, Response> {
 async fn pause(State(agent): State<Agent>, UrlPath(uid): UrlPath<String>, stop: bool) -> Response {
     let vmi = match running(&agent, &uid) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let r = if stop {
         agent.pause(&vmi).await
@@ -154,7 +155,7 @@ async fn console(
 ) -> Response {
     let vmi = match running(&agent, &uid) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let wants = req
         .headers()
