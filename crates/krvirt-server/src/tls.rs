@@ -453,6 +453,33 @@ pub fn pem_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
         .map_err(|e| TlsError::BadRequest(format!("PEM private key: {e}")))
 }
 
+/// Can the (first) certificate of `cert_pem` serve TLS for the DNS name
+/// `host` (server authentication, `host` among its DNS names)? Agents'
+/// certificates signed before the host API existed cannot.
+pub fn serves_host(cert_pem: &str, host: &str) -> bool {
+    let Some(der) = pem_certs(cert_pem).ok().and_then(|c| c.into_iter().next()) else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return false;
+    };
+    let server_auth = cert
+        .extended_key_usage()
+        .ok()
+        .flatten()
+        .is_some_and(|e| e.value.server_auth);
+    let named = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value.general_names.iter().any(|g| {
+                matches!(g, x509_parser::extensions::GeneralName::DNSName(n) if n.eq_ignore_ascii_case(host))
+            })
+        });
+    server_auth && named
+}
+
 /// The subject common name of a DER certificate.
 pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;

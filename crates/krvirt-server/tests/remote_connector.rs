@@ -461,6 +461,33 @@ async fn try_host_api(
         .ok_or(format!("no HTTP answer: {head:?}"))
 }
 
+#[test]
+fn join_certificates_can_serve_their_host_name_only() {
+    let e = env();
+    let (cert, _) = host_cert(&e.pki, "host-a");
+    assert!(krvirt_server::tls::serves_host(&cert, "host-a"));
+    assert!(!krvirt_server::tls::serves_host(&cert, "host-b"));
+    // the server's client certificate, and a plain client certificate (as
+    // joins signed before the host API), cannot serve
+    assert!(!krvirt_server::tls::serves_host(
+        &e.pki.client_cert_pem,
+        "host-a"
+    ));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let old = e.pki.sign_client_csr(&csr, "system:host:host-a").unwrap();
+    assert!(!krvirt_server::tls::serves_host(&old, "host-a"));
+    assert!(!krvirt_server::tls::serves_host(
+        "not a certificate",
+        "host-a"
+    ));
+}
+
 #[tokio::test]
 async fn a_host_api_accepts_only_the_servers_certificate() {
     let e = env();

@@ -607,10 +607,20 @@ pub async fn agent(args: AgentArgs, server: Option<String>) -> Result<()> {
     .await?;
     // The host API needs the certificate of a join (a TLS server).
     let host_api = if https {
-        let tls = crate::hostapi::tls_config(&data_dir.join("agent-pki"))?;
-        let listener = crate::hostapi::bind(args.host_api_listen).await?;
-        cfg.host_api_port = Some(listener.local_addr()?.port());
-        Some((listener, tls))
+        let pki = data_dir.join("agent-pki");
+        if crate::hostapi::can_serve(&pki, &cfg.node_name)? {
+            let tls = crate::hostapi::tls_config(&pki)?;
+            let listener = crate::hostapi::bind(args.host_api_listen).await?;
+            cfg.host_api_port = Some(listener.local_addr()?.port());
+            Some((listener, tls))
+        } else {
+            warn!(
+                dir = %pki.display(),
+                "this host's certificate predates the host API (no server name {}): the server cannot reach its consoles; re-join (remove the directory, new join token)",
+                cfg.node_name
+            );
+            None
+        }
     } else {
         warn!(
             "not joined to a TLS server: no host API (the server cannot reach this host's consoles)"

@@ -55,6 +55,14 @@ pub async fn bind(listen: Option<SocketAddr>) -> Result<TcpListener> {
     }
 }
 
+/// Was this host's certificate (`PKI_DIR/client.crt`) signed for serving
+/// the host API as `node`?
+pub fn can_serve(pki_dir: &Path, node: &str) -> Result<bool> {
+    let p = pki_dir.join("client.crt");
+    let pem = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(krvirt_server::tls::serves_host(&pem, node))
+}
+
 /// The TLS config of the host API from the agent's join directory
 /// (`DATA/agent-pki`: `client.crt`, `client.key`, `ca.crt`).
 pub fn tls_config(pki_dir: &Path) -> Result<Arc<rustls::ServerConfig>> {
