@@ -206,3 +206,77 @@ async fn console_consolelog_and_pause_reach_a_vm_on_a_joined_host_through_the_se
     .await;
     assert!(r.is_err(), "an agent's certificate got {r:?}");
 }
+
+/// Kills the joined agent (and, with the instance, its guests) and
+/// releases its guests' cgroups.
+struct AgentGuard {
+    child: std::process::Child,
+    data: std::path::PathBuf,
+}
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        common::kill_processes_under(&self.data);
+        common::remove_vm_cgroups(&self.data);
+    }
+}
+
+/// `krvirt up` with a joined agent: a VM on the joined host is reached
+/// through that agent's host API (the up's own host stays in-process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn krvirt_up_reaches_a_vm_on_a_joined_agent() {
+    let inst = common::Instance::start().await;
+    let join = inst.token(&["--join"]).trim().to_string();
+    let data = inst.dir.path().join("joined");
+    let log = inst.dir.path().join("joined.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(common::BIN)
+        .args(["--server", &inst.https_url(), "agent", "--accel", "tcg"])
+        .args(["--node-name", "joined", "--host-api-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--join-token", &join])
+        .arg("--ca")
+        .arg(inst.ca_file())
+        .env("KRVIRT_CACHE_DIR", common::cache_dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("start the joined agent");
+    let _agent = AgentGuard {
+        child,
+        data: data.clone(),
+    };
+    let alog = || std::fs::read_to_string(&log).unwrap_or_default();
+    inst.until(
+        "the joined host Ready with its host API",
+        Duration::from_secs(120),
+        || async {
+            let h = inst.get("/apis/krvirt.io/v1/hosts/joined").await.ok()?;
+            (common::cluster::host_ready(&h)
+                && h["status"]["daemonEndpoints"]["agentEndpoint"]["port"].is_u64())
+            .then_some(())
+        },
+    )
+    .await;
+    let f = inst.dir.path().join("far.yaml");
+    std::fs::write(&f, VM.replace("host1", "joined")).unwrap();
+    inst.ok(&["apply", "-f", f.to_str().unwrap()]);
+    inst.running_vmi("far", None).await;
+    let vmi = inst.vmi("far").await.unwrap();
+    assert_eq!(vmi["status"]["nodeName"], "joined", "{}", alog());
+    inst.console_shows("far", "TICK 1").await;
+    inst.ok(&["pause", "vm", "far"]);
+    inst.until("the VMI Paused", Duration::from_secs(30), || async {
+        paused(&inst.vmi("far").await?).then_some(())
+    })
+    .await;
+    inst.ok(&["unpause", "vm", "far"]);
+    inst.until("the VMI unpaused", Duration::from_secs(30), || async {
+        (!paused(&inst.vmi("far").await?)).then_some(())
+    })
+    .await;
+}
