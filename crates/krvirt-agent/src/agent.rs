@@ -112,6 +112,9 @@ pub struct AgentConfig {
     /// Parent of the VMs' cgroups, relative to the hierarchy root; `None`:
     /// `krvirt` next to the agent's own cgroup (see krvirt_hypervisor::cgroup).
     pub cgroup_parent: Option<String>,
+    /// Port of this agent's host API (advertised in the Host's
+    /// `status.daemonEndpoints.agentEndpoint`); `None`: it serves none.
+    pub host_api_port: Option<u16>,
 }
 
 impl AgentConfig {
@@ -131,6 +134,7 @@ impl AgentConfig {
             sys_root: PathBuf::from("/"),
             qemu_user: Some(krvirt_hypervisor::DEFAULT_QEMU_USER.to_string()),
             cgroup_parent: None,
+            host_api_port: None,
         }
     }
 }
@@ -539,6 +543,11 @@ impl Agent {
                 &self.inner.cfg.node_name,
                 self.inner.client.base_url(),
             ),
+            daemon_endpoints: self.inner.cfg.host_api_port.map(|port| {
+                krvirt_api::host::HostDaemonEndpoints {
+                    agent_endpoint: Some(krvirt_api::host::DaemonEndpoint { port }),
+                }
+            }),
             conditions,
             heartbeat_time: Some(now_rfc3339()),
         })
@@ -1554,6 +1563,25 @@ impl Agent {
             .filter(|v| !v.stopping.load(Ordering::SeqCst))
             .map(|v| (v, uid))
             .ok_or(AgentError::NotRunningHere(name))
+    }
+
+    /// A reference to the VMI with uid `uid` when its guest runs on this
+    /// host (and is not being stopped): `apiVersion`, `kind` and
+    /// `metadata.{namespace,name,uid}`, enough for the host operations
+    /// below. The host API uses it to check that a VMI really runs here.
+    pub fn running_vmi_ref(&self, uid: &str) -> Option<Value> {
+        let vm = self
+            .local(uid)
+            .filter(|v| !v.stopping.load(Ordering::SeqCst))?;
+        Some(json!({
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstance",
+            "metadata": {
+                "namespace": vm.key.namespace,
+                "name": vm.key.name,
+                "uid": vm.uid,
+            }
+        }))
     }
 
     /// Pause a running guest's vCPUs.

@@ -100,6 +100,12 @@ pub struct HostStatus {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub addresses: Vec<HostAddress>,
+    /// Ports of the daemons on the host (Kubernetes Node's
+    /// `daemonEndpoints`): the agent's host API (mutual TLS; the API server
+    /// reaches a VMI's console, console log, pause and unpause through it at
+    /// `InternalIP`:`agentEndpoint.port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon_endpoints: Option<HostDaemonEndpoints>,
     /// `Ready`, `KVMUnavailable`, … (see [`host_conditions`]).
     #[serde(
         default,
@@ -187,6 +193,22 @@ pub struct HostAddress {
     pub address: String,
 }
 
+/// Ports of the daemons on a host.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostDaemonEndpoints {
+    /// The agent's host API (HTTPS, mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_endpoint: Option<DaemonEndpoint>,
+}
+
+/// A daemon's port (on the host's `InternalIP`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DaemonEndpoint {
+    pub port: u16,
+}
+
 /// Host condition types.
 pub mod host_conditions {
     /// The agent is alive and reporting.
@@ -241,6 +263,17 @@ impl Admit for Host {
             if let Err(e) = h.page_size.value() {
                 c.invalid(join(&idx("status.hugepages", i), "pageSize"), e.to_string());
             }
+        }
+        if let Some(ep) = status
+            .daemon_endpoints
+            .as_ref()
+            .and_then(|d| d.agent_endpoint.as_ref())
+            && ep.port == 0
+        {
+            c.invalid(
+                "status.daemonEndpoints.agentEndpoint.port",
+                "must be between 1 and 65535",
+            );
         }
         if let Some(t) = &status.heartbeat_time
             && crate::meta::parse_rfc3339(t).is_none()

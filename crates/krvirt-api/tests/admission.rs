@@ -1470,6 +1470,7 @@ fn host() -> Value {
             "qemuVersion": "7.2.0",
             "agentVersion": "0.1.0",
             "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+            "daemonEndpoints": {"agentEndpoint": {"port": 8186}},
             "conditions": [{"type": "Ready", "status": "True"}],
             "heartbeatTime": "2024-05-01T12:00:00Z"
         }
@@ -1501,6 +1502,19 @@ fn host_rules() {
         set(host(), "/status/heartbeatTime", json!("now")),
     );
     assert_cause(&e, reason::INVALID, "status.heartbeatTime");
+    let e = refused(
+        host_kind(),
+        set(
+            host(),
+            "/status/daemonEndpoints/agentEndpoint/port",
+            json!(0),
+        ),
+    );
+    assert_cause(
+        &e,
+        reason::INVALID,
+        "status.daemonEndpoints.agentEndpoint.port",
+    );
     let e = refused(host_kind(), set(host(), "/spec/cordoned", json!(true)));
     assert_cause(&e, reason::UNKNOWN, "spec.cordoned");
     let e = refused(

@@ -391,7 +391,7 @@ impl Auth {
                 e => e.into_response(),
             })?;
         let cert = pki
-            .sign_client_csr(csr_pem, &format!("{HOST_CN_PREFIX}{host}"))
+            .sign_host_csr(csr_pem, host)
             .map_err(|e| ApiError::BadRequest(e.to_string()).into_response())?;
         Ok(json!({"certificate": cert, "ca": pki.ca_cert_pem}))
     }

@@ -1,8 +1,10 @@
 //! The server's way to the host side of a VMI (pause, console, …).
 //!
 //! The API server does not talk to QEMU itself: it hands the VMI object to a
-//! [`HostConnector`] chosen at startup. `krvirt up` plugs in the agent's
-//! in-process implementation; a remote proxy to the VMI's host comes later.
+//! [`HostConnector`] chosen at startup: `krvirt server` the
+//! [`crate::remote::RemoteConnector`] (the host API of the VMI's agent,
+//! mutual TLS), `krvirt up` its in-process agent for its own host and the
+//! remote one for joined hosts ([`crate::remote::SplitConnector`]).
 
 use std::pin::Pin;
 
@@ -41,8 +43,8 @@ pub trait HostConnector: Send + Sync + 'static {
     async fn console_log(&self, vmi: &Value, follow: bool) -> Result<ByteStream, ApiError>;
 }
 
-/// The connector of a server with no host attached: every operation
-/// answers 503 ServiceUnavailable.
+/// The connector of a server with no way to the hosts (no CA: TLS off):
+/// every operation answers 503 ServiceUnavailable.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoHostConnector;
 

@@ -6,7 +6,8 @@
 //!   shared by the HTTP handlers and in-process controllers.
 //! - [`router`] / [`serve`]: the HTTP server over an [`AppState`].
 //! - [`connector::HostConnector`]: the host side of VMI subresources
-//!   (pause, console, console log).
+//!   (pause, console, console log); [`remote::RemoteConnector`] reaches
+//!   other hosts' agents over mutual TLS.
 //! - [`events::EventRecorder`]: best-effort Event recording, aggregation, expiry.
 //! - [`auth`], [`rbac`], [`quota`], [`tls`]: authentication (unix socket peer
 //!   credentials, bearer tokens, client certificates), RBAC, quotas, the CA.
@@ -25,6 +26,7 @@ pub mod patch;
 pub mod quota;
 pub mod rbac;
 pub mod registry;
+pub mod remote;
 pub mod selector;
 mod server;
 pub mod tls;

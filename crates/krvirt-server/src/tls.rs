@@ -48,6 +48,11 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Common name prefix of host agents' client certificates.
 pub const HOST_CN_PREFIX: &str = "system:host:";
 
+/// Common name of the API server's own client certificate: the only
+/// identity agents' host APIs accept (a join only ever signs
+/// `system:host:NAME`, so no agent can obtain it).
+pub const SERVER_CN: &str = "system:krvirt-server";
+
 /// The CA and the server certificate of one data directory.
 pub struct Pki {
     pub dir: PathBuf,
@@ -56,6 +61,10 @@ pub struct Pki {
     ca_params: CertificateParams,
     pub server_cert_pem: String,
     pub server_key_pem: String,
+    /// The server's client certificate ([`SERVER_CN`]), with which it dials
+    /// agents' host APIs (`apiserver-client.crt`, `.key`).
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
 }
 
 fn write_private(path: &Path, data: &str) -> Result<(), TlsError> {
@@ -153,6 +162,8 @@ impl Pki {
             ca_params: params,
             server_cert_pem: String::new(),
             server_key_pem: String::new(),
+            client_cert_pem: String::new(),
+            client_key_pem: String::new(),
         };
         let (cert, key) = match existing {
             Some(ck) => ck,
@@ -166,6 +177,26 @@ impl Pki {
         };
         pki.server_cert_pem = cert;
         pki.server_key_pem = key;
+        let (cli_crt, cli_key) = (
+            dir.join("apiserver-client.crt"),
+            dir.join("apiserver-client.key"),
+        );
+        let (cert, key) = match (read(&cli_crt)?, read(&cli_key)?) {
+            (Some(c), Some(k)) => (c, k),
+            _ => {
+                let key = KeyPair::generate()?;
+                let csr = CertificateParams::new(Vec::<String>::new())?
+                    .serialize_request(&key)?
+                    .pem()?;
+                let cert = pki.sign_client_csr(&csr, SERVER_CN)?;
+                let key = key.serialize_pem();
+                write_private(&cli_key, &key)?;
+                write_private(&cli_crt, &cert)?;
+                (cert, key)
+            }
+        };
+        pki.client_cert_pem = cert;
+        pki.client_key_pem = key;
         Ok(pki)
     }
 
@@ -217,6 +248,44 @@ impl Pki {
         Ok(csr.signed_by(&self.issuer())?.pem())
     }
 
+    /// Sign a host agent's certificate request at join: CN
+    /// `system:host:HOST` (its API identity, as a client) and, so that it
+    /// can serve its host API to this server, the DNS name `HOST` and
+    /// server authentication. The server checks an agent's host API against
+    /// the name of the Host it dials, whatever address it reaches it at.
+    pub fn sign_host_csr(&self, csr_pem: &str, host: &str) -> Result<String, TlsError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| TlsError::BadRequest(e.to_string()))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{HOST_CN_PREFIX}{host}"));
+        csr.params.distinguished_name = dn;
+        csr.params.subject_alt_names = vec![SanType::DnsName(host.to_string().try_into()?)];
+        csr.params.is_ca = IsCa::ExplicitNoCa;
+        csr.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        csr.params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        csr.params.use_authority_key_identifier_extension = true;
+        csr.params.custom_extensions.clear();
+        leaf_validity(&mut csr.params, 1);
+        random_serial(&mut csr.params);
+        Ok(csr.signed_by(&self.issuer())?.pem())
+    }
+
+    /// The TLS client config with which this server dials agents' host
+    /// APIs: it trusts only the cluster CA and presents [`SERVER_CN`].
+    pub fn host_api_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        host_api_client_config(
+            &self.ca_cert_pem,
+            &self.client_cert_pem,
+            &self.client_key_pem,
+        )
+    }
+
     /// The rustls server config: this server's chain (leaf + CA), client
     /// certificates optional but, when presented, verified against the CA.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
@@ -249,6 +318,115 @@ impl Pki {
     }
 }
 
+/// A TLS client config trusting only `ca_pem` and presenting the client
+/// certificate `cert_pem` (HTTP/1.1).
+pub fn host_api_client_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem_certs(ca_pem)? {
+        roots.add(c)?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(pem_certs(cert_pem)?, pem_key(key_pem)?)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The TLS config of an agent's host API: its own certificate (signed at
+/// join, see [`Pki::sign_host_csr`]) and a mandatory client certificate
+/// that chains to the cluster CA `ca_pem` AND names [`SERVER_CN`]: a client
+/// without a certificate, with another CA's, or with an agent's (also
+/// signed by the CA) fails the handshake.
+pub fn host_api_server_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pem_certs(ca_pem)? {
+        roots.add(c)?;
+    }
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let verifier = Arc::new(RequireCommonName {
+        inner,
+        cn: SERVER_CN.to_string(),
+    });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pem_certs(cert_pem)?, pem_key(key_pem)?)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A client certificate verifier: the CA's verdict, then the subject's
+/// common name must be `cn`.
+#[derive(Debug)]
+struct RequireCommonName {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    cn: String,
+}
+
+impl rustls::server::danger::ClientCertVerifier for RequireCommonName {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if common_name(end_entity.as_ref()).as_deref() == Some(self.cn.as_str()) {
+            Ok(rustls::server::danger::ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// SHA-256 fingerprint of a DER certificate, as colon-separated hex.
 pub fn fingerprint(der: &[u8]) -> String {
     use sha2::Digest;
@@ -273,6 +451,33 @@ pub fn pem_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes())
         .or_else(|_| PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).map(Into::into))
         .map_err(|e| TlsError::BadRequest(format!("PEM private key: {e}")))
+}
+
+/// Can the (first) certificate of `cert_pem` serve TLS for the DNS name
+/// `host` (server authentication, `host` among its DNS names)? Agents'
+/// certificates signed before the host API existed cannot.
+pub fn serves_host(cert_pem: &str, host: &str) -> bool {
+    let Some(der) = pem_certs(cert_pem).ok().and_then(|c| c.into_iter().next()) else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return false;
+    };
+    let server_auth = cert
+        .extended_key_usage()
+        .ok()
+        .flatten()
+        .is_some_and(|e| e.value.server_auth);
+    let named = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value.general_names.iter().any(|g| {
+                matches!(g, x509_parser::extensions::GeneralName::DNSName(n) if n.eq_ignore_ascii_case(host))
+            })
+        });
+    server_auth && named
 }
 
 /// The subject common name of a DER certificate.

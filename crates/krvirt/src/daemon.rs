@@ -115,6 +115,11 @@ pub struct AgentArgs {
     /// The server's CA certificate (its DATA/pki/ca.crt), for joining
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
+    /// Address of this host's API for the server (console, console log,
+    /// pause; mutual TLS with the joined certificate)
+    /// [default: 0.0.0.0:8186, or an ephemeral port when that is taken]
+    #[arg(long, env = "KRVIRT_HOST_API_LISTEN")]
+    pub host_api_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -467,7 +472,17 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let accel = agent.accelerator().clone();
 
     let shutdown = CancellationToken::new();
-    let state = AppState::new(registry.clone(), Arc::new(LocalHost(agent.clone())))
+    // Its own host in-process; joined agents' hosts through their host API.
+    let local: Arc<dyn HostConnector> = Arc::new(LocalHost(agent.clone()));
+    let connector: Arc<dyn HostConnector> = match secure.remote_connector(&registry)? {
+        Some(remote) => Arc::new(krvirt_server::remote::SplitConnector::new(
+            agent.node_name(),
+            local,
+            Arc::new(remote),
+        )),
+        None => local,
+    };
+    let state = AppState::new(registry.clone(), connector)
         .with_metrics_source(Arc::new(AgentMetrics(agent.clone())))
         .with_audit(open_audit(&data_dir)?);
     let server = {
@@ -537,8 +552,11 @@ pub async fn server(args: ServerArgs) -> Result<()> {
         &shutdown,
     )
     .await?;
-    let state = AppState::new(registry.clone(), Arc::new(krvirt_server::NoHostConnector))
-        .with_audit(open_audit(&data_dir)?);
+    let connector: Arc<dyn HostConnector> = match secure.remote_connector(&registry)? {
+        Some(remote) => Arc::new(remote),
+        None => Arc::new(krvirt_server::NoHostConnector),
+    };
+    let state = AppState::new(registry.clone(), connector).with_audit(open_audit(&data_dir)?);
     // On etcd several servers may run: only the elected leader runs the
     // controllers (and so the scheduler).
     let ctl = tokio::spawn(run_controllers(
@@ -577,7 +595,8 @@ pub async fn agent(args: AgentArgs, server: Option<String>) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let _lock = lock_data_dir(&data_dir)?;
     let images = open_images(&data_dir, &args.host)?;
-    let cfg = agent_config(&data_dir, &args.host)?;
+    let mut cfg = agent_config(&data_dir, &args.host)?;
+    let https = server.as_deref().is_some_and(|s| s.starts_with("https://"));
     let client = crate::secure::agent_client(
         &data_dir,
         server,
@@ -586,7 +605,41 @@ pub async fn agent(args: AgentArgs, server: Option<String>) -> Result<()> {
         args.ca.clone(),
     )
     .await?;
+    // The host API needs the certificate of a join (a TLS server).
+    let host_api = if https {
+        let pki = data_dir.join("agent-pki");
+        if crate::hostapi::can_serve(&pki, &cfg.node_name)? {
+            let tls = crate::hostapi::tls_config(&pki)?;
+            let listener = crate::hostapi::bind(args.host_api_listen).await?;
+            cfg.host_api_port = Some(listener.local_addr()?.port());
+            Some((listener, tls))
+        } else {
+            warn!(
+                dir = %pki.display(),
+                "this host's certificate predates the host API (no server name {}): the server cannot reach its consoles; re-join (remove the directory, new join token)",
+                cfg.node_name
+            );
+            None
+        }
+    } else {
+        warn!(
+            "not joined to a TLS server: no host API (the server cannot reach this host's consoles)"
+        );
+        None
+    };
     let agent = Agent::new(cfg, client, images)?;
+    if let Some((listener, tls)) = host_api {
+        eprintln!(
+            "krvirt agent host API on https://{} (mutual TLS)",
+            listener.local_addr()?
+        );
+        let a = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::hostapi::serve(a, listener, tls).await {
+                warn!(error = %e, "the host API stopped");
+            }
+        });
+    }
     let shutdown = CancellationToken::new();
     let sd = shutdown.clone();
     tokio::spawn(async move {

@@ -4,6 +4,7 @@
 
 mod cli;
 mod daemon;
+mod hostapi;
 mod images;
 mod secure;
 

@@ -26,6 +26,8 @@ pub struct Secure {
     pub socket: PathBuf,
     pub addr: SocketAddr,
     pub ca_fingerprint: Option<String>,
+    /// The CA (None without auth): the server's identity towards agents.
+    pub pki: Option<Arc<Pki>>,
 }
 
 impl Secure {
@@ -90,6 +92,7 @@ pub async fn listen(
             socket,
             addr,
             ca_fingerprint: None,
+            pki: None,
         });
     }
     let mut names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
@@ -118,7 +121,28 @@ pub async fn listen(
         socket,
         addr,
         ca_fingerprint: Some(pki.ca_fingerprint()),
+        pki: Some(pki),
     })
+}
+
+impl Secure {
+    /// The way to VMIs on agents' hosts: their host APIs over mutual TLS
+    /// with this server's client certificate; without TLS (no CA), none.
+    pub fn remote_connector(
+        &self,
+        registry: &Registry,
+    ) -> Result<Option<krvirt_server::remote::RemoteConnector>> {
+        let Some(pki) = &self.pki else {
+            return Ok(None);
+        };
+        let tls = pki
+            .host_api_client_config()
+            .context("the host API client configuration")?;
+        Ok(Some(krvirt_server::remote::RemoteConnector::new(
+            registry.clone(),
+            tls,
+        )))
+    }
 }
 
 /// Serve the API and `extra` routes on the listeners until `shutdown`.

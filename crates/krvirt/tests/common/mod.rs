@@ -39,7 +39,7 @@ fn free_port() -> u16 {
 }
 
 /// Demo images are built once per machine and shared by every instance.
-fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     std::env::var_os("KRVIRT_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("krvirt-test-cache"))
