@@ -103,6 +103,8 @@ pub struct AgentConfig {
     pub qemu_bin: PathBuf,
     /// Labels of the Host object (nodeSelector matches them).
     pub labels: BTreeMap<String, String>,
+    /// Taints the Host is created with (an existing Host keeps its own).
+    pub taints: Vec<krvirt_api::kubevirt::Taint>,
     pub heartbeat_interval: Duration,
     /// Filesystem root for inventory and accelerator detection (`/`).
     pub sys_root: PathBuf,
@@ -122,6 +124,7 @@ impl AgentConfig {
             accel_mode: AccelMode::Auto,
             qemu_bin: krvirt_hypervisor::qemu_binary(),
             labels: BTreeMap::new(),
+            taints: Vec::new(),
             // KRVIRT_HEARTBEAT_INTERVAL_MS: tests renew the lease faster.
             heartbeat_interval: std::env::var("KRVIRT_HEARTBEAT_INTERVAL_MS")
                 .ok()
@@ -558,7 +561,10 @@ impl Agent {
                 labels: labels.clone(),
                 ..Default::default()
             },
-            spec: HostSpec::default(),
+            spec: HostSpec {
+                taints: self.inner.cfg.taints.clone(),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let obj = serde_json::to_value(&host).map_err(|source| AgentError::Decode {

@@ -117,9 +117,8 @@ fn vm_template_takes_them_too() {
     });
     admit(kind("vm"), vm.clone(), None).expect("admitted");
     let mut bad = vm;
-    bad["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
-        ["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] =
-        json!("topology.kubernetes.io/zone");
+    bad["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        [0]["topologyKey"] = json!("topology.kubernetes.io/zone");
     let e = refused(kind("vm"), bad);
     assert_cause(
         &e,
@@ -131,8 +130,8 @@ fn vm_template_takes_them_too() {
 #[test]
 fn other_topology_keys_are_refused_naming_the_field() {
     let mut a = full_affinity();
-    a["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
-        ["topologyKey"] = json!("topology.kubernetes.io/zone");
+    a["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"] =
+        json!("topology.kubernetes.io/zone");
     a["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] =
         json!("");
     let e = refused(kind("vmi"), vmi_with(json!({ "affinity": a })));
@@ -180,11 +179,31 @@ fn selector_rules_name_their_fields() {
     });
     let e = refused(kind("vmi"), vmi_with(json!({ "affinity": a })));
     let base = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]";
-    assert_cause(&e, reason::REQUIRED, &format!("{base}.matchExpressions[0].values"));
-    assert_cause(&e, reason::FORBIDDEN, &format!("{base}.matchExpressions[1].values"));
-    assert_cause(&e, reason::INVALID, &format!("{base}.matchExpressions[2].values[0]"));
-    assert_cause(&e, reason::INVALID, &format!("{base}.matchExpressions[3].key"));
-    assert_cause(&e, reason::NOT_SUPPORTED, &format!("{base}.matchFields[0].key"));
+    assert_cause(
+        &e,
+        reason::REQUIRED,
+        &format!("{base}.matchExpressions[0].values"),
+    );
+    assert_cause(
+        &e,
+        reason::FORBIDDEN,
+        &format!("{base}.matchExpressions[1].values"),
+    );
+    assert_cause(
+        &e,
+        reason::INVALID,
+        &format!("{base}.matchExpressions[2].values[0]"),
+    );
+    assert_cause(
+        &e,
+        reason::INVALID,
+        &format!("{base}.matchExpressions[3].key"),
+    );
+    assert_cause(
+        &e,
+        reason::NOT_SUPPORTED,
+        &format!("{base}.matchFields[0].key"),
+    );
     assert_cause(
         &e,
         reason::INVALID,
@@ -230,26 +249,49 @@ fn toleration_rules() {
 
 #[test]
 fn hugepages_page_size_and_memory_multiple() {
-    let ok = vmi_with(json!({"domain": {"memory": {"guest": "64Mi", "hugepages": {"pageSize": "2Mi"}}}}));
+    let ok = vmi_with(
+        json!({"domain": {"memory": {"guest": "64Mi", "hugepages": {"pageSize": "2Mi"}}}}),
+    );
     let out = admit(kind("vmi"), ok, None).expect("admitted");
-    assert_eq!(out["spec"]["domain"]["memory"]["hugepages"]["pageSize"], "2Mi");
+    assert_eq!(
+        out["spec"]["domain"]["memory"]["hugepages"]["pageSize"],
+        "2Mi"
+    );
 
     let e = refused(
         kind("vmi"),
         vmi_with(json!({"domain": {"memory": {"hugepages": {"pageSize": "4Ki"}}}})),
     );
-    assert_cause(&e, reason::NOT_SUPPORTED, "spec.domain.memory.hugepages.pageSize");
+    assert_cause(
+        &e,
+        reason::NOT_SUPPORTED,
+        "spec.domain.memory.hugepages.pageSize",
+    );
     let e = refused(
         kind("vmi"),
-        vmi_with(json!({"domain": {"memory": {"guest": "65Mi", "hugepages": {"pageSize": "2Mi"}}}})),
+        vmi_with(
+            json!({"domain": {"memory": {"guest": "65Mi", "hugepages": {"pageSize": "2Mi"}}}}),
+        ),
     );
     assert_cause(&e, reason::INVALID, "spec.domain.memory.guest");
-    assert!(e.causes[0].message.contains("not a multiple of the page size"), "{e}");
+    assert!(
+        e.causes[0]
+            .message
+            .contains("not a multiple of the page size"),
+        "{e}"
+    );
     let e = refused(
         kind("vmi"),
-        vmi_with(json!({"domain": {"memory": {"guest": "512Mi", "hugepages": {"pageSize": "1Gi"}}}})),
+        vmi_with(
+            json!({"domain": {"memory": {"guest": "512Mi", "hugepages": {"pageSize": "1Gi"}}}}),
+        ),
     );
-    assert!(e.causes[0].message.contains("equal to or larger than page size"), "{e}");
+    assert!(
+        e.causes[0]
+            .message
+            .contains("equal to or larger than page size"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -260,9 +302,21 @@ fn numa_passthrough_needs_dedicated_cpus_and_hugepages() {
         vmi_with(json!({"domain": {"cpu": {"cores": 2, "numa": numa}}})),
     );
     assert_eq!(e.causes.len(), 2, "{e}");
-    assert_cause(&e, reason::INVALID, "spec.domain.cpu.numa.guestMappingPassthrough");
-    assert!(e.causes.iter().any(|c| c.message.contains("spec.domain.cpu.dedicatedCpuPlacement")));
-    assert!(e.causes.iter().any(|c| c.message.contains("spec.domain.memory.hugepages")));
+    assert_cause(
+        &e,
+        reason::INVALID,
+        "spec.domain.cpu.numa.guestMappingPassthrough",
+    );
+    assert!(
+        e.causes
+            .iter()
+            .any(|c| c.message.contains("spec.domain.cpu.dedicatedCpuPlacement"))
+    );
+    assert!(
+        e.causes
+            .iter()
+            .any(|c| c.message.contains("spec.domain.memory.hugepages"))
+    );
     admit(
         kind("vmi"),
         vmi_with(json!({"domain": {
@@ -282,16 +336,20 @@ fn host(taints: Value) -> Value {
 fn host_taints() {
     let out = admit(
         kind("host"),
-        host(json!([{"key": "maint", "value": "yes", "effect": "NoSchedule"},
-                    {"key": "maint", "effect": "NoExecute"}])),
+        host(
+            json!([{"key": "maint", "value": "yes", "effect": "NoSchedule"},
+                    {"key": "maint", "effect": "NoExecute"}]),
+        ),
         None,
     )
     .expect("admitted");
     assert_eq!(out["spec"]["taints"][1]["effect"], "NoExecute");
     let e = refused(
         kind("host"),
-        host(json!([{"key": "a", "effect": "NoSchedule"}, {"key": "a", "value": "b", "effect": "NoSchedule"},
-                    {"key": "", "effect": "NoExecute"}])),
+        host(
+            json!([{"key": "a", "effect": "NoSchedule"}, {"key": "a", "value": "b", "effect": "NoSchedule"},
+                    {"key": "", "effect": "NoExecute"}]),
+        ),
     );
     assert_cause(&e, reason::DUPLICATE, "spec.taints[1]");
     assert_cause(&e, reason::REQUIRED, "spec.taints[2].key");
@@ -325,7 +383,14 @@ fn taint_arguments() {
 fn openapi_has_the_new_fields() {
     let comps = krvirt_api::openapi_components();
     let names: Vec<&str> = comps.schemas.keys().map(String::as_str).collect();
-    for n in ["Affinity", "Toleration", "Taint", "Hugepages", "Numa", "PodAffinityTerm"] {
+    for n in [
+        "Affinity",
+        "Toleration",
+        "Taint",
+        "Hugepages",
+        "Numa",
+        "PodAffinityTerm",
+    ] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }
 }

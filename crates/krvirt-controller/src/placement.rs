@@ -188,12 +188,7 @@ pub fn vmi_request(vmi: &VirtualMachineInstance) -> VmiRequest {
             .unwrap_or(u64::from(vcpus) * 1000),
         memory_bytes: vmi.spec.guest_memory_bytes().ok().flatten().unwrap_or(0),
         node_selector: vmi.spec.node_selector.clone(),
-        affinity: vmi
-            .spec
-            .affinity
-            .as_ref()
-            .map(to_model)
-            .unwrap_or_default(),
+        affinity: vmi.spec.affinity.as_ref().map(to_model).unwrap_or_default(),
         tolerations: vmi.spec.tolerations.iter().map(to_model).collect(),
         dedicated_cpus: cpu.is_some_and(|c| c.dedicated_cpu_placement),
         guest_numa_nodes: 0,

@@ -316,10 +316,7 @@ fn node_requirement(r: &NodeSelectorRequirement, p: &str, field: bool, c: &mut C
         if !matches!(r.operator, SelectorOperator::In | SelectorOperator::NotIn) {
             c.not_supported(
                 join(p, "operator"),
-                format!(
-                    "{:?}: matchFields supports In and NotIn",
-                    r.operator_name()
-                ),
+                format!("{:?}: matchFields supports In and NotIn", r.operator_name()),
             );
         }
         if r.values.len() != 1 {
@@ -432,10 +429,7 @@ fn pod_term(t: &PodAffinityTerm, p: &str, c: &mut Causes) {
     }
     for (i, ns) in t.namespaces.iter().enumerate() {
         if let Some(problem) = util::dns1123_label(ns) {
-            c.invalid(
-                idx(&join(p, "namespaces"), i),
-                format!("{ns:?}: {problem}"),
-            );
+            c.invalid(idx(&join(p, "namespaces"), i), format!("{ns:?}: {problem}"));
         }
     }
     let tf = join(p, "topologyKey");

@@ -405,7 +405,11 @@ fn numa(d: &DomainSpec, dp: &str, c: &mut Causes) {
             ),
         );
     }
-    if d.memory.as_ref().and_then(|m| m.hugepages.as_ref()).is_none() {
+    if d.memory
+        .as_ref()
+        .and_then(|m| m.hugepages.as_ref())
+        .is_none()
+    {
         c.invalid(
             &nf,
             format!(

@@ -57,6 +57,8 @@ pub struct Host {
     /// One-time join token and the server's CA (a TLS server).
     join: Option<(String, PathBuf)>,
     env: Vec<(String, String)>,
+    /// Extra `krvirt agent` arguments (`--label`, `--taint`...).
+    extra_args: Vec<String>,
 }
 
 impl Host {
@@ -104,6 +106,7 @@ impl Host {
         let child = cmd
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["--node-name", &self.name])
+            .args(&self.extra_args)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("KRVIRT_CACHE_DIR", cache_dir())
@@ -151,6 +154,17 @@ impl Cluster {
     /// agents (e.g. short leases: `KRVIRT_HOST_LEASE_SECONDS`,
     /// `KRVIRT_HEARTBEAT_INTERVAL_MS`).
     pub async fn start_with(n: usize, env: &[(&str, &str)]) -> Cluster {
+        Cluster::start_with_agent_args(&vec![Vec::new(); n], env).await
+    }
+
+    /// [`Cluster::start_with`], one host per entry of `agent_args`, host i
+    /// started with the extra `krvirt agent` arguments `agent_args[i]`
+    /// (e.g. `--label disk=ssd`, `--taint maint=yes:NoSchedule`).
+    pub async fn start_with_agent_args(
+        agent_args: &[Vec<String>],
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        let n = agent_args.len();
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -232,6 +246,7 @@ impl Cluster {
                 agent_url: String::new(),
                 join: None,
                 env: env.clone(),
+                extra_args: agent_args[i].clone(),
             });
         }
 

@@ -1,0 +1,278 @@
+//! Placement on 3 real hosts (network namespaces, each with its own
+//! `krvirt agent`; see tests/common/cluster.rs): nodeSelector, node
+//! affinity, taints and tolerations (`krvirt agent --taint`, `krvirt taint
+//! host`), required VM anti-affinity, capacity, and dedicated CPUs pinned
+//! on the QEMU vCPU threads.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use serde_json::{Value, json};
+
+/// A VM named `name` with `spec` merged into a tiny demo guest's VMI spec
+/// and `labels` on its VMIs.
+fn vm(name: &str, labels: Value, spec: Value) -> Value {
+    let mut s = json!({
+        "domain": {
+            "devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}]},
+            "memory": {"guest": "64Mi"}
+        },
+        "terminationGracePeriodSeconds": 0,
+        "volumes": [{"name": "root",
+                     "containerDisk": {"image": "quay.io/kubevirt/cirros-container-disk-demo"}}]
+    });
+    merge(&mut s, spec);
+    json!({
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name},
+        "spec": {"runStrategy": "Always",
+                 "template": {"metadata": {"labels": labels}, "spec": s}}
+    })
+}
+
+fn merge(base: &mut Value, patch: Value) {
+    match (base, patch) {
+        (Value::Object(b), Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, p) => *b = p,
+    }
+}
+
+fn apply(c: &Cluster, obj: &Value) {
+    let f = c.server.dir.path().join(format!(
+        "{}.json",
+        obj["metadata"]["name"].as_str().unwrap()
+    ));
+    std::fs::write(&f, serde_json::to_vec(obj).unwrap()).unwrap();
+    c.server.ok(&["apply", "-f", f.to_str().unwrap()]);
+}
+
+/// The host a VM's VMI was bound to.
+async fn placed(c: &Cluster, name: &str) -> String {
+    c.until(
+        &format!("VMI {name} placed"),
+        Duration::from_secs(90),
+        || async { c.node_of(name).await },
+    )
+    .await
+}
+
+/// The VMI's `PodScheduled=False` message once the VM says
+/// ErrorUnschedulable.
+async fn unschedulable(c: &Cluster, name: &str) -> String {
+    c.until(
+        &format!("VM {name} ErrorUnschedulable"),
+        Duration::from_secs(90),
+        || async {
+            let vm = c.server.vm(name).await?;
+            if vm["status"]["printableStatus"] != "ErrorUnschedulable" {
+                return None;
+            }
+            let vmi = c.server.vmi(name).await?;
+            assert_eq!(vmi["status"]["phase"], "Pending", "{vmi}");
+            assert!(vmi["status"]["nodeName"].is_null(), "{vmi}");
+            vmi["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "PodScheduled" && c["status"] == "False")
+                .and_then(|c| c["message"].as_str().map(str::to_string))
+        },
+    )
+    .await
+}
+
+fn delete(c: &Cluster, names: &[&str]) {
+    for n in names {
+        c.server.ok(&["delete", "vm", n]);
+    }
+}
+
+/// Wait until no VMI of these names is left (their QEMUs stopped).
+async fn gone(c: &Cluster, names: &[&str]) {
+    for n in names {
+        c.until(
+            &format!("VMI {n} deleted"),
+            Duration::from_secs(120),
+            || async { c.server.vmi(n).await.is_none().then_some(()) },
+        )
+        .await;
+    }
+}
+
+fn to_host(host: &str) -> Value {
+    json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchFields": [
+            {"key": "metadata.name", "operator": "In", "values": [host]}]}]}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_rules_on_three_hosts() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let c = Cluster::start_with_agent_args(
+        &[
+            args(&["--label", "disk=ssd"]),
+            args(&["--label", "disk=hdd"]),
+            args(&["--label", "disk=hdd", "--taint", "maint=yes:NoSchedule"]),
+        ],
+        &[],
+    )
+    .await;
+
+    // Labels and the join-time taint are on the Hosts.
+    let h2 = c
+        .server
+        .get("/apis/krvirt.io/v1/hosts/host2")
+        .await
+        .unwrap();
+    assert_eq!(h2["metadata"]["labels"]["disk"], "hdd");
+    assert_eq!(
+        h2["spec"]["taints"],
+        json!([{"key": "maint", "value": "yes", "effect": "NoSchedule"}])
+    );
+
+    // nodeSelector: the only ssd host.
+    apply(
+        &c,
+        &vm("ssd", json!({}), json!({"nodeSelector": {"disk": "ssd"}})),
+    );
+    assert_eq!(placed(&c, "ssd").await, "host0");
+
+    // Taints: a VM that must go to host2 does not without a toleration,
+    // and does with one.
+    apply(
+        &c,
+        &vm("notol", json!({}), json!({"affinity": to_host("host2")})),
+    );
+    apply(
+        &c,
+        &vm(
+            "tol",
+            json!({}),
+            json!({"affinity": to_host("host2"),
+                   "tolerations": [{"key": "maint", "operator": "Exists", "effect": "NoSchedule"}]}),
+        ),
+    );
+    assert_eq!(placed(&c, "tol").await, "host2");
+    let msg = unschedulable(&c, "notol").await;
+    assert!(
+        msg.contains("1 node(s) had untolerated taint")
+            && msg.contains("2 didn't match the VMI's node affinity"),
+        "{msg}"
+    );
+    // `krvirt taint host` removes it (kubectl syntax) and adds others.
+    c.server.ok(&["taint", "host", "host2", "maint-"]);
+    assert_eq!(placed(&c, "notol").await, "host2");
+    c.server.ok(&[
+        "taint",
+        "host",
+        "host1",
+        "gpu=no:PreferNoSchedule",
+        "x=y:NoExecute",
+    ]);
+    let h1 = c
+        .server
+        .get("/apis/krvirt.io/v1/hosts/host1")
+        .await
+        .unwrap();
+    assert_eq!(
+        h1["spec"]["taints"].as_array().map(Vec::len),
+        Some(2),
+        "{h1}"
+    );
+    let dup = c
+        .server
+        .cli(&["taint", "host", "host1", "gpu=yes:PreferNoSchedule"]);
+    assert!(!dup.status.success(), "a duplicate taint needs --overwrite");
+    c.server.ok(&["taint", "host", "host1", "gpu-", "x-"]);
+    let h1 = c
+        .server
+        .get("/apis/krvirt.io/v1/hosts/host1")
+        .await
+        .unwrap();
+    assert!(h1["spec"]["taints"].is_null(), "{h1}");
+    delete(&c, &["ssd", "notol", "tol"]);
+    gone(&c, &["ssd", "notol", "tol"]).await;
+
+    // Required anti-affinity on their own label: one per host, the fourth
+    // has nowhere to go.
+    let anti = json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"app": "spread"}},
+         "topologyKey": "kubernetes.io/hostname"}]}}});
+    let spread = ["spread0", "spread1", "spread2"];
+    for n in spread {
+        apply(&c, &vm(n, json!({"app": "spread"}), anti.clone()));
+    }
+    let mut hosts = Vec::new();
+    for n in spread {
+        hosts.push(placed(&c, n).await);
+    }
+    hosts.sort();
+    assert_eq!(hosts, ["host0", "host1", "host2"]);
+    apply(&c, &vm("spread3", json!({"app": "spread"}), anti.clone()));
+    let msg = unschedulable(&c, "spread3").await;
+    assert!(msg.contains("anti-affinity"), "{msg}");
+    assert!(msg.starts_with("0/3 hosts are available"), "{msg}");
+
+    // Too big for every host: a capacity reason.
+    apply(
+        &c,
+        &vm(
+            "huge",
+            json!({}),
+            json!({"domain": {"memory": {"guest": "4096Gi"}}}),
+        ),
+    );
+    let msg = unschedulable(&c, "huge").await;
+    assert!(msg.contains("3 insufficient memory"), "{msg}");
+    delete(&c, &["spread0", "spread1", "spread2", "spread3", "huge"]);
+    gone(&c, &["spread0", "spread1", "spread2", "spread3", "huge"]).await;
+
+    // Dedicated CPUs: chosen by the scheduler, recorded in the status and
+    // applied to the QEMU vCPU threads.
+    apply(
+        &c,
+        &vm(
+            "pinned",
+            json!({}),
+            json!({"domain": {"cpu": {"cores": 1, "dedicatedCpuPlacement": true},
+                              "resources": {"requests": {"cpu": "1"}}}}),
+        ),
+    );
+    let (_uid, pid) = c.server.running_vmi("pinned", None).await;
+    let vmi = c.server.vmi("pinned").await.unwrap();
+    let cpus = vmi["status"]["krvirtRuntime"]["dedicatedCpus"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no dedicatedCpus in {}", vmi["status"]))
+        .to_string();
+    assert_eq!(
+        vmi["metadata"]["annotations"]["krvirt.io/dedicated-cpus"],
+        Value::String(cpus.clone()),
+        "the agent applied the scheduler's choice"
+    );
+    let mut vcpu_threads = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        // QEMU names vCPU threads "CPU n/TCG" (debug-threads=on).
+        if comm.starts_with("CPU ") {
+            vcpu_threads += 1;
+            let status = std::fs::read_to_string(t.join("status")).unwrap();
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_string();
+            assert_eq!(allowed, cpus, "vCPU thread {comm:?}");
+        }
+    }
+    assert_eq!(vcpu_threads, 1, "one vCPU thread");
+    delete(&c, &["pinned"]);
+    gone(&c, &["pinned"]).await;
+}
