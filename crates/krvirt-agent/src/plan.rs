@@ -496,6 +496,8 @@ pub fn plan_with_volumes(
         accel,
         cpu: cpu(vmi),
         memory_bytes,
+        hugepages: None,
+        numa_nodes: Vec::new(),
         disks,
         nics,
         kernel_boot,
