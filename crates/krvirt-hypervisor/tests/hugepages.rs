@@ -60,7 +60,10 @@ fn memory_backing_is_validated() {
         mount: "/dev/hugepages".into(),
         page_size_bytes: 4096,
     });
-    assert_eq!(cfg.validate().unwrap_err().field, "hugepages.page_size_bytes");
+    assert_eq!(
+        cfg.validate().unwrap_err().field,
+        "hugepages.page_size_bytes"
+    );
     cfg.hugepages = Some(HugepagesBacking {
         mount: "/dev/hugepages".into(),
         page_size_bytes: 1024 * MIB,
@@ -96,7 +99,14 @@ fn meminfo(field: &str) -> u64 {
         .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim_start_matches(':').trim().split(' ').next()?.parse().ok())
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .trim()
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("no {field} in /proc/meminfo"))
 }
 
@@ -145,9 +155,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         with_lock(|| {
-            if let Ok(cur) = fs::read_to_string(NR)
-                .map(|s| s.trim().parse::<u64>().unwrap_or(0))
-            {
+            if let Ok(cur) = fs::read_to_string(NR).map(|s| s.trim().parse::<u64>().unwrap_or(0)) {
                 let _ = fs::write(NR, cur.saturating_sub(self.n).to_string());
             }
         });
@@ -213,8 +221,7 @@ async fn guest_ram_comes_from_the_hugepage_pool() {
     );
     let maps = fs::read_to_string(format!("/proc/{}/maps", h.pid())).unwrap();
     assert!(
-        maps.lines()
-            .any(|l| l.contains(mount.0.to_str().unwrap())),
+        maps.lines().any(|l| l.contains(mount.0.to_str().unwrap())),
         "no mapping of the hugetlbfs mount in QEMU's maps"
     );
     h.graceful_stop(Duration::ZERO).await.unwrap();

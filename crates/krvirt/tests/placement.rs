@@ -276,3 +276,138 @@ async fn placement_rules_on_three_hosts() {
     delete(&c, &["pinned"]);
     gone(&c, &["pinned"]).await;
 }
+
+fn meminfo(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .trim()
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/meminfo"))
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Changes of the kernel's hugepage pool, serialized across test
+/// processes (the hypervisor's hugepages test uses the same lock file).
+fn with_hugepage_lock<T>(f: impl FnOnce() -> T) -> T {
+    use std::os::fd::AsRawFd;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/krvirt-test-hugepages.lock")
+        .unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f()
+}
+
+/// `n` more 2 MiB pages in the pool while alive; fails loudly if the
+/// kernel cannot reserve them.
+struct Hugepages(u64);
+
+impl Hugepages {
+    fn reserve(n: u64) -> Hugepages {
+        with_hugepage_lock(|| {
+            let cur: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let before = meminfo("HugePages_Free");
+            std::fs::write(NR_HUGEPAGES, (cur + n).to_string())
+                .unwrap_or_else(|e| panic!("cannot reserve hugepages: {e}"));
+            let g = Hugepages(n);
+            let after = meminfo("HugePages_Free");
+            assert!(
+                after >= before + n,
+                "the kernel reserved {} of {n} 2 MiB hugepages",
+                after.saturating_sub(before)
+            );
+            g
+        })
+    }
+}
+
+impl Drop for Hugepages {
+    fn drop(&mut self) {
+        with_hugepage_lock(|| {
+            if let Ok(cur) = std::fs::read_to_string(NR_HUGEPAGES) {
+                let cur: u64 = cur.trim().parse().unwrap_or(0);
+                let _ = std::fs::write(NR_HUGEPAGES, cur.saturating_sub(self.0).to_string());
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hugepages_and_guest_numa_passthrough() {
+    let c = Cluster::start_with_agent_args(&[vec![]], &[("KRVIRT_HEARTBEAT_INTERVAL_MS", "1000")])
+        .await;
+    let _pool = Hugepages::reserve(40);
+    // The agent reports the pool (total and free) in the Host status.
+    c.until(
+        "host0 reports hugepages",
+        Duration::from_secs(60),
+        || async {
+            let h = c.server.get("/apis/krvirt.io/v1/hosts/host0").await.ok()?;
+            h["status"]["hugepages"]
+                .as_array()?
+                .iter()
+                .any(|p| p["pageSize"] == "2097152" && p["free"].as_u64() >= Some(32))
+                .then_some(())
+        },
+    )
+    .await;
+    let free_before = meminfo("HugePages_Free");
+
+    apply(
+        &c,
+        &vm(
+            "numa",
+            json!({}),
+            json!({"domain": {
+                "cpu": {"cores": 1, "dedicatedCpuPlacement": true,
+                        "numa": {"guestMappingPassthrough": {}}},
+                "memory": {"guest": "64Mi", "hugepages": {"pageSize": "2Mi"}},
+                "resources": {"requests": {"cpu": "1"}}}}),
+        ),
+    );
+    let (_uid, pid) = c.server.running_vmi("numa", None).await;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let mount = c.host("host0").data_dir.join("hugepages-2Mi");
+    let backend = format!(
+        "memory-backend-file,id=mem0,size=64M,mem-path={},share=off,prealloc=on,host-nodes=0,policy=bind",
+        mount.display()
+    );
+    assert!(args.contains(&backend), "{args:?}");
+    assert!(
+        args.contains(&"node,nodeid=0,cpus=0,memdev=mem0".to_string()),
+        "{args:?}"
+    );
+    // The guest's RAM is in the pool: its 32 pages are taken.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        maps.lines().any(|l| l.contains("hugepages-2Mi")),
+        "QEMU maps nothing from the hugetlbfs mount"
+    );
+    let free = meminfo("HugePages_Free");
+    assert!(
+        free_before.saturating_sub(free) >= 32,
+        "HugePages_Free {free_before} -> {free} with the guest running"
+    );
+    delete(&c, &["numa"]);
+    gone(&c, &["numa"]).await;
+}
