@@ -164,7 +164,6 @@ impl Cluster {
         agent_args: &[Vec<String>],
         env: &[(&str, &str)],
     ) -> Cluster {
-        let n = agent_args.len();
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -200,7 +199,7 @@ impl Cluster {
         ip(&["link", "set", &bridge, "up"]);
 
         let mut hosts = Vec::new();
-        for i in 0..n {
+        for (i, extra_args) in agent_args.iter().enumerate() {
             let ns = format!("kvt-{id}-{i}");
             let veth = format!("kvv{id}{i}");
             let peer = format!("kvp{id}{i}");
@@ -246,7 +245,7 @@ impl Cluster {
                 agent_url: String::new(),
                 join: None,
                 env: env.clone(),
-                extra_args: agent_args[i].clone(),
+                extra_args: extra_args.clone(),
             });
         }
 
