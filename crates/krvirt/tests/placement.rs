@@ -199,6 +199,30 @@ async fn placement_rules_on_three_hosts() {
     delete(&c, &["ssd", "notol", "tol"]);
     gone(&c, &["ssd", "notol", "tol"]).await;
 
+    // A NoExecute taint evicts a VMI that does not tolerate it: deleted
+    // (evictionStrategy unset), its VM starts it again on another host.
+    apply(&c, &vm("evict", json!({}), json!({})));
+    let first = placed(&c, "evict").await;
+    let uid = c.server.vmi("evict").await.unwrap()["metadata"]["uid"].clone();
+    c.server
+        .ok(&["taint", "host", &first, "evict=now:NoExecute"]);
+    let second = c
+        .until(
+            "VMI evict recreated on another host",
+            Duration::from_secs(120),
+            || async {
+                let v = c.server.vmi("evict").await?;
+                (v["metadata"]["uid"] != uid)
+                    .then(|| v["status"]["nodeName"].as_str().map(str::to_string))
+                    .flatten()
+            },
+        )
+        .await;
+    assert_ne!(second, first, "the new VMI avoids the NoExecute host");
+    c.server.ok(&["taint", "host", &first, "evict-"]);
+    delete(&c, &["evict"]);
+    gone(&c, &["evict"]).await;
+
     // Required anti-affinity on their own label: one per host, the fourth
     // has nowhere to go.
     let anti = json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [

@@ -43,7 +43,7 @@ pub mod scheduling;
 pub(crate) mod validate;
 
 pub use defaults::{default_firmware_uuid, default_pull_policy};
-pub use scheduling::{Affinity, Taint, TaintEffect, Toleration};
+pub use scheduling::{Affinity, Taint, TaintEffect, Toleration, TolerationOperator};
 
 use std::collections::BTreeMap;
 

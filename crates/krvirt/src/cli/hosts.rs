@@ -232,6 +232,11 @@ pub fn apply_taints(current: &[Value], args: &[String], overwrite: bool) -> Resu
         if let Some(v) = &t.value {
             new["value"] = json!(v);
         }
+        // Like Kubernetes: a NoExecute taint records when it appeared
+        // (tolerationSeconds count from then).
+        if effect == Some("NoExecute") {
+            new["timeAdded"] = json!(krvirt_api::meta::now_rfc3339());
+        }
         match taints.iter_mut().find(|v| same(v, effect)) {
             Some(old) if overwrite => *old = new,
             Some(_) => bail!(
