@@ -377,6 +377,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn taint_arguments_edit_the_list_like_kubectl() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let t = apply_taints(&[], &args(&["a=1:NoSchedule", "b:NoExecute"]), false).unwrap();
+        assert_eq!(
+            t[0],
+            json!({"key": "a", "value": "1", "effect": "NoSchedule"})
+        );
+        assert_eq!(t[1]["effect"], "NoExecute");
+        assert!(t[1]["timeAdded"].is_string(), "NoExecute records timeAdded");
+        // Same key and effect: refused unless --overwrite.
+        assert!(apply_taints(&t, &args(&["a=2:NoSchedule"]), false).is_err());
+        let o = apply_taints(&t, &args(&["a=2:NoSchedule"]), true).unwrap();
+        assert_eq!(o[0]["value"], "2");
+        // Same key, other effect: a second taint.
+        assert_eq!(
+            apply_taints(&t, &args(&["a:PreferNoSchedule"]), false)
+                .unwrap()
+                .len(),
+            3
+        );
+        // Removal: by key (every effect) or key and effect; unknown is an error.
+        let t2 = apply_taints(&t, &args(&["a:PreferNoSchedule"]), false).unwrap();
+        assert_eq!(apply_taints(&t2, &args(&["a-"]), false).unwrap().len(), 1);
+        assert_eq!(
+            apply_taints(&t2, &args(&["a:NoSchedule-"]), false)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(apply_taints(&t2, &args(&["zz-"]), false).is_err());
+        assert!(apply_taints(&t2, &args(&["bad"]), false).is_err());
+    }
+
+    #[test]
     fn eviction_follows_kubevirt() {
         let v = |s: Option<&str>| json!({"spec": {"evictionStrategy": s}});
         assert_eq!(eviction_for(&v(Some("LiveMigrate"))), Eviction::Migrate);
