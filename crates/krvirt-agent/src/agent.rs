@@ -52,6 +52,53 @@ use crate::plan::{self, ImageResolver, PrepStep};
 pub const GRACE_ANNOTATION: &str = "krvirt.io/stop-grace-period-seconds";
 /// Condition reason when `dedicatedCpuPlacement` cannot be met here now.
 pub const REASON_INSUFFICIENT_CPUS: &str = "InsufficientDedicatedCpus";
+/// The VMI's hugepages could not be provided (pool too small, no mount).
+pub const REASON_HUGEPAGES: &str = "InsufficientHugepages";
+
+/// The hugetlbfs mount for pages of `size` bytes under the data dir
+/// (`{data_dir}/hugepages-2Mi`), mounted (mode 1777: the unprivileged QEMU
+/// user creates its backing file there) unless it already is.
+pub fn hugetlbfs_mount(data_dir: &Path, name: &str, size: u64) -> Result<PathBuf, String> {
+    let dir = data_dir.join(format!("hugepages-{name}"));
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.get(4).is_some_and(|m| Path::new(m) == dir)
+                && l.split(" - ")
+                    .nth(1)
+                    .is_some_and(|t| t.starts_with("hugetlbfs "))
+        });
+    if mounted {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let pagesize = if size >= 1 << 30 {
+        format!("{}G", size >> 30)
+    } else {
+        format!("{}M", size >> 20)
+    };
+    let out = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "hugetlbfs",
+            "-o",
+            &format!("pagesize={pagesize},mode=1777"),
+            "hugetlbfs",
+        ])
+        .arg(&dir)
+        .output()
+        .map_err(|e| format!("running mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mounting hugetlbfs ({pagesize} pages) on {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(dir)
+}
 /// VMI status `reason` when the guest powered itself off.
 pub const REASON_GUEST_SHUTDOWN: &str = "GuestShutdown";
 /// File in each run directory naming the VMI it belongs to.
@@ -103,6 +150,8 @@ pub struct AgentConfig {
     pub qemu_bin: PathBuf,
     /// Labels of the Host object (nodeSelector matches them).
     pub labels: BTreeMap<String, String>,
+    /// Taints the Host is created with (an existing Host keeps its own).
+    pub taints: Vec<krvirt_api::kubevirt::Taint>,
     pub heartbeat_interval: Duration,
     /// Filesystem root for inventory and accelerator detection (`/`).
     pub sys_root: PathBuf,
@@ -125,6 +174,7 @@ impl AgentConfig {
             accel_mode: AccelMode::Auto,
             qemu_bin: krvirt_hypervisor::qemu_binary(),
             labels: BTreeMap::new(),
+            taints: Vec::new(),
             // KRVIRT_HEARTBEAT_INTERVAL_MS: tests renew the lease faster.
             heartbeat_interval: std::env::var("KRVIRT_HEARTBEAT_INTERVAL_MS")
                 .ok()
@@ -567,7 +617,10 @@ impl Agent {
                 labels: labels.clone(),
                 ..Default::default()
             },
-            spec: HostSpec::default(),
+            spec: HostSpec {
+                taints: self.inner.cfg.taints.clone(),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let obj = serde_json::to_value(&host).map_err(|source| AgentError::Decode {
@@ -1075,6 +1128,9 @@ impl Agent {
                 Err(message) => return self.refuse_cpus(key, rv, vmi, message).await,
             }
         }
+        if let Err(message) = self.memory_backing(vmi, &mut config) {
+            return self.fail(key, rv, vmi, REASON_HUGEPAGES, message).await;
+        }
         let launched =
             launch_with(&config, &self.inner.cfg.qemu_bin, &self.inner.launch_opts).await;
         let handle = match launched {
@@ -1170,6 +1226,68 @@ impl Agent {
     /// vCPU i on the i-th), checked against this host; without a placement,
     /// free CPUs no other local guest has, highest first (CPU 0 usually
     /// serves the host), in ascending order.
+    /// Hugepages (`domain.memory.hugepages`) and guest NUMA passthrough
+    /// (`domain.cpu.numa.guestMappingPassthrough`, after the dedicated
+    /// CPUs are chosen): the hugetlbfs mount, a check that the pool has
+    /// enough free pages, and the guest NUMA nodes.
+    fn memory_backing(
+        &self,
+        vmi: &VirtualMachineInstance,
+        config: &mut krvirt_hypervisor::VmConfig,
+    ) -> Result<(), String> {
+        let d = &vmi.spec.domain;
+        let Some(hp) = d.memory.as_ref().and_then(|m| m.hugepages.as_ref()) else {
+            return Ok(());
+        };
+        let size = hp.page_size_bytes().ok_or_else(|| {
+            format!(
+                "spec.domain.memory.hugepages.pageSize {:?} is not supported",
+                hp.page_size
+            )
+        })?;
+        let sys = self.inner.cfg.sys_root.join(format!(
+            "sys/kernel/mm/hugepages/hugepages-{}kB/free_hugepages",
+            size / 1024
+        ));
+        let free: u64 = std::fs::read_to_string(&sys)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let need = config.memory_bytes.div_ceil(size);
+        if free < need {
+            return Err(format!(
+                "guest memory needs {need} free {} hugepages; host {} has {free}",
+                hp.page_size, self.inner.cfg.node_name
+            ));
+        }
+        let mount = hugetlbfs_mount(&self.inner.cfg.data_dir, &hp.page_size, size)?;
+        config.hugepages = Some(krvirt_hypervisor::HugepagesBacking {
+            mount,
+            page_size_bytes: size,
+        });
+        let passthrough = d
+            .cpu
+            .as_ref()
+            .and_then(|c| c.numa.as_ref())
+            .is_some_and(|n| n.guest_mapping_passthrough.is_some());
+        if passthrough && !config.resources.dedicated_cpus.is_empty() {
+            let inv = read_inventory(&self.inner.cfg.sys_root).map_err(|e| e.to_string())?;
+            let node_of = |cpu: u32| {
+                inv.cpus
+                    .iter()
+                    .find(|c| c.id == cpu)
+                    .map_or(0, |c| c.numa_node)
+            };
+            config.numa_nodes = plan::numa_passthrough(
+                &config.resources.dedicated_cpus,
+                node_of,
+                config.memory_bytes,
+                size,
+            );
+        }
+        Ok(())
+    }
+
     fn free_cpus(&self, want: usize, placed: Option<&str>) -> Result<Vec<u32>, String> {
         use krvirt_hypervisor::isolation::{format_cpu_list, parse_cpu_list};
         let allowed = krvirt_hypervisor::isolation::allowed_cpus(0).map_err(|e| e.to_string())?;

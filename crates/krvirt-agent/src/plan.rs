@@ -496,6 +496,8 @@ pub fn plan_with_volumes(
         accel,
         cpu: cpu(vmi),
         memory_bytes,
+        hugepages: None,
+        numa_nodes: Vec::new(),
         disks,
         nics,
         kernel_boot,
@@ -518,3 +520,72 @@ pub fn plan_with_volumes(
 
 #[cfg(test)]
 mod tests;
+
+/// KubeVirt's `numa.guestMappingPassthrough`: one guest NUMA node per host
+/// NUMA node the dedicated CPUs are on (in order of first appearance),
+/// holding the vCPUs pinned there and a share of RAM proportional to them
+/// (whole `unit`s, the rest on the last node), bound to that host node.
+/// `node_of` maps a host CPU id to its NUMA node.
+pub fn numa_passthrough(
+    dedicated_cpus: &[u32],
+    node_of: impl Fn(u32) -> u32,
+    memory_bytes: u64,
+    unit: u64,
+) -> Vec<krvirt_hypervisor::GuestNumaNode> {
+    let mut nodes: Vec<(u32, Vec<u32>)> = Vec::new();
+    for (vcpu, cpu) in dedicated_cpus.iter().enumerate() {
+        let host = node_of(*cpu);
+        match nodes.iter_mut().find(|(h, _)| *h == host) {
+            Some((_, v)) => v.push(vcpu as u32),
+            None => nodes.push((host, vec![vcpu as u32])),
+        }
+    }
+    let total = dedicated_cpus.len().max(1) as u64;
+    let units = memory_bytes / unit.max(1);
+    let mut given = 0u64;
+    let count = nodes.len();
+    nodes
+        .into_iter()
+        .enumerate()
+        .map(|(i, (host, vcpus))| {
+            let share = if i + 1 == count {
+                units - given
+            } else {
+                (units * vcpus.len() as u64 / total).max(1)
+            };
+            given += share;
+            krvirt_hypervisor::GuestNumaNode {
+                vcpus,
+                memory_bytes: share * unit,
+                host_node: Some(host),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod numa_tests {
+    use super::numa_passthrough;
+
+    #[test]
+    fn guest_nodes_mirror_the_host_nodes_of_the_pinned_cpus() {
+        // Host CPUs 0-3 on node 0, 4-7 on node 1; vCPUs pinned 5,1,6,2.
+        let nodes = numa_passthrough(&[5, 1, 6, 2], |c| c / 4, 256 << 20, 2 << 20);
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0].host_node, Some(1));
+        assert_eq!(nodes[0].vcpus, vec![0, 2]);
+        assert_eq!(nodes[1].host_node, Some(0));
+        assert_eq!(nodes[1].vcpus, vec![1, 3]);
+        assert_eq!(nodes[0].memory_bytes, 128 << 20);
+        assert_eq!(nodes[1].memory_bytes, 128 << 20);
+        // Uneven: 3 vCPUs on one node, 1 on the other; RAM adds up.
+        let nodes = numa_passthrough(&[0, 1, 2, 4], |c| c / 4, 66 << 20, 2 << 20);
+        assert_eq!(nodes[0].memory_bytes + nodes[1].memory_bytes, 66 << 20);
+        assert_eq!(nodes[0].memory_bytes, 48 << 20);
+        // One host node: one guest node with everything.
+        let nodes = numa_passthrough(&[0, 1], |_| 0, 64 << 20, 2 << 20);
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].vcpus, vec![0, 1]);
+        assert_eq!(nodes[0].memory_bytes, 64 << 20);
+    }
+}

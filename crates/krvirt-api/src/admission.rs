@@ -24,10 +24,20 @@ pub const NOT_IMPLEMENTED: &str = "supported by KubeVirt but not implemented by 
 /// VM), list indices removed.
 pub(crate) const VMI_SPEC_NOT_IMPLEMENTED: &[&str] = &[
     "priorityClassName",
-    "affinity",
     "schedulerName",
+    "affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution.namespaceSelector",
+    "affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution.matchLabelKeys",
+    "affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution.mismatchLabelKeys",
+    "affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution.podAffinityTerm.namespaceSelector",
+    "affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution.podAffinityTerm.matchLabelKeys",
+    "affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution.podAffinityTerm.mismatchLabelKeys",
+    "affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution.namespaceSelector",
+    "affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution.matchLabelKeys",
+    "affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution.mismatchLabelKeys",
+    "affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution.podAffinityTerm.namespaceSelector",
+    "affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution.podAffinityTerm.matchLabelKeys",
+    "affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution.podAffinityTerm.mismatchLabelKeys",
     "serviceAccountName",
-    "tolerations",
     "topologySpreadConstraints",
     "startStrategy",
     "livenessProbe",
@@ -43,10 +53,8 @@ pub(crate) const VMI_SPEC_NOT_IMPLEMENTED: &[&str] = &[
     "domain.launchSecurity",
     "domain.rebootPolicy",
     "domain.cpu.features",
-    "domain.cpu.numa",
     "domain.cpu.realtime",
     "domain.cpu.maxSockets",
-    "domain.memory.hugepages",
     "domain.memory.maxGuest",
     "domain.memory.reservedOverhead",
     "domain.firmware.acpi",
@@ -181,7 +189,14 @@ pub fn not_implemented_fields(kind: &crate::KindInfo) -> Vec<String> {
             out.push_str(part);
             if matches!(
                 acc.as_str(),
-                "domain.devices.disks" | "domain.devices.interfaces" | "networks" | "volumes"
+                "domain.devices.disks"
+                    | "domain.devices.interfaces"
+                    | "networks"
+                    | "volumes"
+                    | "affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                    | "affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution"
+                    | "affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                    | "affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution"
             ) && acc != rel
             {
                 out.push_str("[]");

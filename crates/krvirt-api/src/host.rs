@@ -55,6 +55,15 @@ pub struct HostSpec {
     /// Cordoned: the scheduler places no new VMIs here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unschedulable: Option<bool>,
+    /// Taints: VMIs that do not tolerate them are not placed here
+    /// (`NoSchedule`), avoided (`PreferNoSchedule`), or also evicted
+    /// (`NoExecute`).
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub taints: Vec<crate::kubevirt::Taint>,
 }
 
 /// What the agent observed on the host.
@@ -241,6 +250,7 @@ impl Admit for Host {
         if let Some(old) = old {
             immutable_identity(&old.metadata, &self.metadata, c);
         }
+        crate::kubevirt::scheduling::taints(&self.spec.taints, "spec.taints", c);
         let Some(status) = &self.status else { return };
         for (name, res) in [
             ("capacity", &status.capacity),

@@ -14,7 +14,16 @@
 //! elsewhere), so its reconcile stops the stale QEMU and removes its run
 //! directory before doing anything else — the uid is the fencing epoch.
 //!
-//! The decisions ([`lease_expired`], [`fence_step`]) are pure functions.
+//! NoExecute taints: a VMI on a live host that has a `NoExecute` taint it
+//! does not tolerate (or whose `tolerationSeconds` ran out since the
+//! taint's `timeAdded`) is evicted as KubeVirt would: live-migrated when
+//! its `evictionStrategy` is `LiveMigrate` or `LiveMigrateIfPossible` (a
+//! VirtualMachineInstanceMigration named `{vmi}-noexecute-{uid prefix}`),
+//! else deleted (its VM's runStrategy starts it again elsewhere; the
+//! scheduler keeps it off the tainted host).
+//!
+//! The decisions ([`lease_expired`], [`fence_step`], [`noexecute_step`])
+//! are pure functions.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -43,6 +52,8 @@ pub const LEASE_ENV: &str = "KRVIRT_HOST_LEASE_SECONDS";
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(40);
 /// Host `Ready=False` reason when its lease expired.
 pub const REASON_LEASE_EXPIRED: &str = "NodeLeaseExpired";
+/// Event reason when a NoExecute taint evicts a VMI (Kubernetes').
+pub const REASON_TAINT_EVICTION: &str = "TaintManagerEviction";
 /// VMI reason when its host stopped renewing its lease (KubeVirt's).
 pub const REASON_NODE_UNRESPONSIVE: &str = "NodeUnresponsive";
 
@@ -138,6 +149,57 @@ pub fn fenced_status(st: &mut VirtualMachineInstanceStatus, host: &str) {
     }
 }
 
+/// What a host's NoExecute taints do to one VMI on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoExecute {
+    /// Tolerated (or nothing to do: not running there, being deleted).
+    Stay,
+    /// Live-migrate it away.
+    Migrate,
+    /// Delete it.
+    Delete,
+}
+
+/// The NoExecute decision for `vmi` on a host with `taints`.
+pub fn noexecute_step(
+    vmi: &VirtualMachineInstance,
+    taints: &[krvirt_api::kubevirt::Taint],
+    now: chrono::DateTime<chrono::Utc>,
+) -> NoExecute {
+    use krvirt_api::kubevirt::{EvictionStrategy, TaintEffect};
+    let st = vmi.status.as_ref();
+    if vmi.metadata.deletion_timestamp.is_some()
+        || st.and_then(|s| s.node_name.as_ref()).is_none()
+        || st.and_then(|s| s.phase).is_some_and(VmiPhase::is_final)
+    {
+        return NoExecute::Stay;
+    }
+    let evicted = taints
+        .iter()
+        .filter(|t| t.effect == TaintEffect::NoExecute)
+        .any(|t| {
+            !vmi.spec.tolerations.iter().any(|tol| {
+                tol.tolerates(t)
+                    && match (tol.toleration_seconds, t.time_added.as_deref()) {
+                        (None, _) => true,
+                        (Some(secs), Some(added)) => parse_rfc3339(added)
+                            .is_none_or(|a| now < a + chrono::Duration::seconds(secs.max(0))),
+                        // Unknown start: the grace period counts from now on.
+                        (Some(_), None) => true,
+                    }
+            })
+        });
+    if !evicted {
+        return NoExecute::Stay;
+    }
+    match vmi.spec.eviction_strategy {
+        Some(EvictionStrategy::LiveMigrate | EvictionStrategy::LiveMigrateIfPossible) => {
+            NoExecute::Migrate
+        }
+        _ => NoExecute::Delete,
+    }
+}
+
 /// Watches host leases and fences the VMIs of lost hosts.
 pub struct HostLifecycle {
     registry: Registry,
@@ -179,6 +241,7 @@ impl HostLifecycle {
             .await?;
         let now = chrono::Utc::now();
         let mut lost: HashMap<String, bool> = HashMap::new();
+        let mut taints: HashMap<String, Vec<krvirt_api::kubevirt::Taint>> = HashMap::new();
         for h in hosts {
             let Ok(host) = serde_json::from_value::<Host>(h) else {
                 continue;
@@ -186,6 +249,7 @@ impl HostLifecycle {
             let name = host.metadata.name.clone().unwrap_or_default();
             let expired = lease_expired(&host, now, self.lease);
             lost.insert(name.clone(), expired);
+            taints.insert(name.clone(), host.spec.taints.clone());
             let ready = host
                 .status
                 .as_ref()
@@ -210,8 +274,20 @@ impl HostLifecycle {
             let host_lost = lost.get(&node).copied().unwrap_or(true);
             match fence_step(&vmi, host_lost) {
                 Fence::None => {}
-                Fence::Fail => self.fail(&vmi, &node).await,
-                Fence::ReleaseFinalizer => self.release(&vmi).await,
+                Fence::Fail => {
+                    self.fail(&vmi, &node).await;
+                    continue;
+                }
+                Fence::ReleaseFinalizer => {
+                    self.release(&vmi).await;
+                    continue;
+                }
+            }
+            let host_taints = taints.get(&node).map(Vec::as_slice).unwrap_or_default();
+            match noexecute_step(&vmi, host_taints, now) {
+                NoExecute::Stay => {}
+                NoExecute::Migrate => self.evict_by_migration(&vmi, &node).await,
+                NoExecute::Delete => self.evict_by_deletion(&vmi, &node).await,
             }
         }
         Ok(())
@@ -290,6 +366,74 @@ impl HostLifecycle {
                 );
             }
             Err(e) => debug!(vmi = %name, error = %e, "fencing not written"),
+        }
+    }
+
+    fn record(&self, vmi: &VirtualMachineInstance, message: &str) {
+        self.events.record_ref(
+            ObjectReference {
+                kind: Some("VirtualMachineInstance".into()),
+                namespace: vmi.metadata.namespace.clone(),
+                name: vmi.metadata.name.clone(),
+                uid: vmi.metadata.uid.clone(),
+                api_version: Some("kubevirt.io/v1".into()),
+                ..Default::default()
+            },
+            WARNING,
+            REASON_TAINT_EVICTION,
+            message,
+        );
+    }
+
+    async fn evict_by_migration(&self, vmi: &VirtualMachineInstance, node: &str) {
+        let Some(mig_kind) = krvirt_api::find_kind("virtualmachineinstancemigrations") else {
+            return;
+        };
+        let (ns, name) = (vmi.metadata.namespace(), vmi.metadata.name());
+        if vmi
+            .status
+            .as_ref()
+            .and_then(|s| s.migration_state.as_ref())
+            .is_some_and(|m| m.completed != Some(true) && m.failed != Some(true))
+        {
+            return;
+        }
+        let uid = vmi.metadata.uid.clone().unwrap_or_default();
+        let short: String = uid.chars().take(8).collect();
+        let mig = json!({
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstanceMigration",
+            "metadata": {"name": format!("{name}-noexecute-{short}"), "namespace": ns},
+            "spec": {"vmiName": name}
+        });
+        match self.registry.create(mig_kind, ns, mig).await {
+            Ok(_) => {
+                info!(vmi = %name, host = %node, "NoExecute taint: migrating the VMI away");
+                self.record(
+                    vmi,
+                    &format!("host {node} has a NoExecute taint the VMI does not tolerate; live-migrating it"),
+                );
+            }
+            Err(ApiError::AlreadyExists { .. }) => {}
+            Err(e) => debug!(vmi = %name, error = %e, "eviction migration not created"),
+        }
+    }
+
+    async fn evict_by_deletion(&self, vmi: &VirtualMachineInstance, node: &str) {
+        let (ns, name) = (vmi.metadata.namespace(), vmi.metadata.name());
+        let pre = krvirt_server::Preconditions {
+            uid: vmi.metadata.uid.clone(),
+            resource_version: None,
+        };
+        match self.registry.delete(self.vmi, ns, name, &pre).await {
+            Ok(_) => {
+                info!(vmi = %name, host = %node, "NoExecute taint: deleted the VMI");
+                self.record(
+                    vmi,
+                    &format!("host {node} has a NoExecute taint the VMI does not tolerate; the VMI was deleted"),
+                );
+            }
+            Err(e) => debug!(vmi = %name, error = %e, "eviction delete failed"),
         }
     }
 
@@ -389,5 +533,55 @@ mod tests {
         assert_eq!(st.phase, Some(VmiPhase::Failed));
         assert_eq!(st.reason.as_deref(), Some(REASON_NODE_UNRESPONSIVE));
         assert_eq!(st.migration_state.unwrap().failed, Some(true));
+    }
+
+    #[test]
+    fn noexecute_taints_evict_what_does_not_tolerate_them() {
+        use krvirt_api::kubevirt::{
+            EvictionStrategy, Taint, TaintEffect, Toleration, TolerationOperator,
+        };
+        let now = chrono::Utc::now();
+        let taint = |effect, added: Option<chrono::DateTime<chrono::Utc>>| Taint {
+            key: "maint".into(),
+            value: None,
+            effect,
+            time_added: added.map(krvirt_api::meta::to_rfc3339),
+        };
+        let mut v = vmi("Running", false, true);
+        let ne = [taint(TaintEffect::NoExecute, None)];
+        assert_eq!(noexecute_step(&v, &ne, now), NoExecute::Delete);
+        // NoSchedule never evicts.
+        assert_eq!(
+            noexecute_step(&v, &[taint(TaintEffect::NoSchedule, None)], now),
+            NoExecute::Stay
+        );
+        v.spec.eviction_strategy = Some(EvictionStrategy::LiveMigrate);
+        assert_eq!(noexecute_step(&v, &ne, now), NoExecute::Migrate);
+        // Tolerated forever, then for 30 s from timeAdded.
+        let mut tol = Toleration {
+            key: Some("maint".into()),
+            operator: Some(TolerationOperator::Exists),
+            effect: Some(TaintEffect::NoExecute),
+            ..Default::default()
+        };
+        v.spec.tolerations = vec![tol.clone()];
+        assert_eq!(noexecute_step(&v, &ne, now), NoExecute::Stay);
+        tol.toleration_seconds = Some(30);
+        v.spec.tolerations = vec![tol];
+        let recent = [taint(
+            TaintEffect::NoExecute,
+            Some(now - chrono::Duration::seconds(10)),
+        )];
+        let old = [taint(
+            TaintEffect::NoExecute,
+            Some(now - chrono::Duration::seconds(40)),
+        )];
+        assert_eq!(noexecute_step(&v, &recent, now), NoExecute::Stay);
+        assert_eq!(noexecute_step(&v, &old, now), NoExecute::Migrate);
+        // Ended or deleting VMIs are left alone.
+        let done = vmi("Succeeded", false, true);
+        assert_eq!(noexecute_step(&done, &ne, now), NoExecute::Stay);
+        let deleting = vmi("Running", true, true);
+        assert_eq!(noexecute_step(&deleting, &ne, now), NoExecute::Stay);
     }
 }

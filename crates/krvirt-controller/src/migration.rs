@@ -99,7 +99,8 @@ fn host_ready(h: &Host, now: chrono::DateTime<chrono::Utc>) -> bool {
 }
 
 /// The target host for a VMI leaving `source`: Ready, not cordoned, not
-/// the source, matching the VMI's nodeSelector and `added`; among those,
+/// the source, matching the VMI's nodeSelector and `added`, without a
+/// NoSchedule/NoExecute taint the VMI does not tolerate; among those,
 /// the one with the fewest VMIs (`load`), then by name.
 pub fn choose_target(
     vmi: &VirtualMachineInstance,
@@ -125,6 +126,11 @@ pub fn choose_target(
             why.push(format!("{name}: cordoned"));
         } else if !matches(&vmi.spec.node_selector) || !matches(added) {
             why.push(format!("{name}: does not match the node selectors"));
+        } else if let Some(t) = h.spec.taints.iter().find(|t| {
+            t.effect != krvirt_api::kubevirt::TaintEffect::PreferNoSchedule
+                && !vmi.spec.tolerations.iter().any(|tol| tol.tolerates(t))
+        }) {
+            why.push(format!("{name}: has the untolerated taint {t}"));
         } else {
             fit.push(name);
         }
@@ -987,5 +993,34 @@ mod tests {
             chrono::Utc::now(),
         );
         assert_eq!(t.as_deref(), Ok("c"));
+    }
+
+    #[test]
+    fn target_must_tolerate_the_hosts_taints() {
+        use krvirt_api::kubevirt::{Taint, TaintEffect, Toleration, TolerationOperator};
+        let mut b = host("b", true, false, &[]);
+        b.spec.taints = vec![Taint {
+            key: "maint".into(),
+            value: None,
+            effect: TaintEffect::NoSchedule,
+            time_added: None,
+        }];
+        let hosts = [host("a", true, false, &[]), b];
+        let now = chrono::Utc::now();
+        let none = BTreeMap::new();
+        let t = choose_target(&vmi("a", None), "a", &none, &hosts, &HashMap::new(), now);
+        assert!(
+            t.as_ref()
+                .is_err_and(|e| e.contains("untolerated taint maint:NoSchedule")),
+            "{t:?}"
+        );
+        let mut v = vmi("a", None);
+        v.spec.tolerations = vec![Toleration {
+            key: Some("maint".into()),
+            operator: Some(TolerationOperator::Exists),
+            ..Default::default()
+        }];
+        let t = choose_target(&v, "a", &none, &hosts, &HashMap::new(), now);
+        assert_eq!(t.as_deref(), Ok("b"));
     }
 }

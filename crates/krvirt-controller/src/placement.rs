@@ -5,8 +5,10 @@
 //! snapshot: a host is Ready when its agent's heartbeat is recent; its
 //! taints come from `spec.taints`, its over-commit from the annotations
 //! `krvirt.io/cpu-allocation-ratio` and `krvirt.io/memory-overcommit-percent`
-//! (else KubeVirt's defaults: 10 and 100); a VMI's affinity and tolerations
-//! from `spec.affinity` / `spec.tolerations` (Kubernetes' JSON) when present.
+//! (else KubeVirt's defaults: 10 and 100); a VMI's affinity, tolerations
+//! and hugepages from `spec.affinity`, `spec.tolerations` and
+//! `spec.domain.memory.hugepages`, its labels (matched by other VMIs'
+//! affinity terms) from `metadata.labels`.
 //! A VMI with `dedicatedCpuPlacement` gets its exclusive host CPUs recorded
 //! in the annotation [`DEDICATED_CPUS_ANNOTATION`] (`"2,3"`), which the
 //! agent applies. A VMI no host can take stays Pending with a
@@ -65,35 +67,16 @@ fn host_ready(host: &Host, now: chrono::DateTime<chrono::Utc>) -> bool {
     ready && fresh
 }
 
-/// A field of a raw object, decoded if present and well-formed.
-fn raw_field<T: serde::de::DeserializeOwned>(raw: &Value, pointer: &str) -> Option<T> {
-    raw.pointer(pointer)
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
+/// An API value converted to the scheduler's model of the same
+/// Kubernetes JSON (both follow `core/v1`'s field names).
+fn to_model<A: serde::Serialize, M: serde::de::DeserializeOwned + Default>(v: &A) -> M {
+    serde_json::to_value(v)
+        .and_then(serde_json::from_value)
+        .unwrap_or_default()
 }
 
-/// Decode `raw` as `T`, ignoring the scheduling fields this module reads
-/// from the raw JSON itself (so an API that does not type them yet still
-/// decodes).
-fn decode_sans<T: serde::de::DeserializeOwned>(raw: &Value, fields: &[(&str, &str)]) -> Option<T> {
-    let mut v = raw.clone();
-    for (parent, field) in fields {
-        if let Some(Value::Object(m)) = v.pointer_mut(parent) {
-            m.remove(*field);
-        }
-    }
-    serde_json::from_value(v).ok()
-}
-
-const HOST_RAW_FIELDS: &[(&str, &str)] = &[("/spec", "taints")];
-const VMI_RAW_FIELDS: &[(&str, &str)] = &[
-    ("/spec", "affinity"),
-    ("/spec", "tolerations"),
-    ("/spec/domain/memory", "hugepages"),
-];
-
-/// The scheduler's view of a Host (`raw` is the same object as JSON, for
-/// fields the typed Host does not carry, such as `spec.taints`).
-pub fn host_info(host: &Host, raw: &Value, now: chrono::DateTime<chrono::Utc>) -> HostInfo {
+/// The scheduler's view of a Host.
+pub fn host_info(host: &Host, now: chrono::DateTime<chrono::Utc>) -> HostInfo {
     let st = host.status.as_ref();
     let res = st.and_then(|s| s.allocatable.as_ref().or(s.capacity.as_ref()));
     let ann = &host.metadata.annotations;
@@ -117,7 +100,16 @@ pub fn host_info(host: &Host, raw: &Value, now: chrono::DateTime<chrono::Utc>) -
         labels: host.metadata.labels.clone(),
         ready: host_ready(host, now),
         unschedulable: host.spec.unschedulable == Some(true),
-        taints: raw_field(raw, "/spec/taints").unwrap_or_default(),
+        taints: host
+            .spec
+            .taints
+            .iter()
+            .map(|t| krvirt_scheduler::Taint {
+                key: t.key.clone(),
+                value: t.value.clone(),
+                effect: taint_effect(t.effect),
+            })
+            .collect(),
         cpu_millis: res
             .and_then(|r| r.cpu.as_ref())
             .and_then(|q| q.millis().ok())
@@ -165,9 +157,20 @@ pub fn host_info(host: &Host, raw: &Value, now: chrono::DateTime<chrono::Utc>) -
     }
 }
 
-/// The scheduler's view of a VMI (`raw`: the same object as JSON, for
-/// `spec.affinity`, `spec.tolerations` and hugepages).
-pub fn vmi_request(vmi: &VirtualMachineInstance, raw: &Value) -> VmiRequest {
+fn taint_effect(e: krvirt_api::kubevirt::TaintEffect) -> krvirt_scheduler::TaintEffect {
+    use krvirt_api::kubevirt::TaintEffect as A;
+    match e {
+        A::NoSchedule => krvirt_scheduler::TaintEffect::NoSchedule,
+        A::PreferNoSchedule => krvirt_scheduler::TaintEffect::PreferNoSchedule,
+        A::NoExecute => krvirt_scheduler::TaintEffect::NoExecute,
+    }
+}
+
+/// The scheduler's view of a VMI. Its labels (for other VMIs' affinity
+/// terms) are the VMI's `metadata.labels`, as KubeVirt's launcher pod
+/// inherits them. Guest NUMA passthrough needs no NUMA fitting of its own:
+/// the guest mirrors the host NUMA nodes of its dedicated CPUs.
+pub fn vmi_request(vmi: &VirtualMachineInstance) -> VmiRequest {
     let vcpus = vmi.spec.vcpus();
     let cpu = vmi.spec.domain.cpu.as_ref();
     VmiRequest {
@@ -185,15 +188,17 @@ pub fn vmi_request(vmi: &VirtualMachineInstance, raw: &Value) -> VmiRequest {
             .unwrap_or(u64::from(vcpus) * 1000),
         memory_bytes: vmi.spec.guest_memory_bytes().ok().flatten().unwrap_or(0),
         node_selector: vmi.spec.node_selector.clone(),
-        affinity: raw_field(raw, "/spec/affinity").unwrap_or_default(),
-        tolerations: raw_field(raw, "/spec/tolerations").unwrap_or_default(),
+        affinity: vmi.spec.affinity.as_ref().map(to_model).unwrap_or_default(),
+        tolerations: vmi.spec.tolerations.iter().map(to_model).collect(),
         dedicated_cpus: cpu.is_some_and(|c| c.dedicated_cpu_placement),
         guest_numa_nodes: 0,
-        hugepage_size: raw_field::<krvirt_api::quantity::Quantity>(
-            raw,
-            "/spec/domain/memory/hugepages/pageSize",
-        )
-        .and_then(|q| q.value().ok()),
+        hugepage_size: vmi
+            .spec
+            .domain
+            .memory
+            .as_ref()
+            .and_then(|m| m.hugepages.as_ref())
+            .and_then(|h| h.page_size_bytes()),
     }
 }
 
@@ -207,17 +212,17 @@ pub fn schedule(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Placement, String> {
     let vmi: VirtualMachineInstance =
-        decode_sans(raw_vmi, VMI_RAW_FIELDS).ok_or_else(|| "undecodable VMI".to_string())?;
+        serde_json::from_value(raw_vmi.clone()).map_err(|e| format!("undecodable VMI: {e}"))?;
     let hosts: Vec<HostInfo> = raw_hosts
         .iter()
         .filter_map(|raw| {
-            let h: Host = decode_sans(raw, HOST_RAW_FIELDS)?;
-            Some(host_info(&h, raw, now))
+            let h: Host = serde_json::from_value(raw.clone()).ok()?;
+            Some(host_info(&h, now))
         })
         .collect();
     let mut sched = Scheduler::new(hosts, Overcommit::default());
     for raw in raw_placed {
-        let Some(p) = decode_sans::<VirtualMachineInstance>(raw, VMI_RAW_FIELDS) else {
+        let Ok(p) = serde_json::from_value::<VirtualMachineInstance>(raw.clone()) else {
             continue;
         };
         let Some(st) = p.status.as_ref() else {
@@ -229,7 +234,7 @@ pub fn schedule(
         if st.phase.is_some_and(VmiPhase::is_final) {
             continue;
         }
-        let req = vmi_request(&p, raw);
+        let req = vmi_request(&p);
         let cpus = p
             .metadata
             .annotations
@@ -258,7 +263,7 @@ pub fn schedule(
         }
     }
     sched
-        .schedule(&vmi_request(&vmi, raw_vmi))
+        .schedule(&vmi_request(&vmi))
         .map_err(|e| e.to_string())
 }
 
@@ -296,13 +301,7 @@ pub async fn reconcile(
         .pointer("/metadata/resourceVersion")
         .cloned()
         .unwrap_or(Value::Null);
-    let mut typed = raw.clone();
-    for (parent, field) in VMI_RAW_FIELDS {
-        if let Some(Value::Object(m)) = typed.pointer_mut(parent) {
-            m.remove(*field);
-        }
-    }
-    let vmi: VirtualMachineInstance = decode("VMI", typed)?;
+    let vmi: VirtualMachineInstance = decode("VMI", raw.clone())?;
     let st = vmi.status.clone().unwrap_or_default();
     if vmi.metadata.deletion_timestamp.is_some()
         || st.node_name.is_some()

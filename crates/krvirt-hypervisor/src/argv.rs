@@ -71,6 +71,57 @@ pub fn disk_format_node(index: usize) -> String {
     format!("drive{index}-fmt")
 }
 
+fn size_arg(bytes: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    if bytes.is_multiple_of(MIB) {
+        format!("{}M", bytes / MIB)
+    } else {
+        format!("{bytes}")
+    }
+}
+
+/// `-object memory-backend-*` for hugepages and guest NUMA nodes, and the
+/// `-numa node` options. Hugepages: `memory-backend-file` on the hugetlbfs
+/// mount, `prealloc=on` (every page is taken at start, so a short pool
+/// fails the launch instead of the guest later) and `share=off` (a private
+/// mapping: nothing else maps guest RAM).
+fn memory_backends(a: &mut Argv, cfg: &VmConfig) {
+    let backend = |id: &str, bytes: u64, host_node: Option<u32>| {
+        let mut o = match &cfg.hugepages {
+            Some(h) => format!(
+                "memory-backend-file,id={id},size={},mem-path={},share=off,prealloc=on",
+                size_arg(bytes),
+                esc_path(&h.mount)
+            ),
+            None => format!("memory-backend-ram,id={id},size={}", size_arg(bytes)),
+        };
+        if let Some(n) = host_node {
+            o.push_str(&format!(",host-nodes={n},policy=bind"));
+        }
+        o
+    };
+    if cfg.numa_nodes.is_empty() {
+        if cfg.hugepages.is_some() {
+            a.opt("-object", backend("mem0", cfg.memory_bytes, None));
+        }
+        return;
+    }
+    for (i, n) in cfg.numa_nodes.iter().enumerate() {
+        a.opt(
+            "-object",
+            backend(&format!("mem{i}"), n.memory_bytes, n.host_node),
+        );
+    }
+    for (i, n) in cfg.numa_nodes.iter().enumerate() {
+        let mut o = format!("node,nodeid={i}");
+        for v in &n.vcpus {
+            o.push_str(&format!(",cpus={v}"));
+        }
+        o.push_str(&format!(",memdev=mem{i}"));
+        a.opt("-numa", o);
+    }
+}
+
 /// The complete QEMU argument vector (without the program name).
 ///
 /// Pure and deterministic. Expects a config that passed
@@ -88,6 +139,10 @@ pub fn qemu_argv(cfg: &VmConfig) -> Vec<String> {
     let mut machine = cfg.machine.qemu_name().to_string();
     if matches!(cfg.firmware, Firmware::Uefi { .. }) {
         machine.push_str(",pflash0=fw-code,pflash1=fw-vars");
+    }
+    // Hugepages without NUMA nodes: one backend for all of RAM.
+    if cfg.hugepages.is_some() && cfg.numa_nodes.is_empty() {
+        machine.push_str(",memory-backend=mem0");
     }
     a.opt("-machine", machine);
     a.opt("-accel", cfg.accel.qemu_name());
@@ -116,6 +171,7 @@ pub fn qemu_argv(cfg: &VmConfig) -> Vec<String> {
     } else {
         a.opt("-m", format!("{}B", cfg.memory_bytes));
     }
+    memory_backends(&mut a, cfg);
 
     a.flag("-nodefaults");
     a.flag("-no-user-config");

@@ -45,6 +45,15 @@ pub struct VmConfig {
     pub cpu: CpuConfig,
     /// Guest RAM in bytes; a whole number of MiB.
     pub memory_bytes: u64,
+    /// Back guest RAM with hugepages from a hugetlbfs mount
+    /// (`memory-backend-file`, preallocated). `None`: ordinary memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<HugepagesBacking>,
+    /// Guest NUMA nodes (`-numa node`), each with its vCPUs and its share
+    /// of the RAM, optionally bound to a host NUMA node. Empty: no NUMA
+    /// topology.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numa_nodes: Vec<GuestNumaNode>,
     /// Disks in the order they are attached.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
@@ -73,6 +82,30 @@ pub struct VmConfig {
     pub resources: Resources,
     /// Where QEMU's sockets, console log and pidfile live.
     pub run: RunPaths,
+}
+
+/// Hugepages behind guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HugepagesBacking {
+    /// A hugetlbfs mount of pages of `page_size_bytes` (QEMU creates and
+    /// unlinks its file there).
+    pub mount: PathBuf,
+    /// 2 MiB or 1 GiB.
+    pub page_size_bytes: u64,
+}
+
+/// One guest NUMA node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestNumaNode {
+    /// vCPU indices on this node.
+    pub vcpus: Vec<u32>,
+    /// RAM of this node; the nodes' RAM adds up to `memory_bytes`.
+    pub memory_bytes: u64,
+    /// Host NUMA node the RAM is bound to (`policy=bind`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_node: Option<u32>,
 }
 
 /// Host resources of one VM: the limits of its cgroup and the host CPUs
@@ -571,7 +604,80 @@ impl VmConfig {
         self.validate_nics()?;
         self.validate_boot()?;
         self.validate_resources()?;
+        self.validate_memory_backing()?;
         validate_run_paths(&self.run)
+    }
+
+    fn validate_memory_backing(&self) -> Result<(), ConfigError> {
+        if let Some(h) = &self.hugepages {
+            if h.page_size_bytes != 2 * MIB && h.page_size_bytes != 1024 * MIB {
+                return err(
+                    "hugepages.page_size_bytes",
+                    format!("{} is not 2 MiB or 1 GiB", h.page_size_bytes),
+                );
+            }
+            if !h.mount.is_absolute() {
+                return err("hugepages.mount", "must be an absolute path");
+            }
+            if !self.memory_bytes.is_multiple_of(h.page_size_bytes) {
+                return err(
+                    "memory_bytes",
+                    format!(
+                        "{} is not a whole number of {}-byte hugepages",
+                        self.memory_bytes, h.page_size_bytes
+                    ),
+                );
+            }
+        }
+        if self.numa_nodes.is_empty() {
+            return Ok(());
+        }
+        let vcpus = self.cpu.vcpus().unwrap_or(0);
+        let mut seen = HashSet::new();
+        let mut total: u64 = 0;
+        let unit = self.hugepages.as_ref().map_or(MIB, |h| h.page_size_bytes);
+        for (i, n) in self.numa_nodes.iter().enumerate() {
+            if n.vcpus.is_empty() {
+                return err(format!("numa_nodes[{i}].vcpus"), "must not be empty");
+            }
+            for v in &n.vcpus {
+                if *v >= vcpus || !seen.insert(*v) {
+                    return err(
+                        format!("numa_nodes[{i}].vcpus"),
+                        format!("vCPU {v} is out of range or on two nodes"),
+                    );
+                }
+            }
+            if n.memory_bytes == 0 || !n.memory_bytes.is_multiple_of(unit) {
+                return err(
+                    format!("numa_nodes[{i}].memory_bytes"),
+                    format!(
+                        "{} is not a positive multiple of {unit} bytes",
+                        n.memory_bytes
+                    ),
+                );
+            }
+            if n.host_node.is_some_and(|h| h >= 1024) {
+                return err(format!("numa_nodes[{i}].host_node"), "out of range");
+            }
+            total = total.saturating_add(n.memory_bytes);
+        }
+        if seen.len() as u32 != vcpus {
+            return err(
+                "numa_nodes",
+                format!("the nodes hold {} of the {vcpus} vCPUs", seen.len()),
+            );
+        }
+        if total != self.memory_bytes {
+            return err(
+                "numa_nodes",
+                format!(
+                    "the nodes' memory adds up to {total} bytes, not {}",
+                    self.memory_bytes
+                ),
+            );
+        }
+        Ok(())
     }
 
     fn validate_resources(&self) -> Result<(), ConfigError> {
@@ -1006,6 +1112,8 @@ mod tests {
             accel: Accel::Tcg,
             cpu: CpuConfig::default(),
             memory_bytes: 128 * MIB,
+            hugepages: None,
+            numa_nodes: vec![],
             disks: vec![DiskConfig {
                 id: "root".into(),
                 path: "/var/lib/krvirt/root.qcow2".into(),

@@ -25,8 +25,8 @@ pub use argv::{escape_opt, qemu_argv};
 pub use cgroup::{CgroupError, CgroupVersion, Cgroups, VmCgroup};
 pub use config::{
     Accel, BackingImage, ConfigError, CpuConfig, CpuModel, DiskBus, DiskCache, DiskConfig,
-    DiskFormat, Firmware, KernelBoot, Machine, NicBackend, NicConfig, NicModel, PortForward,
-    Protocol, RbdDisk, Resources, RunPaths, VmConfig,
+    DiskFormat, Firmware, GuestNumaNode, HugepagesBacking, KernelBoot, Machine, NicBackend,
+    NicConfig, NicModel, PortForward, Protocol, RbdDisk, Resources, RunPaths, VmConfig,
 };
 pub use isolation::{DEFAULT_QEMU_USER, IsolationError, QemuUser};
 pub use process::{

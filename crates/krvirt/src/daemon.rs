@@ -36,6 +36,11 @@ pub struct HostArgs {
     /// Host labels, KEY=VALUE (repeatable); VMIs' nodeSelector matches them
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
+    /// Taints the Host is registered with, `key[=value]:Effect` (repeatable;
+    /// like kubelet's --register-with-taints: only when the Host is created,
+    /// later changes go through `krvirt taint host`)
+    #[arg(long = "taint", value_name = "KEY[=VALUE]:EFFECT")]
+    pub taints: Vec<String>,
     /// Where built demo images are cached [default: $KRVIRT_CACHE_DIR, else ~/.cache/krvirt]
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -176,6 +181,25 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
+fn parse_taints(taints: &[String]) -> Result<Vec<krvirt_api::kubevirt::Taint>> {
+    taints
+        .iter()
+        .map(|t| {
+            let a = krvirt_api::kubevirt::scheduling::parse_taint_arg(t)
+                .map_err(|e| anyhow::anyhow!("--taint {e}"))?;
+            match (a.remove, a.effect) {
+                (false, Some(effect)) => Ok(krvirt_api::kubevirt::Taint {
+                    key: a.key,
+                    value: a.value,
+                    effect,
+                    time_added: None,
+                }),
+                _ => anyhow::bail!("--taint {t:?}: expected KEY[=VALUE]:EFFECT"),
+            }
+        })
+        .collect()
+}
+
 /// Hold an exclusive lock on the data directory for the process lifetime,
 /// so two instances never share one store.
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
@@ -281,6 +305,7 @@ fn agent_config(data_dir: &Path, host: &HostArgs) -> Result<AgentConfig> {
         .parse::<AccelMode>()
         .with_context(|| "--accel".to_string())?;
     cfg.labels = parse_labels(&host.labels)?;
+    cfg.taints = parse_taints(&host.taints)?;
     cfg.qemu_user = (host.qemu_user != "root").then(|| host.qemu_user.clone());
     cfg.cgroup_parent = host.cgroup_parent.clone();
     Ok(cfg)

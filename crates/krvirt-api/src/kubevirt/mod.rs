@@ -39,9 +39,11 @@
 //! | `features.{acpi,apic,smm}.enabled` | `true` when the feature is listed | `SetDefaults_FeatureState` |
 
 pub(crate) mod defaults;
+pub mod scheduling;
 pub(crate) mod validate;
 
 pub use defaults::{default_firmware_uuid, default_pull_policy};
+pub use scheduling::{Affinity, Taint, TaintEffect, Toleration, TolerationOperator};
 
 use std::collections::BTreeMap;
 
@@ -335,6 +337,16 @@ pub struct VirtualMachineInstanceSpec {
     /// Guest architecture; only `amd64` is implemented.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
+    /// Node affinity and VM (anti-)affinity (per host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Host taints this VMI tolerates.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub tolerations: Vec<Toleration>,
 }
 
 impl VirtualMachineInstanceSpec {
@@ -441,7 +453,26 @@ pub struct Cpu {
     /// implemented yet.
     #[serde(default, skip_serializing_if = "is_false")]
     pub isolate_emulator_thread: bool,
+    /// Guest NUMA topology.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa: Option<Numa>,
 }
+
+/// Guest NUMA topology (KubeVirt's only strategy: mirror the host NUMA
+/// nodes of the dedicated CPUs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Numa {
+    /// One guest NUMA node per host NUMA node the dedicated CPUs are on;
+    /// needs `dedicatedCpuPlacement` and `memory.hugepages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mapping_passthrough: Option<NumaGuestMappingPassthrough>,
+}
+
+/// Marker object (`guestMappingPassthrough: {}`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NumaGuestMappingPassthrough {}
 
 impl Cpu {
     /// sockets × cores × threads (1 where unset), saturating.
@@ -460,6 +491,29 @@ pub struct Memory {
     /// Memory visible to the guest. Defaults to `resources.requests.memory`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<Quantity>,
+    /// Back guest memory with hugepages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<Hugepages>,
+}
+
+/// Hugepages backing guest memory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Hugepages {
+    /// `2Mi` or `1Gi`.
+    #[serde(default)]
+    pub page_size: String,
+}
+
+impl Hugepages {
+    /// The page size in bytes, when it is one krvirt supports.
+    pub fn page_size_bytes(&self) -> Option<u64> {
+        match self.page_size.as_str() {
+            "2Mi" => Some(2 << 20),
+            "1Gi" => Some(1 << 30),
+            _ => None,
+        }
+    }
 }
 
 /// QEMU machine type.

@@ -224,10 +224,17 @@ pub(crate) fn vmi_spec(spec: &VirtualMachineInstanceSpec, p: &str, c: &mut Cause
         );
     }
 
+    if let Some(a) = &spec.affinity {
+        scheduling::affinity(a, &join(p, "affinity"), c);
+    }
+    scheduling::tolerations(&spec.tolerations, &join(p, "tolerations"), c);
+
     let dp = join(p, "domain");
     resources(&spec.domain.resources, &join(&dp, "resources"), c);
     memory(&spec.domain, &dp, c);
+    hugepages(&spec.domain, &dp, c);
     cpu(&spec.domain, &dp, c);
+    numa(&spec.domain, &dp, c);
     machine(&spec.domain, &dp, c);
     firmware(&spec.domain, &dp, c);
     if let Some(apic) = spec.domain.features.as_ref().and_then(|f| f.apic.as_ref())
@@ -328,6 +335,88 @@ fn memory(d: &DomainSpec, dp: &str, c: &mut Causes) {
                 );
             }
         }
+    }
+}
+
+/// KubeVirt's hugepages rules: a supported page size and guest memory a
+/// whole number (at least one) of pages.
+fn hugepages(d: &DomainSpec, dp: &str, c: &mut Causes) {
+    let Some(hp) = d.memory.as_ref().and_then(|m| m.hugepages.as_ref()) else {
+        return;
+    };
+    let pf = join(dp, "memory.hugepages.pageSize");
+    let Some(size) = hp.page_size_bytes() else {
+        if hp.page_size.is_empty() {
+            c.required(&pf, "Required value");
+        } else {
+            c.not_supported(
+                &pf,
+                format!(
+                    "{pf} '{}' is not supported (supported values: 2Mi, 1Gi)",
+                    hp.page_size
+                ),
+            );
+        }
+        return;
+    };
+    let Some(guest) = d.memory.as_ref().and_then(|m| m.guest.as_ref()) else {
+        return;
+    };
+    let Ok(bytes) = guest.value() else { return };
+    let gf = join(dp, "memory.guest");
+    if bytes < size {
+        c.invalid(
+            &gf,
+            format!(
+                "{gf} '{guest}' must be equal to or larger than page size {pf} '{}'",
+                hp.page_size
+            ),
+        );
+    } else if !bytes.is_multiple_of(size) {
+        c.invalid(
+            &gf,
+            format!(
+                "{gf} '{guest}' is not a multiple of the page size {pf} '{}'",
+                hp.page_size
+            ),
+        );
+    }
+}
+
+/// `numa.guestMappingPassthrough` needs dedicated CPUs and hugepages
+/// (KubeVirt's rule).
+fn numa(d: &DomainSpec, dp: &str, c: &mut Causes) {
+    let Some(cpu) = &d.cpu else { return };
+    if cpu
+        .numa
+        .as_ref()
+        .and_then(|n| n.guest_mapping_passthrough.as_ref())
+        .is_none()
+    {
+        return;
+    }
+    let nf = join(dp, "cpu.numa.guestMappingPassthrough");
+    if !cpu.dedicated_cpu_placement {
+        c.invalid(
+            &nf,
+            format!(
+                "{} must be set to true when NUMA topology strategy is set in {nf}",
+                join(dp, "cpu.dedicatedCpuPlacement")
+            ),
+        );
+    }
+    if d.memory
+        .as_ref()
+        .and_then(|m| m.hugepages.as_ref())
+        .is_none()
+    {
+        c.invalid(
+            &nf,
+            format!(
+                "{} must be requested when NUMA topology strategy is set in {nf}",
+                join(dp, "memory.hugepages")
+            ),
+        );
     }
 }
 

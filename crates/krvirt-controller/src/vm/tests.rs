@@ -461,6 +461,7 @@ fn no_vmi_without_the_copy_or_with_a_conflict() {
     let mut v = with_instancetype(Some(csmall(1, "128Mi")));
     v.spec.template.spec.domain.memory = Some(krvirt_api::kubevirt::Memory {
         guest: Some("1Gi".into()),
+        ..Default::default()
     });
     let d = decide(&v, None, t0());
     assert!(!creates(&d));

@@ -54,6 +54,8 @@ pub fn idle_vm(root: &Path, name: &str, uid: &str) -> VmConfig {
             threads: 1,
         },
         memory_bytes: 64 * 1024 * 1024,
+        hugepages: None,
+        numa_nodes: vec![],
         disks: vec![],
         nics: vec![],
         kernel_boot: None,

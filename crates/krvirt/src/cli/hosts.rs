@@ -36,6 +36,21 @@ pub struct HostArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TaintArgs {
+    /// Kind: `host` (or `hosts`)
+    pub kind: String,
+    /// Host name
+    pub name: String,
+    /// `key[=value]:Effect` adds (NoSchedule, PreferNoSchedule, NoExecute);
+    /// `key-` or `key:Effect-` removes
+    #[arg(required = true, value_name = "TAINT")]
+    pub taints: Vec<String>,
+    /// Replace a taint with the same key and effect instead of refusing
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct DrainArgs {
     /// Host name
     pub name: String,
@@ -195,6 +210,77 @@ pub async fn cordon(ctx: &Ctx, a: HostArgs, on: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Apply `kubectl taint`-style arguments to a host's current taints.
+pub fn apply_taints(current: &[Value], args: &[String], overwrite: bool) -> Result<Vec<Value>> {
+    let mut taints = current.to_vec();
+    for arg in args {
+        let t = krvirt_api::kubevirt::scheduling::parse_taint_arg(arg)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let same = |v: &Value, effect: Option<&str>| {
+            str_at(v, "/key") == t.key && effect.is_none_or(|e| str_at(v, "/effect") == e)
+        };
+        let effect = t.effect.map(|e| e.as_str());
+        if t.remove {
+            let before = taints.len();
+            taints.retain(|v| !same(v, effect));
+            if taints.len() == before {
+                bail!("taint {:?} not found", arg.trim_end_matches('-'));
+            }
+            continue;
+        }
+        let mut new = json!({"key": t.key, "effect": effect});
+        if let Some(v) = &t.value {
+            new["value"] = json!(v);
+        }
+        // Like Kubernetes: a NoExecute taint records when it appeared
+        // (tolerationSeconds count from then).
+        if effect == Some("NoExecute") {
+            new["timeAdded"] = json!(krvirt_api::meta::now_rfc3339());
+        }
+        match taints.iter_mut().find(|v| same(v, effect)) {
+            Some(old) if overwrite => *old = new,
+            Some(_) => bail!(
+                "host already has a taint with key {:?} and effect {:?}; use --overwrite",
+                t.key,
+                effect.unwrap_or_default()
+            ),
+            None => taints.push(new),
+        }
+    }
+    Ok(taints)
+}
+
+/// `krvirt taint host NAME key=value:NoSchedule ... key-` (kubectl's).
+pub async fn taint(ctx: &Ctx, a: TaintArgs) -> Result<ExitCode> {
+    if !matches!(a.kind.as_str(), "host" | "hosts" | "node" | "nodes") {
+        bail!(
+            "{:?}: only hosts can be tainted (krvirt taint host NAME ...)",
+            a.kind
+        );
+    }
+    let kind = required_kind("hosts")?;
+    let host = ctx.client.get(kind, "", &a.name).await?;
+    let current = host
+        .pointer("/spec/taints")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let taints = apply_taints(&current, &a.taints, a.overwrite)?;
+    // The resourceVersion makes a concurrent change a conflict, not a loss.
+    ctx.client
+        .merge_patch(
+            kind,
+            "",
+            &a.name,
+            &json!({"metadata": {"resourceVersion": host.pointer("/metadata/resourceVersion")},
+                    "spec": {"taints": taints}}),
+            PatchTarget::Main,
+        )
+        .await?;
+    out(&format!("host/{} tainted\n", a.name))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// What a drain does with one VMI (KubeVirt's evictionStrategy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Eviction {
@@ -289,6 +375,40 @@ pub async fn drain(ctx: &Ctx, a: DrainArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn taint_arguments_edit_the_list_like_kubectl() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let t = apply_taints(&[], &args(&["a=1:NoSchedule", "b:NoExecute"]), false).unwrap();
+        assert_eq!(
+            t[0],
+            json!({"key": "a", "value": "1", "effect": "NoSchedule"})
+        );
+        assert_eq!(t[1]["effect"], "NoExecute");
+        assert!(t[1]["timeAdded"].is_string(), "NoExecute records timeAdded");
+        // Same key and effect: refused unless --overwrite.
+        assert!(apply_taints(&t, &args(&["a=2:NoSchedule"]), false).is_err());
+        let o = apply_taints(&t, &args(&["a=2:NoSchedule"]), true).unwrap();
+        assert_eq!(o[0]["value"], "2");
+        // Same key, other effect: a second taint.
+        assert_eq!(
+            apply_taints(&t, &args(&["a:PreferNoSchedule"]), false)
+                .unwrap()
+                .len(),
+            3
+        );
+        // Removal: by key (every effect) or key and effect; unknown is an error.
+        let t2 = apply_taints(&t, &args(&["a:PreferNoSchedule"]), false).unwrap();
+        assert_eq!(apply_taints(&t2, &args(&["a-"]), false).unwrap().len(), 1);
+        assert_eq!(
+            apply_taints(&t2, &args(&["a:NoSchedule-"]), false)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(apply_taints(&t2, &args(&["zz-"]), false).is_err());
+        assert!(apply_taints(&t2, &args(&["bad"]), false).is_err());
+    }
 
     #[test]
     fn eviction_follows_kubevirt() {

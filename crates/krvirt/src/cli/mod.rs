@@ -100,6 +100,8 @@ pub enum ClientCommand {
     Uncordon(hosts::HostArgs),
     /// Cordon a host and move its VMs away (live migration where evictionStrategy allows)
     Drain(hosts::DrainArgs),
+    /// Add or remove host taints: `taint host NAME key=value:NoSchedule`, `key-`
+    Taint(hosts::TaintArgs),
     /// Print client and server versions
     Version,
     /// Save a server, its CA and a bearer token (--server https://…)
@@ -181,6 +183,7 @@ async fn dispatch(ctx: &Ctx, cmd: ClientCommand) -> Result<ExitCode> {
         ClientCommand::Cordon(a) => hosts::cordon(ctx, a, true).await,
         ClientCommand::Uncordon(a) => hosts::cordon(ctx, a, false).await,
         ClientCommand::Drain(a) => hosts::drain(ctx, a).await,
+        ClientCommand::Taint(a) => hosts::taint(ctx, a).await,
         ClientCommand::Version => version(ctx).await,
         ClientCommand::Login(a) => auth::login(ctx, a).await,
         ClientCommand::Token(a) => auth::token(ctx, a).await,

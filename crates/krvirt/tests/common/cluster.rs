@@ -57,6 +57,8 @@ pub struct Host {
     /// One-time join token and the server's CA (a TLS server).
     join: Option<(String, PathBuf)>,
     env: Vec<(String, String)>,
+    /// Extra `krvirt agent` arguments (`--label`, `--taint`...).
+    extra_args: Vec<String>,
 }
 
 impl Host {
@@ -104,6 +106,7 @@ impl Host {
         let child = cmd
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["--node-name", &self.name])
+            .args(&self.extra_args)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("KRVIRT_CACHE_DIR", cache_dir())
@@ -151,6 +154,16 @@ impl Cluster {
     /// agents (e.g. short leases: `KRVIRT_HOST_LEASE_SECONDS`,
     /// `KRVIRT_HEARTBEAT_INTERVAL_MS`).
     pub async fn start_with(n: usize, env: &[(&str, &str)]) -> Cluster {
+        Cluster::start_with_agent_args(&vec![Vec::new(); n], env).await
+    }
+
+    /// [`Cluster::start_with`], one host per entry of `agent_args`, host i
+    /// started with the extra `krvirt agent` arguments `agent_args[i]`
+    /// (e.g. `--label disk=ssd`, `--taint maint=yes:NoSchedule`).
+    pub async fn start_with_agent_args(
+        agent_args: &[Vec<String>],
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -186,7 +199,7 @@ impl Cluster {
         ip(&["link", "set", &bridge, "up"]);
 
         let mut hosts = Vec::new();
-        for i in 0..n {
+        for (i, extra_args) in agent_args.iter().enumerate() {
             let ns = format!("kvt-{id}-{i}");
             let veth = format!("kvv{id}{i}");
             let peer = format!("kvp{id}{i}");
@@ -232,6 +245,7 @@ impl Cluster {
                 agent_url: String::new(),
                 join: None,
                 env: env.clone(),
+                extra_args: extra_args.clone(),
             });
         }
 
