@@ -34,7 +34,7 @@ use krvirt_hypervisor::{NicBackend, VmConfig};
 use krvirt_net::dhcp::{DhcpServer, Lease};
 use krvirt_net::firewall::{Firewall, Group, Port, Proto, Rule, Ruleset, Zone};
 use krvirt_net::link::Netlink;
-use krvirt_net::{Cidr, NetError, tap};
+use krvirt_net::{Cidr, NetError, tap, vxlan};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
@@ -77,6 +77,9 @@ pub struct NicRecord {
     /// Host interface enslaved to the bridge (`bridge` Networks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink: Option<String>,
+    /// The Network's VXLAN VNI (None: no overlay for this Network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
 }
 
 /// The run directory's record.
@@ -154,6 +157,7 @@ pub fn nic_records(vmi: &VirtualMachineInstance) -> Option<Result<Vec<NicRecord>
                 subnet,
                 gateway,
                 uplink: a.uplink.clone(),
+                vni: a.vni,
             })
         })();
         match rec {
@@ -287,6 +291,108 @@ pub fn ruleset(
         .map(|(bridge, isolated)| Zone { bridge, isolated })
         .collect();
     rs
+}
+
+/// One Network's VXLAN tunnel on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    pub network: String,
+    pub vni: u32,
+    /// The Network's bridge (the tunnel is one of its ports).
+    pub bridge: String,
+    /// The other member hosts' addresses (head-end replication targets).
+    pub peers: Vec<Ipv4Addr>,
+}
+
+/// Pure: the hosts each Network has VMIs on, by Network name. A VMI is on
+/// the host it is bound to and, while a live migration is under way, on
+/// its target too (the target joins the segment before the switch-over).
+/// VMIs that have ended hold no place.
+pub fn network_members(vmis: &[VirtualMachineInstance]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for v in vmis {
+        let Some(Ok(assigned)) = interface_assignments(&v.metadata.annotations) else {
+            continue;
+        };
+        let st = v.status.as_ref();
+        if st.and_then(|s| s.phase).is_some_and(|p| p.is_final()) {
+            continue;
+        }
+        let mut hosts: Vec<String> = Vec::new();
+        if let Some(n) = st.and_then(|s| s.node_name.clone()) {
+            hosts.push(n);
+        }
+        if let Some(ms) = st.and_then(|s| s.migration_state.as_ref())
+            && !ms.is_finished()
+            && let Some(t) = ms.target_node.clone()
+        {
+            hosts.push(t);
+        }
+        for a in assigned {
+            if let (Some(net), Some(_)) = (a.network, a.vni) {
+                out.entry(net).or_default().extend(hosts.iter().cloned());
+            }
+        }
+    }
+    out
+}
+
+/// Pure: the tunnels host `me` (at `my_addr`) needs for its local NICs:
+/// one per Network with a VNI that has members on other hosts, flooding
+/// to those hosts' addresses (hosts without a known address are left out
+/// until they publish one).
+pub fn tunnels(
+    me: &str,
+    my_addr: Ipv4Addr,
+    local: &[NicRecord],
+    members: &BTreeMap<String, BTreeSet<String>>,
+    addresses: &BTreeMap<String, Ipv4Addr>,
+) -> Vec<Tunnel> {
+    let mut out: Vec<Tunnel> = Vec::new();
+    for nic in local {
+        let Some(vni) = nic.vni else { continue };
+        if out.iter().any(|t| t.network == nic.network) {
+            continue;
+        }
+        let mut peers: Vec<Ipv4Addr> = members
+            .get(&nic.network)
+            .into_iter()
+            .flatten()
+            .filter(|h| h.as_str() != me)
+            .filter_map(|h| addresses.get(h).copied())
+            .filter(|ip| *ip != my_addr)
+            .collect();
+        peers.sort();
+        peers.dedup();
+        if peers.is_empty() {
+            continue;
+        }
+        out.push(Tunnel {
+            network: nic.network.clone(),
+            vni,
+            bridge: nic.bridge.clone(),
+            peers,
+        });
+    }
+    out.sort_by(|a, b| a.network.cmp(&b.network));
+    out
+}
+
+/// Pure: each Host's `InternalIP` (IPv4), by host name.
+pub fn host_addresses(hosts: &[krvirt_api::host::Host]) -> BTreeMap<String, Ipv4Addr> {
+    hosts
+        .iter()
+        .filter_map(|h| {
+            let ip = h
+                .status
+                .as_ref()?
+                .addresses
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .find_map(|a| a.address.parse::<Ipv4Addr>().ok())?;
+            Some((h.metadata.name().to_string(), ip))
+        })
+        .collect()
 }
 
 /// This agent's host networking.
@@ -584,9 +690,9 @@ impl HostNet {
         Ok(out)
     }
 
-    async fn vmi_annotations(
-        &self,
-    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, NetPrepError> {
+    /// Every VMI in the cluster (the overlay needs to know where each
+    /// Network's VMIs are; the firewall needs this host's annotations).
+    async fn vmis(&self) -> Result<Vec<VirtualMachineInstance>, NetPrepError> {
         let kind = krvirt_api::find_kind("virtualmachineinstances").ok_or_else(|| {
             NetPrepError::Invalid {
                 field: "kinds".into(),
@@ -595,24 +701,125 @@ impl HostNet {
         })?;
         let list = self
             .client
-            .list(
-                kind,
-                &ListParams::all_namespaces().fields(format!("status.nodeName={}", self.node_name)),
-            )
+            .list(kind, &ListParams::all_namespaces())
             .await
             .map_err(|e| NetPrepError::Invalid {
                 field: "virtualmachineinstances".into(),
                 message: e.to_string(),
             })?;
-        let mut out = BTreeMap::new();
-        for o in list.items {
-            if let Ok(v) = serde_json::from_value::<VirtualMachineInstance>(o)
-                && let Some(uid) = v.metadata.uid.clone()
-            {
-                out.insert(uid, v.metadata.annotations);
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|o| serde_json::from_value::<VirtualMachineInstance>(o).ok())
+            .collect())
+    }
+
+    async fn hosts(&self) -> Result<Vec<krvirt_api::host::Host>, NetPrepError> {
+        let kind = krvirt_api::find_kind("hosts").ok_or_else(|| NetPrepError::Invalid {
+            field: "kinds".into(),
+            message: "Host is not registered".into(),
+        })?;
+        let list = self
+            .client
+            .list(kind, &ListParams::default())
+            .await
+            .map_err(|e| NetPrepError::Invalid {
+                field: "hosts".into(),
+                message: e.to_string(),
+            })?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|o| serde_json::from_value(o).ok())
+            .collect())
+    }
+
+    /// The bridges this agent set up (its host record).
+    fn our_bridges(&self) -> BTreeSet<String> {
+        std::fs::read(self.net_dir().join(HOST_RECORD))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<HostRecord>(&t).ok())
+            .map(|h| h.bridges)
+            .unwrap_or_default()
+    }
+
+    /// The VXLAN devices on this agent's bridges.
+    fn our_tunnels(&self) -> Vec<String> {
+        let bridges = self.our_bridges();
+        let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| vxlan::is_device_name(n))
+            .filter(|n| krvirt_net::link::master_of(n).is_some_and(|b| bridges.contains(&b)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Level-triggered overlay: each Network with NICs here and members on
+    /// other hosts gets its VXLAN port on its bridge, flooding to exactly
+    /// those hosts; tunnels no longer needed are removed.
+    async fn sync_overlay(
+        &self,
+        records: &[NetRecord],
+        vmis: &[VirtualMachineInstance],
+    ) -> Result<(), NetPrepError> {
+        let local: Vec<NicRecord> = records
+            .iter()
+            .flat_map(|r| &r.nics)
+            .filter(|n| tap::exists(&n.tap))
+            .cloned()
+            .collect();
+        let existing = self.our_tunnels();
+        if local.iter().all(|n| n.vni.is_none()) && existing.is_empty() {
+            return Ok(());
+        }
+        let addresses = host_addresses(&self.hosts().await?);
+        let my_addr = addresses.get(&self.node_name).copied();
+        let want = match my_addr {
+            Some(me) => tunnels(
+                &self.node_name,
+                me,
+                &local,
+                &network_members(vmis),
+                &addresses,
+            ),
+            None => {
+                debug!("this Host publishes no InternalIP yet: no tunnels");
+                Vec::new()
+            }
+        };
+        let nl = self.netlink().await?;
+        let mut names = BTreeSet::new();
+        for t in &want {
+            let (Some(local_ip), Some(_)) = (my_addr, krvirt_net::link::index(&t.bridge)) else {
+                continue;
+            };
+            let spec = vxlan::VxlanSpec {
+                vni: t.vni,
+                local: local_ip,
+                dev: None,
+                port: vxlan::VXLAN_PORT,
+            };
+            let name = nl.ensure_vxlan(&spec, &t.bridge).await?;
+            let before = nl.vxlan_peers(&name).await.unwrap_or_default();
+            nl.set_vxlan_peers(&name, &t.peers).await?;
+            let (added, removed) = vxlan::flood_diff(&before, &t.peers);
+            if !added.is_empty() || !removed.is_empty() {
+                info!(network = %t.network, device = %name, ?added, ?removed, "overlay peers changed");
+            }
+            names.insert(name);
+        }
+        for dev in existing {
+            if !names.contains(&dev) {
+                info!(device = %dev, "overlay tunnel no longer needed");
+                nl.delete(&dev).await?;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Recompute leases, NAT and the firewall from the records on disk and
@@ -649,10 +856,15 @@ impl HostNet {
         if !nat.is_empty() {
             krvirt_net::nat::sync(&self.table, &nat)?;
         }
-        let annotations = self.vmi_annotations().await?;
+        let vmis = self.vmis().await?;
+        let annotations: BTreeMap<String, BTreeMap<String, String>> = vmis
+            .iter()
+            .filter_map(|v| Some((v.metadata.uid.clone()?, v.metadata.annotations.clone())))
+            .collect();
         let groups = self.security_groups().await?;
         let rs = ruleset(&records, &annotations, &groups, &tap::exists);
         fw.apply(&rs)?;
+        self.sync_overlay(&records, &vmis).await?;
         Ok(())
     }
 
@@ -691,7 +903,7 @@ impl HostNet {
             },
         );
         loop {
-            if !self.records().is_empty()
+            if (!self.records().is_empty() || !self.our_tunnels().is_empty())
                 && let Err(e) = self.sync().await
             {
                 debug!(error = %e, "network sync failed");
@@ -801,6 +1013,118 @@ mod tests {
         // A tap that is gone is no port, but its bridge stays a zone.
         let rs = ruleset(&[rec], &ann, &groups, &|_| false);
         assert!(rs.ports.is_empty() && rs.groups.is_empty() && rs.zones.len() == 1);
+    }
+
+    /// A VMI named `name` on Network `net` (VNI 77 unless `vni` is None),
+    /// bound to `node`, optionally migrating to `target`.
+    fn placed(
+        name: &str,
+        net: &str,
+        vni: Option<u32>,
+        node: &str,
+        target: Option<&str>,
+    ) -> VirtualMachineInstance {
+        let asg = json!([{"name": "n", "mac": "02:00:00:00:00:09", "network": net,
+            "networkType": "isolated", "bridge": "kvbr-x", "subnet": "10.9.0.0/24",
+            "gateway": "10.9.0.1", "ip": "10.9.0.9", "vni": vni}])
+        .to_string();
+        let mut status = json!({"phase": "Running", "nodeName": node});
+        if let Some(t) = target {
+            status["migrationState"] = json!({"sourceNode": node, "targetNode": t,
+                "migrationUid": "m1"});
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                         "annotations": {INTERFACES_ANNOTATION: asg}},
+            "spec": {"domain": {"devices": {"interfaces": [{"name": "n", "bridge": {}}]}},
+                     "networks": [{"name": "n", "multus": {"networkName": net}}]},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    fn nic(net: &str, vni: Option<u32>) -> NicRecord {
+        NicRecord {
+            iface: "n".into(),
+            tap: "kvt0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            ip: Ipv4Addr::new(10, 9, 0, 5),
+            network: net.into(),
+            network_type: NetworkType::Isolated,
+            bridge: format!("br-{net}"),
+            subnet: "10.9.0.0/24".into(),
+            gateway: Ipv4Addr::new(10, 9, 0, 1),
+            uplink: None,
+            vni,
+        }
+    }
+
+    #[test]
+    fn overlay_members_and_tunnels() {
+        let ip = |n: u8| Ipv4Addr::new(192, 168, 0, n);
+        let addresses: BTreeMap<String, Ipv4Addr> = [("h1", 1), ("h2", 2), ("h3", 3)]
+            .into_iter()
+            .map(|(h, n)| (h.to_string(), ip(n)))
+            .collect();
+        let mut vmis = vec![
+            placed("a", "blue", Some(77), "h1", None),
+            placed("b", "blue", Some(77), "h2", None),
+            placed("c", "red", Some(78), "h3", None),
+        ];
+        let m = network_members(&vmis);
+        assert_eq!(m["blue"], ["h1", "h2"].map(String::from).into());
+        assert_eq!(m["red"], ["h3"].map(String::from).into());
+        // h1 floods blue to h2 only; red has no NIC on h1: no tunnel.
+        let local = [nic("blue", Some(77))];
+        let t = tunnels("h1", ip(1), &local, &m, &addresses);
+        assert_eq!(
+            t,
+            vec![Tunnel {
+                network: "blue".into(),
+                vni: 77,
+                bridge: "br-blue".into(),
+                peers: vec![ip(2)],
+            }]
+        );
+        // Alone on its Network (h3 on red): no tunnel at all.
+        assert!(tunnels("h3", ip(3), &[nic("red", Some(78))], &m, &addresses).is_empty());
+        // b migrates to h3: h3 joins blue before the switch-over.
+        vmis[1] = placed("b", "blue", Some(77), "h2", Some("h3"));
+        let m = network_members(&vmis);
+        assert_eq!(m["blue"], ["h1", "h2", "h3"].map(String::from).into());
+        let t = tunnels("h1", ip(1), &local, &m, &addresses);
+        assert_eq!(t[0].peers, vec![ip(2), ip(3)]);
+        // After it: h2 leaves blue.
+        vmis[1] = placed("b", "blue", Some(77), "h3", None);
+        let t = tunnels("h1", ip(1), &local, &network_members(&vmis), &addresses);
+        assert_eq!(t[0].peers, vec![ip(3)]);
+        // A host without an address is left out until it publishes one;
+        // a VMI that ended holds no place; no VNI: no overlay.
+        let mut few = addresses.clone();
+        few.remove("h3");
+        assert!(tunnels("h1", ip(1), &local, &network_members(&vmis), &few).is_empty());
+        let mut ended = placed("d", "blue", Some(77), "h2", None);
+        ended.status.as_mut().unwrap().phase = Some(krvirt_api::kubevirt::VmiPhase::Failed);
+        assert!(network_members(&[ended]).is_empty());
+        let plain = [placed("e", "green", None, "h2", None)];
+        assert!(network_members(&plain).is_empty());
+        assert!(tunnels("h1", ip(1), &[nic("green", None)], &m, &addresses).is_empty());
+    }
+
+    #[test]
+    fn host_addresses_from_host_objects() {
+        let hosts: Vec<krvirt_api::host::Host> = serde_json::from_value(json!([
+            {"metadata": {"name": "h1"}, "status": {"addresses": [
+                {"type": "Hostname", "address": "h1"},
+                {"type": "InternalIP", "address": "10.0.0.1"}]}},
+            {"metadata": {"name": "h2"}, "status": {"addresses": [
+                {"type": "Hostname", "address": "h2"}]}},
+            {"metadata": {"name": "h3"}}
+        ]))
+        .unwrap();
+        let a = host_addresses(&hosts);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a["h1"], Ipv4Addr::new(10, 0, 0, 1));
     }
 
     #[test]

@@ -17,6 +17,9 @@
 //!   rules `accept`, then `drop`: default deny ingress). Bridged traffic reaches these hooks because
 //!   krvirt's bridges have `nf_call_iptables` on; addresses are trustworthy
 //!   there because of the anti-spoofing chains.
+//! - `bridge krvirt`, chains `tunnel-in`/`tunnel-out` (input/output):
+//!   nothing between the host's own stack and a Network's VXLAN ports
+//!   (`kvx*`): gateway and DHCP stay per host.
 //! - one named set `sg-N` per group with the addresses of its member ports,
 //!   for rules whose source (ingress) or destination (egress) is a group.
 //!
@@ -36,6 +39,9 @@ use crate::ipam::Cidr;
 
 /// The default table name (both families).
 pub const TABLE: &str = "krvirt";
+
+/// nft pattern of the VXLAN ports of Networks (`kvx<VNI>`).
+pub const TUNNEL_PORTS: &str = "kvx*";
 
 /// Protocol of a rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,6 +349,21 @@ pub fn compile(rs: &Ruleset, table: &str) -> Result<Script, NetError> {
         vec![format!("iifname vmap {{ {} }}", spoof_map.join(", "))]
     };
     b.chain("spoof", Some(("prerouting", -300)), &spoof_rules);
+    // A Network's VXLAN ports (`kvx*`, see crate::vxlan) carry guest
+    // traffic only: the host's own side of the Network (the gateway
+    // address every host has on the bridge, its DHCP server) stays on the
+    // host, so each host answers its own guests' ARP and DHCP and never
+    // another host's.
+    b.chain(
+        "tunnel-in",
+        Some(("input", 0)),
+        &[format!("iifname \"{TUNNEL_PORTS}\" drop")],
+    );
+    b.chain(
+        "tunnel-out",
+        Some(("output", 0)),
+        &[format!("oifname \"{TUNNEL_PORTS}\" drop")],
+    );
     b.replace_into(&mut out, "bridge", table);
 
     // inet family: security groups.
@@ -660,6 +681,9 @@ mod tests {
         assert!(pos("chain gi-0") < pos("chain in-kvta"));
         assert!(pos("chain in-kvta") < pos("chain forward"));
         assert!(pos("chain sp-kvtb") < pos("chain spoof"));
+        // The host's own stack never talks over a Network's tunnel.
+        assert!(s.contains("hook input priority 0; policy accept;\n    iifname \"kvx*\" drop"));
+        assert!(s.contains("hook output priority 0; policy accept;\n    oifname \"kvx*\" drop"));
     }
 
     #[test]
