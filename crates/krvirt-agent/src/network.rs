@@ -864,7 +864,11 @@ impl HostNet {
         let groups = self.security_groups().await?;
         let rs = ruleset(&records, &annotations, &groups, &tap::exists);
         fw.apply(&rs)?;
-        self.sync_overlay(&records, &vmis).await?;
+        // The overlay never holds up a launch: the guest's local side
+        // works without it, and the next sync tries again.
+        if let Err(e) = self.sync_overlay(&records, &vmis).await {
+            warn!(error = %e, "overlay sync failed; retrying at the next sync");
+        }
         Ok(())
     }
 
