@@ -319,6 +319,7 @@ async fn a_network_spans_hosts_over_vxlan_and_survives_migration() {
         "green is on one host only: no tunnel"
     );
 
+    eprintln!("blue (VNI {blue_vni}) spans host0 and host1; green is VNI {green_vni}");
     // Across hosts: a reaches b, and has b's MAC for b's address.
     assert!(a.pings(b_ip).await, "a (host0) -> b (host1) over VXLAN");
     assert!(
@@ -338,6 +339,7 @@ async fn a_network_spans_hosts_over_vxlan_and_survives_migration() {
     // b's tap), and the tunnels go (blue is on one host only now).
     migrate(&c, "b", "host0").await;
     b.moved_to(h0);
+    eprintln!("b migrated to host0");
     let vb2 = c.server.vmi("b").await.unwrap();
     let (b_ip2, b_mac2, _) = assigned(&vb2);
     assert_eq!((b_ip2, b_mac2.as_str()), (b_ip, b_mac.as_str()));
@@ -372,6 +374,59 @@ async fn a_network_spans_hosts_over_vxlan_and_survives_migration() {
     // Back across: the tunnels return and b is reachable from a again.
     migrate(&c, "b", "host1").await;
     b.moved_to(h1);
+    eprintln!("b migrated back to host1");
     assert!(a.pings(b_ip).await, "a -> b after b went back to host1");
     assert_eq!(flood_peers(&h0.ns, &blue_dev), vec![h1.ip.clone()]);
+
+    // Level-triggered: a tunnel removed behind the agent's back returns.
+    ip_in(&h1.ns, &["link", "del", &blue_dev]);
+    c.until(
+        &format!("host1's {blue_dev} restored"),
+        Duration::from_secs(60),
+        || async { (flood_peers(&h1.ns, &blue_dev) == vec![h0.ip.clone()]).then_some(()) },
+    )
+    .await;
+    assert!(a.pings(b_ip).await, "a -> b after the repair");
+
+    eprintln!("host1's tunnel repaired");
+    // Security groups hold for traffic arriving over the tunnel: b in a
+    // group that allows only TCP 80 no longer answers a's pings; once the
+    // group allows ICMP it does again.
+    let sg = |ingress: &str| {
+        format!(
+            "apiVersion: krvirt.io/v1\nkind: SecurityGroup\nmetadata:\n  name: web\n  namespace: default\nspec:\n  ingress:\n{ingress}"
+        )
+    };
+    apply(&c, "sg.yaml", &sg("  - protocol: tcp\n    port: 80\n"));
+    let (code, body) = c
+        .server
+        .send(
+            reqwest::Method::PATCH,
+            "/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances/b",
+            "application/merge-patch+json",
+            br#"{"metadata": {"annotations": {"krvirt.io/security-groups": "web"}}}"#.to_vec(),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while a.pings(b_ip).await {
+        assert!(
+            Instant::now() < deadline,
+            "b's group (TCP 80 only) still lets a's pings in over VXLAN\n{}",
+            c.logs()
+        );
+    }
+    apply(
+        &c,
+        "sg.yaml",
+        &sg("  - protocol: tcp\n    port: 80\n  - protocol: icmp\n"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !a.pings(b_ip).await {
+        assert!(
+            Instant::now() < deadline,
+            "b's group allows ICMP now, yet a's pings do not arrive\n{}",
+            c.logs()
+        );
+    }
 }
