@@ -548,6 +548,12 @@ impl HostNet {
             nl.ensure_bridge(&nic.bridge).await?;
             nl.ensure_address(&nic.bridge, nic.gateway, subnet.prefix)
                 .await?;
+            if nic.vni.is_some() {
+                // One gateway MAC on every host (the gateway address is on
+                // every host too): a migrated guest's ARP cache stays right.
+                nl.ensure_mac(&nic.bridge, &krvirt_api::network::gateway_mac(&nic.network))
+                    .await?;
+            }
             if let Some(up) = &nic.uplink
                 && krvirt_net::link::master_of(up).as_deref() != Some(nic.bridge.as_str())
             {

@@ -114,6 +114,23 @@ pub fn stable_mac(namespace: &str, name: &str, iface: &str) -> String {
     )
 }
 
+/// The MAC of Network `network`'s gateway (its bridge) on EVERY host
+/// where the Network spans hosts: a guest that migrates finds its gateway
+/// at the address it has cached. Locally administered unicast with first
+/// octet `06`, so never one of [`stable_mac`]'s (`02`).
+pub fn gateway_mac(network: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in b"gateway\0".iter().chain(network.as_bytes()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let b = h.to_be_bytes();
+    format!(
+        "06:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4]
+    )
+}
+
 /// The groups of interface `iface` given a VMI's annotations.
 pub fn security_groups_for(
     annotations: &std::collections::BTreeMap<String, String>,
@@ -521,6 +538,15 @@ mod tests {
             let v = derive_vni(n, &seen).unwrap();
             assert!(seen.insert(v), "{n} got a taken VNI");
         }
+    }
+
+    #[test]
+    fn gateway_macs_are_per_network_and_never_a_guests() {
+        let m = gateway_mac("blue");
+        assert_eq!(m, gateway_mac("blue"));
+        assert_ne!(m, gateway_mac("red"));
+        assert!(m.starts_with("06:") && m.len() == 17, "{m}");
+        assert!(stable_mac("ns", "blue", "gateway").starts_with("02:"));
     }
 
     #[test]

@@ -318,6 +318,29 @@ async fn a_network_spans_hosts_over_vxlan_and_survives_migration() {
         ip_in(&h1.ns, &["link", "show", &format!("kvx{green_vni}")]).is_empty(),
         "green is on one host only: no tunnel"
     );
+    // One gateway MAC for blue on both hosts (a migrated guest's cached
+    // gateway stays valid), derived from the Network.
+    let blue_bridge = {
+        let text = va["metadata"]["annotations"]["krvirt.io/interfaces"]
+            .as_str()
+            .unwrap();
+        let list: Value = serde_json::from_str(text).unwrap();
+        list[0]["bridge"].as_str().unwrap().to_string()
+    };
+    let mac_of = |ns: &str| {
+        let out = ip_in(ns, &["link", "show", &blue_bridge]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no MAC for {blue_bridge} in {ns}: {out}"))
+            .to_string()
+    };
+    assert_eq!(mac_of(&h0.ns), mac_of(&h1.ns));
+    assert_eq!(
+        mac_of(&h0.ns),
+        krvirt_api::network::gateway_mac("blue"),
+        "blue's gateway MAC"
+    );
 
     eprintln!("blue (VNI {blue_vni}) spans host0 and host1; green is VNI {green_vni}");
     // Across hosts: a reaches b, and has b's MAC for b's address.
