@@ -32,7 +32,7 @@ use krvirt_api::network::{
 use krvirt_client::{Client, ListParams, ResumeOptions};
 use krvirt_hypervisor::{NicBackend, VmConfig};
 use krvirt_net::dhcp::{DhcpServer, Lease};
-use krvirt_net::firewall::{Firewall, Group, Port, Proto, Rule, Ruleset, Zone};
+use krvirt_net::firewall::{Firewall, Group, Member, Port, Proto, Rule, Ruleset, Zone};
 use krvirt_net::link::Netlink;
 use krvirt_net::{Cidr, NetError, tap, vxlan};
 use serde::{Deserialize, Serialize};
@@ -291,6 +291,47 @@ pub fn ruleset(
         .map(|(bridge, isolated)| Zone { bridge, isolated })
         .collect();
     rs
+}
+
+/// Pure: the security-group members whose NICs are on other hosts (VMIs
+/// not among `local_uids` and not ended), for the groups' address sets
+/// here: a rule naming a group as its remote side matches members
+/// anywhere in the cluster.
+pub fn remote_members(
+    vmis: &[VirtualMachineInstance],
+    local_uids: &BTreeSet<String>,
+    groups: &BTreeMap<String, SecurityGroup>,
+) -> Vec<Member> {
+    let mut out = Vec::new();
+    for v in vmis {
+        let uid = v.metadata.uid.clone().unwrap_or_default();
+        let st = v.status.as_ref();
+        if local_uids.contains(&uid)
+            || st.and_then(|s| s.node_name.as_deref()).is_none()
+            || st.and_then(|s| s.phase).is_some_and(|p| p.is_final())
+        {
+            continue;
+        }
+        let Some(Ok(assigned)) = interface_assignments(&v.metadata.annotations) else {
+            continue;
+        };
+        let ns = v.metadata.namespace();
+        for a in assigned {
+            let Some(ip) = a.ip.as_deref().and_then(|i| i.parse::<Ipv4Addr>().ok()) else {
+                continue;
+            };
+            let names: Vec<String> = security_groups_for(&v.metadata.annotations, &a.name)
+                .into_iter()
+                .map(|g| format!("{ns}/{g}"))
+                .filter(|g| groups.contains_key(g))
+                .collect();
+            if !names.is_empty() {
+                out.push(Member { ip, groups: names });
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.ip, &a.groups).cmp(&(b.ip, &b.groups)));
+    out
 }
 
 /// One Network's VXLAN tunnel on this host.
@@ -868,7 +909,9 @@ impl HostNet {
             .filter_map(|v| Some((v.metadata.uid.clone()?, v.metadata.annotations.clone())))
             .collect();
         let groups = self.security_groups().await?;
-        let rs = ruleset(&records, &annotations, &groups, &tap::exists);
+        let mut rs = ruleset(&records, &annotations, &groups, &tap::exists);
+        let local_uids: BTreeSet<String> = records.iter().map(|r| r.uid.clone()).collect();
+        rs.remote = remote_members(&vmis, &local_uids, &groups);
         fw.apply(&rs)?;
         // The overlay never holds up a launch: the guest's local side
         // works without it, and the next sync tries again.
@@ -1119,6 +1162,37 @@ mod tests {
         let plain = [placed("e", "green", None, "h2", None)];
         assert!(network_members(&plain).is_empty());
         assert!(tunnels("h1", ip(1), &[nic("green", None)], &m, &addresses).is_empty());
+    }
+
+    #[test]
+    fn group_members_on_other_hosts() {
+        let mut a = placed("a", "blue", Some(77), "h1", None);
+        a.metadata
+            .annotations
+            .insert("krvirt.io/security-groups".into(), "clients, nosuch".into());
+        let b = placed("b", "blue", Some(77), "h2", None);
+        let mut ended = a.clone();
+        ended.metadata.uid = Some("uid-ended".into());
+        ended.status.as_mut().unwrap().phase = Some(krvirt_api::kubevirt::VmiPhase::Succeeded);
+        let clients: SecurityGroup = serde_json::from_value(json!({
+            "metadata": {"name": "clients", "namespace": "ns"}, "spec": {}}))
+        .unwrap();
+        let groups: BTreeMap<String, SecurityGroup> =
+            [("ns/clients".to_string(), clients)].into_iter().collect();
+        let vmis = [a, b, ended];
+        // From another host: a is a member of ns/clients (nosuch does not
+        // exist); b is in no group; the ended VMI holds no address.
+        let m = remote_members(&vmis, &BTreeSet::new(), &groups);
+        assert_eq!(
+            m,
+            vec![Member {
+                ip: Ipv4Addr::new(10, 9, 0, 9),
+                groups: vec!["ns/clients".into()]
+            }]
+        );
+        // On a's own host, a is a local port, not a remote member.
+        let local: BTreeSet<String> = ["uid-a".to_string()].into();
+        assert!(remote_members(&vmis, &local, &groups).is_empty());
     }
 
     #[test]

@@ -94,12 +94,23 @@ pub struct Zone {
     pub isolated: bool,
 }
 
+/// A group member whose NIC is on another host (a Network spanning
+/// hosts): its address belongs in its groups' sets here, so rules naming
+/// those groups as the remote side match it, though it has no port here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub ip: Ipv4Addr,
+    pub groups: Vec<String>,
+}
+
 /// Everything the firewall enforces on a host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     pub groups: Vec<Group>,
     pub ports: Vec<Port>,
     pub zones: Vec<Zone>,
+    /// Members of the groups on other hosts.
+    pub remote: Vec<Member>,
 }
 
 fn valid_mac(mac: &str) -> bool {
@@ -374,6 +385,12 @@ pub fn compile(rs: &Ruleset, table: &str) -> Result<Script, NetError> {
             .iter()
             .filter(|p| p.groups.contains(&g.name))
             .filter_map(|p| p.ip)
+            .chain(
+                rs.remote
+                    .iter()
+                    .filter(|m| m.groups.contains(&g.name))
+                    .map(|m| m.ip),
+            )
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .map(|ip| ip.to_string())
@@ -506,6 +523,7 @@ impl Firewall {
         };
         let same_shape = last.ports == rs.ports
             && last.zones == rs.zones
+            && last.remote == rs.remote
             && last.groups.len() == rs.groups.len()
             && last
                 .groups
@@ -633,6 +651,7 @@ mod tests {
     #[test]
     fn compiles_groups_ports_and_sets() {
         let rs = Ruleset {
+            remote: Vec::new(),
             groups: vec![Group {
                 name: "default/web".into(),
                 ingress: vec![
@@ -671,6 +690,28 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("set sg-0 { type ipv4_addr; elements = { 10.1.0.5 }; }"));
+        // A member on another host joins the set, without a port here.
+        let mut with_remote = rs.clone();
+        with_remote.remote.push(Member {
+            ip: Ipv4Addr::new(10, 1, 0, 9),
+            groups: vec!["default/web".into()],
+        });
+        let s2 = compile(&with_remote, "kvtest").unwrap().to_string();
+        assert!(
+            s2.contains("set sg-0 { type ipv4_addr; elements = { 10.1.0.5, 10.1.0.9 }; }"),
+            "{s2}"
+        );
+        assert!(!s2.contains("10.1.0.9 : jump"), "no port chains for it");
+        // A change of remote members alone is a full replacement (sets
+        // are not patched in place).
+        let mut fw = Firewall::new("kvtest").unwrap();
+        fw.last = Some(rs.clone());
+        assert!(
+            fw.plan(&with_remote)
+                .unwrap()
+                .as_str()
+                .contains("delete table")
+        );
         // kvtb has no groups: anti-spoofing only, no ingress chain.
         assert!(s.contains("sp-kvtb") && !s.contains("in-kvtb"));
         assert!(s.contains("jump gi-0"));
@@ -689,6 +730,7 @@ mod tests {
     #[test]
     fn refuses_bad_input() {
         let mut rs = Ruleset {
+            remote: Vec::new(),
             groups: vec![],
             ports: vec![port("kvta", [10, 1, 0, 5], &["missing"])],
             zones: vec![],

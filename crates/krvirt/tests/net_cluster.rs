@@ -452,4 +452,44 @@ async fn a_network_spans_hosts_over_vxlan_and_survives_migration() {
             c.logs()
         );
     }
+
+    // A group as the remote side counts its members on every host: web
+    // allows ICMP only from group `clients`; a (host0) is refused at b
+    // (host1) until a joins `clients`.
+    apply(
+        &c,
+        "clients.yaml",
+        "apiVersion: krvirt.io/v1\nkind: SecurityGroup\nmetadata:\n  name: clients\n  namespace: default\nspec: {}\n",
+    );
+    apply(
+        &c,
+        "sg.yaml",
+        &sg("  - protocol: tcp\n    port: 80\n  - protocol: icmp\n    securityGroup: clients\n"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while a.pings(b_ip).await {
+        assert!(
+            Instant::now() < deadline,
+            "a is not in `clients`, yet its pings reach b\n{}",
+            c.logs()
+        );
+    }
+    let (code, body) = c
+        .server
+        .send(
+            reqwest::Method::PATCH,
+            "/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances/a",
+            "application/merge-patch+json",
+            br#"{"metadata": {"annotations": {"krvirt.io/security-groups": "clients"}}}"#.to_vec(),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !a.pings(b_ip).await {
+        assert!(
+            Instant::now() < deadline,
+            "a (host0) joined `clients`, yet b's host does not let its pings in\n{}",
+            c.logs()
+        );
+    }
 }
