@@ -852,6 +852,7 @@ impl HostNet {
                 port: vxlan::VXLAN_PORT,
             };
             let name = nl.ensure_vxlan(&spec, &t.bridge).await?;
+            nl.ensure_mtu(&name, vxlan::GUEST_MTU).await?;
             let before = nl.vxlan_peers(&name).await.unwrap_or_default();
             nl.set_vxlan_peers(&name, &t.peers).await?;
             let (added, removed) = vxlan::flood_diff(&before, &t.peers);

@@ -153,6 +153,23 @@ impl Netlink {
             .map_err(nl("set address", name))
     }
 
+    /// Give `name` the MTU `mtu`; nothing to do when it has it already.
+    pub async fn ensure_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError> {
+        let idx = self.need(name)?;
+        let current = std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("mtu"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        if current == Some(mtu) {
+            return Ok(());
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(idx).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(nl("set mtu", name))
+    }
+
     /// Make sure `addr/prefix` is on `name` (idempotent).
     pub async fn ensure_address(
         &self,

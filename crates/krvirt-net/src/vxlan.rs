@@ -41,6 +41,12 @@ pub const VNI_MAX: u32 = (1 << 24) - 1;
 /// Overhead of the encapsulation (outer Ethernet + IPv4 + UDP + VXLAN).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
+/// The MTU krvirt gives a Network's vxlan device: the guests' own (1500),
+/// not the underlay's minus [`VXLAN_OVERHEAD`], so full-size guest frames
+/// cross hosts (the underlay fragments the outer UDP packets) without the
+/// guests being told of a smaller MTU.
+pub const GUEST_MTU: u32 = 1500;
+
 /// One Network's tunnel on one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanSpec {

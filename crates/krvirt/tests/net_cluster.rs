@@ -353,6 +353,12 @@ async fn a_network_spans_hosts_over_vxlan_and_survives_migration() {
         "a's ARP entry for b"
     );
     assert!(b.pings(a_ip).await, "b -> a");
+    // Full-size frames (1500-byte packets) cross too: the tunnel keeps
+    // the guests' MTU (the underlay fragments the outer packets).
+    assert!(
+        a.check(&format!("ping -c 3 -W 3 -s 1472 {b_ip}")).await,
+        "a -> b with 1500-byte packets"
+    );
     // Isolation across hosts: green's guest, same subnet, other VNI.
     assert!(!a.pings(g_ip).await, "a (blue) must not reach g (green)");
     assert!(!g.pings(a_ip).await, "g (green) must not reach a (blue)");
