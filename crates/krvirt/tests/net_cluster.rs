@@ -266,7 +266,7 @@ async fn a_network_spans_hosts_over_vxlan_and_survives_migration() {
     let (mut g, vg, g_node) = running(&c, "g").await;
     let (mut b, vb, b_node) = running(&c, "b").await;
     assert_eq!((a_node.as_str(), g_node.as_str()), ("host0", "host1"));
-    let (a_ip, _, a_vni) = assigned(&va);
+    let (a_ip, a_mac, a_vni) = assigned(&va);
     let (b_ip, b_mac, b_vni) = assigned(&vb);
     let (g_ip, _, g_vni) = assigned(&vg);
     assert_eq!((a_vni, b_vni), (Some(blue_vni), Some(blue_vni)));
@@ -358,6 +358,30 @@ async fn a_network_spans_hosts_over_vxlan_and_survives_migration() {
     assert!(
         a.check(&format!("ping -c 3 -W 3 -s 1472 {b_ip}")).await,
         "a -> b with 1500-byte packets"
+    );
+    // DHCP stays per host: a fresh DHCP exchange of a's (broadcast, while
+    // blue spans both hosts, whose bridges both hold the gateway address)
+    // is answered by host0's dnsmasq; host1's never hears it.
+    let dhcp_log = |h: &Host| {
+        std::fs::read_to_string(h.data_dir.join("net/dhcp/blue/dnsmasq.log"))
+            .unwrap_or_default()
+            .to_lowercase()
+    };
+    let heard_before = dhcp_log(h0).matches(&a_mac).count();
+    assert!(
+        a.check("udhcpc -n -q -t 3 -T 2 -i eth0 -s /bin/true").await,
+        "a's DHCP exchange"
+    );
+    c.until(
+        "host0's dnsmasq answering a again",
+        Duration::from_secs(30),
+        || async { (dhcp_log(h0).matches(&a_mac).count() > heard_before).then_some(()) },
+    )
+    .await;
+    assert!(
+        !dhcp_log(h1).contains(&a_mac),
+        "host1's dnsmasq heard a's DHCP over the tunnel:\n{}",
+        dhcp_log(h1)
     );
     // Isolation across hosts: green's guest, same subnet, other VNI.
     assert!(!a.pings(g_ip).await, "a (blue) must not reach g (green)");
