@@ -12,6 +12,9 @@
 //! twice). A `pod` interface when no `default` Network exists gets no
 //! Network: the agent falls back to QEMU user networking (explicitly).
 //!
+//! Every Network gets its VXLAN VNI once ([`assign_vnis`]), in
+//! `status.vni`, as it appears; the assignments carry it to the agents.
+//!
 //! A VMI holding addresses carries the finalizer [`IPAM_FINALIZER`]; once
 //! it is being deleted and the host agent has let it go (the host finalizer
 //! is gone), its addresses are released and the finalizer removed.
@@ -147,6 +150,8 @@ pub struct NetworkController {
     queue: WorkQueue,
     ipam: Ipam<dyn Store>,
     events: EventRecorder,
+    /// Held while Networks are listed and VNIs assigned.
+    vni_lock: tokio::sync::Mutex<()>,
 }
 
 impl NetworkController {
@@ -159,6 +164,7 @@ impl NetworkController {
             registry,
             queue: WorkQueue::new(),
             events,
+            vni_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -216,6 +222,9 @@ impl NetworkController {
                     if kind.kind == "VirtualMachineInstance" {
                         items.iter().for_each(|o| self.queue.add(key_of(o)));
                     } else {
+                        if let Err(e) = self.networks().await {
+                            debug!(error = %e, "assigning VNIs failed; retried on the next event");
+                        }
                         self.queue_all().await;
                     }
                     rv
@@ -243,8 +252,14 @@ impl NetworkController {
                     Ok(ev) if kind.kind == "VirtualMachineInstance" => {
                         self.queue.add(key_of(&ev.object))
                     }
-                    // A Network appeared or went: VMIs waiting for it move on.
-                    Ok(_) => self.queue_all().await,
+                    // A Network appeared or went: it gets its VNI, and
+                    // VMIs waiting for it move on.
+                    Ok(_) => {
+                        if let Err(e) = self.networks().await {
+                            debug!(error = %e, "assigning VNIs failed; retried on the next event");
+                        }
+                        self.queue_all().await
+                    }
                     Err(_) => break,
                 }
             }
@@ -252,6 +267,8 @@ impl NetworkController {
     }
 
     async fn networks(&self) -> Result<BTreeMap<String, Network>, ControllerError> {
+        // One VNI assignment at a time (the watch and the worker both list).
+        let _vnis = self.vni_lock.lock().await;
         let (items, _) = self
             .registry
             .list(self.net_kind, None, &Selector::everything())
@@ -272,13 +289,33 @@ impl NetworkController {
         networks: &mut BTreeMap<String, Network>,
     ) -> Result<(), ControllerError> {
         for (name, vni) in assign_vnis(networks) {
-            let patch = json!({"status": {"vni": vni}});
-            self.registry
-                .merge_patch(self.net_kind, "", &name, &patch, Subresource::Status)
-                .await?;
-            info!(network = %name, vni, "VXLAN VNI assigned");
+            // Only if it still has none: a VNI once given never changes.
+            let written = match self
+                .registry
+                .modify(self.net_kind, "", &name, Subresource::Status, |o| {
+                    if o.pointer("/status/vni").is_none_or(Value::is_null) {
+                        if !o["status"].is_object() {
+                            o["status"] = json!({});
+                        }
+                        o["status"]["vni"] = json!(vni);
+                    }
+                    Ok(())
+                })
+                .await
+            {
+                Ok(o) => o,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let held = written
+                .pointer("/status/vni")
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok());
+            if held == Some(vni) {
+                info!(network = %name, vni, "VXLAN VNI assigned");
+            }
             if let Some(n) = networks.get_mut(&name) {
-                n.status.get_or_insert_with(Default::default).vni = Some(vni);
+                n.status.get_or_insert_with(Default::default).vni = held;
             }
         }
         Ok(())

@@ -239,13 +239,8 @@ async fn a_network_spans_hosts_over_vxlan_and_survives_migration() {
         "green.yaml",
         &network("green", &subnet, (&ip(100), &ip(120))),
     );
-    // a on host0; g (green) on host1; b wherever the scheduler puts it.
-    apply(&c, "a.yaml", &vmi("a", "blue", Some("host0")));
-    apply(&c, "g.yaml", &vmi("g", "green", Some("host1")));
-    apply(&c, "b.yaml", &vmi("b", "blue", None));
-
-    // Each Network holds its own VNI, in its status and in the VMIs'
-    // assignments.
+    // Each Network gets its own VNI as it appears (no VMI yet), in its
+    // status; the VMIs' assignments carry it.
     let vni_of = |n: &'static str| {
         let c = &c;
         async move {
@@ -261,6 +256,10 @@ async fn a_network_spans_hosts_over_vxlan_and_survives_migration() {
     };
     let (blue_vni, green_vni) = (vni_of("blue").await, vni_of("green").await);
     assert_ne!(blue_vni, green_vni);
+    // a on host0; g (green) on host1; b wherever the scheduler puts it.
+    apply(&c, "a.yaml", &vmi("a", "blue", Some("host0")));
+    apply(&c, "g.yaml", &vmi("g", "green", Some("host1")));
+    apply(&c, "b.yaml", &vmi("b", "blue", None));
 
     let (mut a, va, a_node) = running(&c, "a").await;
     let (mut g, vg, g_node) = running(&c, "g").await;
