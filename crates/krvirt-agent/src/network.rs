@@ -18,6 +18,14 @@
 //!
 //! Taps go when QEMU stops ([`HostNet::release`]); taps on this agent's
 //! bridges whose run directory is gone (a crash between the two) are swept.
+//!
+//! Across hosts (the overlay, at every sync): a Network with NICs here
+//! and VMIs on other hosts ([`network_members`], [`tunnels`]) gets a
+//! VXLAN port `kvx<VNI>` on its bridge flooding to exactly those hosts'
+//! `InternalIP`s; the bridge has the Network's gateway MAC on every host;
+//! security-group sets hold members on other hosts too
+//! ([`remote_members`]). A migration target prepares its guest's NICs
+//! with [`HostNet::prepare`] like a launch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
