@@ -1645,7 +1645,13 @@ impl Agent {
         if let Some(vm) = self.local(uid) {
             self.stop_local(&vm, Duration::ZERO).await;
         }
+        self.inner.net.release(uid).await;
         let _ = std::fs::remove_dir_all(self.run_dir(uid));
+    }
+
+    /// Host networking (a migration target prepares the guest's NICs).
+    pub(crate) fn host_net(&self) -> &crate::network::HostNet {
+        &self.inner.net
     }
 
     pub(crate) fn requeue(&self, key: Key) {

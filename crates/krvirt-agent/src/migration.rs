@@ -467,6 +467,14 @@ async fn prepare_target(
         .await
         .map_err(|e| e.to_string())?;
     link_disks(&plan.prep, &source_dir)?;
+    // The NICs on krvirt Networks: the same taps (named from the VMI uid),
+    // MACs and addresses as on the source, on this host's bridges (which
+    // join the Networks' VXLAN segments), before QEMU opens them.
+    agent
+        .host_net()
+        .prepare(vmi, &run_dir)
+        .await
+        .map_err(|e| format!("preparing the network: {e}"))?;
     let wrapper = incoming_wrapper(&run_dir, agent.qemu_bin())?;
     let mut config = plan.config.clone();
     // The guest's vCPUs start when the state arrives, as they were.

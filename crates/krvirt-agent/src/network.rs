@@ -18,6 +18,14 @@
 //!
 //! Taps go when QEMU stops ([`HostNet::release`]); taps on this agent's
 //! bridges whose run directory is gone (a crash between the two) are swept.
+//!
+//! Across hosts (the overlay, at every sync): a Network with NICs here
+//! and VMIs on other hosts ([`network_members`], [`tunnels`]) gets a
+//! VXLAN port `kvx<VNI>` on its bridge flooding to exactly those hosts'
+//! `InternalIP`s; the bridge has the Network's gateway MAC on every host;
+//! security-group sets hold members on other hosts too
+//! ([`remote_members`]). A migration target prepares its guest's NICs
+//! with [`HostNet::prepare`] like a launch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -32,9 +40,9 @@ use krvirt_api::network::{
 use krvirt_client::{Client, ListParams, ResumeOptions};
 use krvirt_hypervisor::{NicBackend, VmConfig};
 use krvirt_net::dhcp::{DhcpServer, Lease};
-use krvirt_net::firewall::{Firewall, Group, Port, Proto, Rule, Ruleset, Zone};
+use krvirt_net::firewall::{Firewall, Group, Member, Port, Proto, Rule, Ruleset, Zone};
 use krvirt_net::link::Netlink;
-use krvirt_net::{Cidr, NetError, tap};
+use krvirt_net::{Cidr, NetError, tap, vxlan};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
@@ -77,6 +85,9 @@ pub struct NicRecord {
     /// Host interface enslaved to the bridge (`bridge` Networks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink: Option<String>,
+    /// The Network's VXLAN VNI (None: no overlay for this Network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
 }
 
 /// The run directory's record.
@@ -154,6 +165,7 @@ pub fn nic_records(vmi: &VirtualMachineInstance) -> Option<Result<Vec<NicRecord>
                 subnet,
                 gateway,
                 uplink: a.uplink.clone(),
+                vni: a.vni,
             })
         })();
         match rec {
@@ -287,6 +299,149 @@ pub fn ruleset(
         .map(|(bridge, isolated)| Zone { bridge, isolated })
         .collect();
     rs
+}
+
+/// Pure: the security-group members whose NICs are on other hosts (VMIs
+/// not among `local_uids` and not ended), for the groups' address sets
+/// here: a rule naming a group as its remote side matches members
+/// anywhere in the cluster.
+pub fn remote_members(
+    vmis: &[VirtualMachineInstance],
+    local_uids: &BTreeSet<String>,
+    groups: &BTreeMap<String, SecurityGroup>,
+) -> Vec<Member> {
+    let mut out = Vec::new();
+    for v in vmis {
+        let uid = v.metadata.uid.clone().unwrap_or_default();
+        let st = v.status.as_ref();
+        if local_uids.contains(&uid)
+            || st.and_then(|s| s.node_name.as_deref()).is_none()
+            || st.and_then(|s| s.phase).is_some_and(|p| p.is_final())
+        {
+            continue;
+        }
+        let Some(Ok(assigned)) = interface_assignments(&v.metadata.annotations) else {
+            continue;
+        };
+        let ns = v.metadata.namespace();
+        for a in assigned {
+            let Some(ip) = a.ip.as_deref().and_then(|i| i.parse::<Ipv4Addr>().ok()) else {
+                continue;
+            };
+            let names: Vec<String> = security_groups_for(&v.metadata.annotations, &a.name)
+                .into_iter()
+                .map(|g| format!("{ns}/{g}"))
+                .filter(|g| groups.contains_key(g))
+                .collect();
+            if !names.is_empty() {
+                out.push(Member { ip, groups: names });
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.ip, &a.groups).cmp(&(b.ip, &b.groups)));
+    out
+}
+
+/// One Network's VXLAN tunnel on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    pub network: String,
+    pub vni: u32,
+    /// The Network's bridge (the tunnel is one of its ports).
+    pub bridge: String,
+    /// The other member hosts' addresses (head-end replication targets).
+    pub peers: Vec<Ipv4Addr>,
+}
+
+/// Pure: the hosts each Network has VMIs on, by Network name. A VMI is on
+/// the host it is bound to and, while a live migration is under way, on
+/// its target too (the target joins the segment before the switch-over).
+/// VMIs that have ended hold no place.
+pub fn network_members(vmis: &[VirtualMachineInstance]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for v in vmis {
+        let Some(Ok(assigned)) = interface_assignments(&v.metadata.annotations) else {
+            continue;
+        };
+        let st = v.status.as_ref();
+        if st.and_then(|s| s.phase).is_some_and(|p| p.is_final()) {
+            continue;
+        }
+        let mut hosts: Vec<String> = Vec::new();
+        if let Some(n) = st.and_then(|s| s.node_name.clone()) {
+            hosts.push(n);
+        }
+        if let Some(ms) = st.and_then(|s| s.migration_state.as_ref())
+            && !ms.is_finished()
+            && let Some(t) = ms.target_node.clone()
+        {
+            hosts.push(t);
+        }
+        for a in assigned {
+            if let (Some(net), Some(_)) = (a.network, a.vni) {
+                out.entry(net).or_default().extend(hosts.iter().cloned());
+            }
+        }
+    }
+    out
+}
+
+/// Pure: the tunnels host `me` (at `my_addr`) needs for its local NICs:
+/// one per Network with a VNI that has members on other hosts, flooding
+/// to those hosts' addresses (hosts without a known address are left out
+/// until they publish one).
+pub fn tunnels(
+    me: &str,
+    my_addr: Ipv4Addr,
+    local: &[NicRecord],
+    members: &BTreeMap<String, BTreeSet<String>>,
+    addresses: &BTreeMap<String, Ipv4Addr>,
+) -> Vec<Tunnel> {
+    let mut out: Vec<Tunnel> = Vec::new();
+    for nic in local {
+        let Some(vni) = nic.vni else { continue };
+        if out.iter().any(|t| t.network == nic.network) {
+            continue;
+        }
+        let mut peers: Vec<Ipv4Addr> = members
+            .get(&nic.network)
+            .into_iter()
+            .flatten()
+            .filter(|h| h.as_str() != me)
+            .filter_map(|h| addresses.get(h).copied())
+            .filter(|ip| *ip != my_addr)
+            .collect();
+        peers.sort();
+        peers.dedup();
+        if peers.is_empty() {
+            continue;
+        }
+        out.push(Tunnel {
+            network: nic.network.clone(),
+            vni,
+            bridge: nic.bridge.clone(),
+            peers,
+        });
+    }
+    out.sort_by(|a, b| a.network.cmp(&b.network));
+    out
+}
+
+/// Pure: each Host's `InternalIP` (IPv4), by host name.
+pub fn host_addresses(hosts: &[krvirt_api::host::Host]) -> BTreeMap<String, Ipv4Addr> {
+    hosts
+        .iter()
+        .filter_map(|h| {
+            let ip = h
+                .status
+                .as_ref()?
+                .addresses
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .find_map(|a| a.address.parse::<Ipv4Addr>().ok())?;
+            Some((h.metadata.name().to_string(), ip))
+        })
+        .collect()
 }
 
 /// This agent's host networking.
@@ -442,6 +597,12 @@ impl HostNet {
             nl.ensure_bridge(&nic.bridge).await?;
             nl.ensure_address(&nic.bridge, nic.gateway, subnet.prefix)
                 .await?;
+            if nic.vni.is_some() {
+                // One gateway MAC on every host (the gateway address is on
+                // every host too): a migrated guest's ARP cache stays right.
+                nl.ensure_mac(&nic.bridge, &krvirt_api::network::gateway_mac(&nic.network))
+                    .await?;
+            }
             if let Some(up) = &nic.uplink
                 && krvirt_net::link::master_of(up).as_deref() != Some(nic.bridge.as_str())
             {
@@ -584,9 +745,9 @@ impl HostNet {
         Ok(out)
     }
 
-    async fn vmi_annotations(
-        &self,
-    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, NetPrepError> {
+    /// Every VMI in the cluster (the overlay needs to know where each
+    /// Network's VMIs are; the firewall needs this host's annotations).
+    async fn vmis(&self) -> Result<Vec<VirtualMachineInstance>, NetPrepError> {
         let kind = krvirt_api::find_kind("virtualmachineinstances").ok_or_else(|| {
             NetPrepError::Invalid {
                 field: "kinds".into(),
@@ -595,24 +756,126 @@ impl HostNet {
         })?;
         let list = self
             .client
-            .list(
-                kind,
-                &ListParams::all_namespaces().fields(format!("status.nodeName={}", self.node_name)),
-            )
+            .list(kind, &ListParams::all_namespaces())
             .await
             .map_err(|e| NetPrepError::Invalid {
                 field: "virtualmachineinstances".into(),
                 message: e.to_string(),
             })?;
-        let mut out = BTreeMap::new();
-        for o in list.items {
-            if let Ok(v) = serde_json::from_value::<VirtualMachineInstance>(o)
-                && let Some(uid) = v.metadata.uid.clone()
-            {
-                out.insert(uid, v.metadata.annotations);
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|o| serde_json::from_value::<VirtualMachineInstance>(o).ok())
+            .collect())
+    }
+
+    async fn hosts(&self) -> Result<Vec<krvirt_api::host::Host>, NetPrepError> {
+        let kind = krvirt_api::find_kind("hosts").ok_or_else(|| NetPrepError::Invalid {
+            field: "kinds".into(),
+            message: "Host is not registered".into(),
+        })?;
+        let list = self
+            .client
+            .list(kind, &ListParams::default())
+            .await
+            .map_err(|e| NetPrepError::Invalid {
+                field: "hosts".into(),
+                message: e.to_string(),
+            })?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|o| serde_json::from_value(o).ok())
+            .collect())
+    }
+
+    /// The bridges this agent set up (its host record).
+    fn our_bridges(&self) -> BTreeSet<String> {
+        std::fs::read(self.net_dir().join(HOST_RECORD))
+            .ok()
+            .and_then(|t| serde_json::from_slice::<HostRecord>(&t).ok())
+            .map(|h| h.bridges)
+            .unwrap_or_default()
+    }
+
+    /// The VXLAN devices on this agent's bridges.
+    fn our_tunnels(&self) -> Vec<String> {
+        let bridges = self.our_bridges();
+        let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| vxlan::is_device_name(n))
+            .filter(|n| krvirt_net::link::master_of(n).is_some_and(|b| bridges.contains(&b)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Level-triggered overlay: each Network with NICs here and members on
+    /// other hosts gets its VXLAN port on its bridge, flooding to exactly
+    /// those hosts; tunnels no longer needed are removed.
+    async fn sync_overlay(
+        &self,
+        records: &[NetRecord],
+        vmis: &[VirtualMachineInstance],
+    ) -> Result<(), NetPrepError> {
+        let local: Vec<NicRecord> = records
+            .iter()
+            .flat_map(|r| &r.nics)
+            .filter(|n| tap::exists(&n.tap))
+            .cloned()
+            .collect();
+        let existing = self.our_tunnels();
+        if local.iter().all(|n| n.vni.is_none()) && existing.is_empty() {
+            return Ok(());
+        }
+        let addresses = host_addresses(&self.hosts().await?);
+        let my_addr = addresses.get(&self.node_name).copied();
+        let want = match my_addr {
+            Some(me) => tunnels(
+                &self.node_name,
+                me,
+                &local,
+                &network_members(vmis),
+                &addresses,
+            ),
+            None => {
+                debug!("this Host publishes no InternalIP yet: no tunnels");
+                Vec::new()
+            }
+        };
+        let nl = self.netlink().await?;
+        let mut names = BTreeSet::new();
+        for t in &want {
+            let (Some(local_ip), Some(_)) = (my_addr, krvirt_net::link::index(&t.bridge)) else {
+                continue;
+            };
+            let spec = vxlan::VxlanSpec {
+                vni: t.vni,
+                local: local_ip,
+                dev: None,
+                port: vxlan::VXLAN_PORT,
+            };
+            let name = nl.ensure_vxlan(&spec, &t.bridge).await?;
+            nl.ensure_mtu(&name, vxlan::GUEST_MTU).await?;
+            let before = nl.vxlan_peers(&name).await.unwrap_or_default();
+            nl.set_vxlan_peers(&name, &t.peers).await?;
+            let (added, removed) = vxlan::flood_diff(&before, &t.peers);
+            if !added.is_empty() || !removed.is_empty() {
+                info!(network = %t.network, device = %name, ?added, ?removed, "overlay peers changed");
+            }
+            names.insert(name);
+        }
+        for dev in existing {
+            if !names.contains(&dev) {
+                info!(device = %dev, "overlay tunnel no longer needed");
+                nl.delete(&dev).await?;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Recompute leases, NAT and the firewall from the records on disk and
@@ -649,10 +912,21 @@ impl HostNet {
         if !nat.is_empty() {
             krvirt_net::nat::sync(&self.table, &nat)?;
         }
-        let annotations = self.vmi_annotations().await?;
+        let vmis = self.vmis().await?;
+        let annotations: BTreeMap<String, BTreeMap<String, String>> = vmis
+            .iter()
+            .filter_map(|v| Some((v.metadata.uid.clone()?, v.metadata.annotations.clone())))
+            .collect();
         let groups = self.security_groups().await?;
-        let rs = ruleset(&records, &annotations, &groups, &tap::exists);
+        let mut rs = ruleset(&records, &annotations, &groups, &tap::exists);
+        let local_uids: BTreeSet<String> = records.iter().map(|r| r.uid.clone()).collect();
+        rs.remote = remote_members(&vmis, &local_uids, &groups);
         fw.apply(&rs)?;
+        // The overlay never holds up a launch: the guest's local side
+        // works without it, and the next sync tries again.
+        if let Err(e) = self.sync_overlay(&records, &vmis).await {
+            warn!(error = %e, "overlay sync failed; retrying at the next sync");
+        }
         Ok(())
     }
 
@@ -691,7 +965,7 @@ impl HostNet {
             },
         );
         loop {
-            if !self.records().is_empty()
+            if (!self.records().is_empty() || !self.our_tunnels().is_empty())
                 && let Err(e) = self.sync().await
             {
                 debug!(error = %e, "network sync failed");
@@ -801,6 +1075,149 @@ mod tests {
         // A tap that is gone is no port, but its bridge stays a zone.
         let rs = ruleset(&[rec], &ann, &groups, &|_| false);
         assert!(rs.ports.is_empty() && rs.groups.is_empty() && rs.zones.len() == 1);
+    }
+
+    /// A VMI named `name` on Network `net` (VNI 77 unless `vni` is None),
+    /// bound to `node`, optionally migrating to `target`.
+    fn placed(
+        name: &str,
+        net: &str,
+        vni: Option<u32>,
+        node: &str,
+        target: Option<&str>,
+    ) -> VirtualMachineInstance {
+        let asg = json!([{"name": "n", "mac": "02:00:00:00:00:09", "network": net,
+            "networkType": "isolated", "bridge": "kvbr-x", "subnet": "10.9.0.0/24",
+            "gateway": "10.9.0.1", "ip": "10.9.0.9", "vni": vni}])
+        .to_string();
+        let mut status = json!({"phase": "Running", "nodeName": node});
+        if let Some(t) = target {
+            status["migrationState"] = json!({"sourceNode": node, "targetNode": t,
+                "migrationUid": "m1"});
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                         "annotations": {INTERFACES_ANNOTATION: asg}},
+            "spec": {"domain": {"devices": {"interfaces": [{"name": "n", "bridge": {}}]}},
+                     "networks": [{"name": "n", "multus": {"networkName": net}}]},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    fn nic(net: &str, vni: Option<u32>) -> NicRecord {
+        NicRecord {
+            iface: "n".into(),
+            tap: "kvt0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            ip: Ipv4Addr::new(10, 9, 0, 5),
+            network: net.into(),
+            network_type: NetworkType::Isolated,
+            bridge: format!("br-{net}"),
+            subnet: "10.9.0.0/24".into(),
+            gateway: Ipv4Addr::new(10, 9, 0, 1),
+            uplink: None,
+            vni,
+        }
+    }
+
+    #[test]
+    fn overlay_members_and_tunnels() {
+        let ip = |n: u8| Ipv4Addr::new(192, 168, 0, n);
+        let addresses: BTreeMap<String, Ipv4Addr> = [("h1", 1), ("h2", 2), ("h3", 3)]
+            .into_iter()
+            .map(|(h, n)| (h.to_string(), ip(n)))
+            .collect();
+        let mut vmis = vec![
+            placed("a", "blue", Some(77), "h1", None),
+            placed("b", "blue", Some(77), "h2", None),
+            placed("c", "red", Some(78), "h3", None),
+        ];
+        let m = network_members(&vmis);
+        assert_eq!(m["blue"], ["h1", "h2"].map(String::from).into());
+        assert_eq!(m["red"], ["h3"].map(String::from).into());
+        // h1 floods blue to h2 only; red has no NIC on h1: no tunnel.
+        let local = [nic("blue", Some(77))];
+        let t = tunnels("h1", ip(1), &local, &m, &addresses);
+        assert_eq!(
+            t,
+            vec![Tunnel {
+                network: "blue".into(),
+                vni: 77,
+                bridge: "br-blue".into(),
+                peers: vec![ip(2)],
+            }]
+        );
+        // Alone on its Network (h3 on red): no tunnel at all.
+        assert!(tunnels("h3", ip(3), &[nic("red", Some(78))], &m, &addresses).is_empty());
+        // b migrates to h3: h3 joins blue before the switch-over.
+        vmis[1] = placed("b", "blue", Some(77), "h2", Some("h3"));
+        let m = network_members(&vmis);
+        assert_eq!(m["blue"], ["h1", "h2", "h3"].map(String::from).into());
+        let t = tunnels("h1", ip(1), &local, &m, &addresses);
+        assert_eq!(t[0].peers, vec![ip(2), ip(3)]);
+        // After it: h2 leaves blue.
+        vmis[1] = placed("b", "blue", Some(77), "h3", None);
+        let t = tunnels("h1", ip(1), &local, &network_members(&vmis), &addresses);
+        assert_eq!(t[0].peers, vec![ip(3)]);
+        // A host without an address is left out until it publishes one;
+        // a VMI that ended holds no place; no VNI: no overlay.
+        let mut few = addresses.clone();
+        few.remove("h3");
+        assert!(tunnels("h1", ip(1), &local, &network_members(&vmis), &few).is_empty());
+        let mut ended = placed("d", "blue", Some(77), "h2", None);
+        ended.status.as_mut().unwrap().phase = Some(krvirt_api::kubevirt::VmiPhase::Failed);
+        assert!(network_members(&[ended]).is_empty());
+        let plain = [placed("e", "green", None, "h2", None)];
+        assert!(network_members(&plain).is_empty());
+        assert!(tunnels("h1", ip(1), &[nic("green", None)], &m, &addresses).is_empty());
+    }
+
+    #[test]
+    fn group_members_on_other_hosts() {
+        let mut a = placed("a", "blue", Some(77), "h1", None);
+        a.metadata
+            .annotations
+            .insert("krvirt.io/security-groups".into(), "clients, nosuch".into());
+        let b = placed("b", "blue", Some(77), "h2", None);
+        let mut ended = a.clone();
+        ended.metadata.uid = Some("uid-ended".into());
+        ended.status.as_mut().unwrap().phase = Some(krvirt_api::kubevirt::VmiPhase::Succeeded);
+        let clients: SecurityGroup = serde_json::from_value(json!({
+            "metadata": {"name": "clients", "namespace": "ns"}, "spec": {}}))
+        .unwrap();
+        let groups: BTreeMap<String, SecurityGroup> =
+            [("ns/clients".to_string(), clients)].into_iter().collect();
+        let vmis = [a, b, ended];
+        // From another host: a is a member of ns/clients (nosuch does not
+        // exist); b is in no group; the ended VMI holds no address.
+        let m = remote_members(&vmis, &BTreeSet::new(), &groups);
+        assert_eq!(
+            m,
+            vec![Member {
+                ip: Ipv4Addr::new(10, 9, 0, 9),
+                groups: vec!["ns/clients".into()]
+            }]
+        );
+        // On a's own host, a is a local port, not a remote member.
+        let local: BTreeSet<String> = ["uid-a".to_string()].into();
+        assert!(remote_members(&vmis, &local, &groups).is_empty());
+    }
+
+    #[test]
+    fn host_addresses_from_host_objects() {
+        let hosts: Vec<krvirt_api::host::Host> = serde_json::from_value(json!([
+            {"metadata": {"name": "h1"}, "status": {"addresses": [
+                {"type": "Hostname", "address": "h1"},
+                {"type": "InternalIP", "address": "10.0.0.1"}]}},
+            {"metadata": {"name": "h2"}, "status": {"addresses": [
+                {"type": "Hostname", "address": "h2"}]}},
+            {"metadata": {"name": "h3"}}
+        ]))
+        .unwrap();
+        let a = host_addresses(&hosts);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a["h1"], Ipv4Addr::new(10, 0, 0, 1));
     }
 
     #[test]

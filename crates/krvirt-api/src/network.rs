@@ -77,6 +77,11 @@ pub struct InterfaceAssignment {
     /// bridge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink: Option<String>,
+    /// The Network's VXLAN VNI (its `status.vni`): hosts with VMIs on the
+    /// Network join its segment over VXLAN. `None`: no overlay (a `bridge`
+    /// Network with an uplink, whose uplink is the shared segment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
 }
 
 /// Parse the [`INTERFACES_ANNOTATION`] of a VMI, if present.
@@ -105,6 +110,23 @@ pub fn stable_mac(namespace: &str, name: &str, iface: &str) -> String {
     let b = h.to_be_bytes();
     format!(
         "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4]
+    )
+}
+
+/// The MAC of Network `network`'s gateway (its bridge) on EVERY host
+/// where the Network spans hosts: a guest that migrates finds its gateway
+/// at the address it has cached. Locally administered unicast with first
+/// octet `06`, so never one of [`stable_mac`]'s (`02`).
+pub fn gateway_mac(network: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in b"gateway\0".iter().chain(network.as_bytes()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let b = h.to_be_bytes();
+    format!(
+        "06:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         b[0], b[1], b[2], b[3], b[4]
     )
 }
@@ -205,12 +227,52 @@ pub struct DhcpRange {
 pub struct NetworkStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
+    /// The VXLAN network identifier of the Network across hosts, chosen
+    /// once by the network controller ([`derive_vni`]) and never changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
     #[serde(
         default,
         deserialize_with = "null_default",
         skip_serializing_if = "Vec::is_empty"
     )]
     pub conditions: Vec<Condition>,
+}
+
+/// The largest VXLAN network identifier (24 bits).
+pub const VNI_MAX: u32 = (1 << 24) - 1;
+
+/// The VNI of Network `name`, given the VNIs other Networks already hold:
+/// a hash of the name into `1..=VNI_MAX`, then the next free one (so the
+/// same name gets the same VNI on an empty cluster, and two Networks never
+/// share one). `None` only when every VNI is taken.
+pub fn derive_vni(name: &str, taken: &std::collections::BTreeSet<u32>) -> Option<u32> {
+    if taken.len() as u64 >= VNI_MAX as u64 {
+        return None;
+    }
+    let mut h: u32 = 0x811c9dc5;
+    for b in name.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    Some(next_free_vni(h % VNI_MAX + 1, taken))
+}
+
+/// `start` or the first VNI after it (wrapping to 1) not in `taken`, which
+/// must not hold every VNI.
+fn next_free_vni(start: u32, taken: &std::collections::BTreeSet<u32>) -> u32 {
+    let mut v = start.clamp(1, VNI_MAX);
+    while taken.contains(&v) {
+        v = if v == VNI_MAX { 1 } else { v + 1 };
+    }
+    v
+}
+
+/// Whether a Network's VMIs on several hosts share one segment over
+/// VXLAN: every type but a `bridge` Network with an uplink (the uplink's
+/// own L2 segment already joins the hosts; a tunnel too would be a loop).
+pub fn uses_overlay(spec: &NetworkSpec) -> bool {
+    !(spec.type_ == NetworkType::Bridge && spec.uplink.is_some())
 }
 
 /// The default bridge name of network `name`: `kvbr-` + 8 hex digits.
@@ -452,6 +514,54 @@ mod tests {
             (Ipv4Addr::new(10, 88, 0, 1), Ipv4Addr::new(10, 88, 0, 254))
         );
         assert_eq!(default_bridge_name("default").len(), 13);
+    }
+
+    #[test]
+    fn vnis_are_stable_distinct_and_in_range() {
+        use std::collections::BTreeSet;
+        let none = BTreeSet::new();
+        let a = derive_vni("blue", &none).unwrap();
+        assert_eq!(derive_vni("blue", &none), Some(a), "deterministic");
+        assert!((1..=VNI_MAX).contains(&a));
+        assert_ne!(derive_vni("red", &none), Some(a));
+        // Taken: the next free one, never a taken one.
+        let taken: BTreeSet<u32> = [a, a + 1].into_iter().collect();
+        let b = derive_vni("blue", &taken).unwrap();
+        assert!(!taken.contains(&b) && (1..=VNI_MAX).contains(&b));
+        // Wraps at the top of the range (never 0).
+        let top: BTreeSet<u32> = [VNI_MAX, 1, 2].into_iter().collect();
+        assert_eq!(next_free_vni(VNI_MAX, &top), 3);
+        assert_eq!(next_free_vni(0, &BTreeSet::new()), 1);
+        let names = ["a", "b", "c", "default", "blue", "red", "net-1", "net-2"];
+        let mut seen = BTreeSet::new();
+        for n in names {
+            let v = derive_vni(n, &seen).unwrap();
+            assert!(seen.insert(v), "{n} got a taken VNI");
+        }
+    }
+
+    #[test]
+    fn gateway_macs_are_per_network_and_never_a_guests() {
+        let m = gateway_mac("blue");
+        assert_eq!(m, gateway_mac("blue"));
+        assert_ne!(m, gateway_mac("red"));
+        assert!(m.starts_with("06:") && m.len() == 17, "{m}");
+        assert!(stable_mac("ns", "blue", "gateway").starts_with("02:"));
+    }
+
+    #[test]
+    fn overlay_except_bridges_with_an_uplink() {
+        let mut s = NetworkSpec {
+            subnet: "10.9.0.0/24".into(),
+            ..Default::default()
+        };
+        assert!(uses_overlay(&s));
+        s.type_ = NetworkType::Isolated;
+        assert!(uses_overlay(&s));
+        s.type_ = NetworkType::Bridge;
+        assert!(uses_overlay(&s));
+        s.uplink = Some("eth1".into());
+        assert!(!uses_overlay(&s));
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! twice). A `pod` interface when no `default` Network exists gets no
 //! Network: the agent falls back to QEMU user networking (explicitly).
 //!
+//! Every Network gets its VXLAN VNI once ([`assign_vnis`]), in
+//! `status.vni`, as it appears; the assignments carry it to the agents.
+//!
 //! A VMI holding addresses carries the finalizer [`IPAM_FINALIZER`]; once
 //! it is being deleted and the host agent has let it go (the host finalizer
 //! is gone), its addresses are released and the finalizer removed.
@@ -26,7 +29,7 @@ use krvirt_api::event::{ObjectReference, WARNING};
 use krvirt_api::kubevirt::{VMI_HOST_FINALIZER, VirtualMachineInstance};
 use krvirt_api::network::{
     DEFAULT_NETWORK, INTERFACES_ANNOTATION, IPAM_FINALIZER, InterfaceAssignment, Network,
-    interface_assignments, stable_mac,
+    derive_vni, interface_assignments, stable_mac, uses_overlay,
 };
 use krvirt_net::ipam::Pool;
 use krvirt_net::{Cidr, Ipam};
@@ -147,6 +150,8 @@ pub struct NetworkController {
     queue: WorkQueue,
     ipam: Ipam<dyn Store>,
     events: EventRecorder,
+    /// Held while Networks are listed and VNIs assigned.
+    vni_lock: tokio::sync::Mutex<()>,
 }
 
 impl NetworkController {
@@ -159,6 +164,7 @@ impl NetworkController {
             registry,
             queue: WorkQueue::new(),
             events,
+            vni_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -216,6 +222,9 @@ impl NetworkController {
                     if kind.kind == "VirtualMachineInstance" {
                         items.iter().for_each(|o| self.queue.add(key_of(o)));
                     } else {
+                        if let Err(e) = self.networks().await {
+                            debug!(error = %e, "assigning VNIs failed; retried on the next event");
+                        }
                         self.queue_all().await;
                     }
                     rv
@@ -243,8 +252,14 @@ impl NetworkController {
                     Ok(ev) if kind.kind == "VirtualMachineInstance" => {
                         self.queue.add(key_of(&ev.object))
                     }
-                    // A Network appeared or went: VMIs waiting for it move on.
-                    Ok(_) => self.queue_all().await,
+                    // A Network appeared or went: it gets its VNI, and
+                    // VMIs waiting for it move on.
+                    Ok(_) => {
+                        if let Err(e) = self.networks().await {
+                            debug!(error = %e, "assigning VNIs failed; retried on the next event");
+                        }
+                        self.queue_all().await
+                    }
                     Err(_) => break,
                 }
             }
@@ -252,6 +267,8 @@ impl NetworkController {
     }
 
     async fn networks(&self) -> Result<BTreeMap<String, Network>, ControllerError> {
+        // One VNI assignment at a time (the watch and the worker both list).
+        let _vnis = self.vni_lock.lock().await;
         let (items, _) = self
             .registry
             .list(self.net_kind, None, &Selector::everything())
@@ -261,7 +278,47 @@ impl NetworkController {
             let n: Network = decode("Network", o)?;
             out.insert(n.metadata.name().to_string(), n);
         }
+        self.ensure_vnis(&mut out).await?;
         Ok(out)
+    }
+
+    /// Give every Network without one its VNI (`status.vni`), once: the
+    /// status keeps it, so it never changes while the Network exists.
+    async fn ensure_vnis(
+        &self,
+        networks: &mut BTreeMap<String, Network>,
+    ) -> Result<(), ControllerError> {
+        for (name, vni) in assign_vnis(networks) {
+            // Only if it still has none: a VNI once given never changes.
+            let written = match self
+                .registry
+                .modify(self.net_kind, "", &name, Subresource::Status, |o| {
+                    if o.pointer("/status/vni").is_none_or(Value::is_null) {
+                        if !o["status"].is_object() {
+                            o["status"] = json!({});
+                        }
+                        o["status"]["vni"] = json!(vni);
+                    }
+                    Ok(())
+                })
+                .await
+            {
+                Ok(o) => o,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let held = written
+                .pointer("/status/vni")
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok());
+            if held == Some(vni) {
+                info!(network = %name, vni, "VXLAN VNI assigned");
+            }
+            if let Some(n) = networks.get_mut(&name) {
+                n.status.get_or_insert_with(Default::default).vni = held;
+            }
+        }
+        Ok(())
     }
 
     fn vmi_ref(vmi: &VirtualMachineInstance) -> ObjectReference {
@@ -386,6 +443,9 @@ impl NetworkController {
                 if net.spec.type_ == krvirt_api::network::NetworkType::Bridge {
                     asg.uplink = net.spec.uplink.clone();
                 }
+                if uses_overlay(&net.spec) {
+                    asg.vni = net.status.as_ref().and_then(|s| s.vni);
+                }
             }
             out.push(asg);
         }
@@ -451,6 +511,27 @@ impl NetworkController {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Pure: the VNIs to give the Networks that have none yet (name, VNI),
+/// avoiding every VNI already held. Networks are taken in name order, so
+/// the outcome does not depend on listing order.
+pub fn assign_vnis(networks: &BTreeMap<String, Network>) -> Vec<(String, u32)> {
+    let mut taken: std::collections::BTreeSet<u32> = networks
+        .values()
+        .filter_map(|n| n.status.as_ref().and_then(|s| s.vni))
+        .collect();
+    let mut out = Vec::new();
+    for (name, n) in networks {
+        if n.status.as_ref().and_then(|s| s.vni).is_some() {
+            continue;
+        }
+        if let Some(v) = derive_vni(name, &taken) {
+            taken.insert(v);
+            out.push((name.clone(), v));
+        }
+    }
+    out
 }
 
 fn key_of(obj: &Value) -> Key {
@@ -526,6 +607,33 @@ mod tests {
                 network: "blue-net".into()
             })
         );
+    }
+
+    #[test]
+    fn vnis_are_assigned_once_and_never_shared() {
+        let mut nets = BTreeMap::new();
+        nets.insert("blue".to_string(), net("10.9.0.0/24"));
+        nets.insert("red".to_string(), net("10.10.0.0/24"));
+        let first = assign_vnis(&nets);
+        assert_eq!(first.len(), 2);
+        assert_ne!(first[0].1, first[1].1);
+        assert_eq!(first, assign_vnis(&nets), "deterministic");
+        // Recorded: nothing more to assign.
+        for (name, vni) in &first {
+            nets.get_mut(name).unwrap().status = Some(krvirt_api::network::NetworkStatus {
+                vni: Some(*vni),
+                ..Default::default()
+            });
+        }
+        assert!(assign_vnis(&nets).is_empty());
+        // A new Network whose hash lands on a held VNI gets another one.
+        let blue_vni = first[0].1;
+        nets.get_mut("red").unwrap().status.as_mut().unwrap().vni = Some(blue_vni);
+        nets.get_mut("blue").unwrap().status = None;
+        let again = assign_vnis(&nets);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].0, "blue");
+        assert_ne!(again[0].1, blue_vni, "red holds blue's hash VNI");
     }
 
     #[test]

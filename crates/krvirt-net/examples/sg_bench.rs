@@ -37,6 +37,7 @@ fn ruleset(variant: u16) -> Ruleset {
         })
         .collect();
     Ruleset {
+        remote: Vec::new(),
         groups: vec![Group {
             name: "bench/sg".into(),
             ingress: rules,

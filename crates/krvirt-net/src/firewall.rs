@@ -17,6 +17,9 @@
 //!   rules `accept`, then `drop`: default deny ingress). Bridged traffic reaches these hooks because
 //!   krvirt's bridges have `nf_call_iptables` on; addresses are trustworthy
 //!   there because of the anti-spoofing chains.
+//! - `bridge krvirt`, chains `tunnel-in`/`tunnel-out` (input/output):
+//!   nothing between the host's own stack and a Network's VXLAN ports
+//!   (`kvx*`): gateway and DHCP stay per host.
 //! - one named set `sg-N` per group with the addresses of its member ports,
 //!   for rules whose source (ingress) or destination (egress) is a group.
 //!
@@ -36,6 +39,9 @@ use crate::ipam::Cidr;
 
 /// The default table name (both families).
 pub const TABLE: &str = "krvirt";
+
+/// nft pattern of the VXLAN ports of Networks (`kvx<VNI>`).
+pub const TUNNEL_PORTS: &str = "kvx*";
 
 /// Protocol of a rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,12 +94,23 @@ pub struct Zone {
     pub isolated: bool,
 }
 
+/// A group member whose NIC is on another host (a Network spanning
+/// hosts): its address belongs in its groups' sets here, so rules naming
+/// those groups as the remote side match it, though it has no port here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub ip: Ipv4Addr,
+    pub groups: Vec<String>,
+}
+
 /// Everything the firewall enforces on a host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     pub groups: Vec<Group>,
     pub ports: Vec<Port>,
     pub zones: Vec<Zone>,
+    /// Members of the groups on other hosts.
+    pub remote: Vec<Member>,
 }
 
 fn valid_mac(mac: &str) -> bool {
@@ -343,6 +360,21 @@ pub fn compile(rs: &Ruleset, table: &str) -> Result<Script, NetError> {
         vec![format!("iifname vmap {{ {} }}", spoof_map.join(", "))]
     };
     b.chain("spoof", Some(("prerouting", -300)), &spoof_rules);
+    // A Network's VXLAN ports (`kvx*`, see crate::vxlan) carry guest
+    // traffic only: the host's own side of the Network (the gateway
+    // address every host has on the bridge, its DHCP server) stays on the
+    // host, so each host answers its own guests' ARP and DHCP and never
+    // another host's.
+    b.chain(
+        "tunnel-in",
+        Some(("input", 0)),
+        &[format!("iifname \"{TUNNEL_PORTS}\" drop")],
+    );
+    b.chain(
+        "tunnel-out",
+        Some(("output", 0)),
+        &[format!("oifname \"{TUNNEL_PORTS}\" drop")],
+    );
     b.replace_into(&mut out, "bridge", table);
 
     // inet family: security groups.
@@ -353,6 +385,12 @@ pub fn compile(rs: &Ruleset, table: &str) -> Result<Script, NetError> {
             .iter()
             .filter(|p| p.groups.contains(&g.name))
             .filter_map(|p| p.ip)
+            .chain(
+                rs.remote
+                    .iter()
+                    .filter(|m| m.groups.contains(&g.name))
+                    .map(|m| m.ip),
+            )
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .map(|ip| ip.to_string())
@@ -485,6 +523,7 @@ impl Firewall {
         };
         let same_shape = last.ports == rs.ports
             && last.zones == rs.zones
+            && last.remote == rs.remote
             && last.groups.len() == rs.groups.len()
             && last
                 .groups
@@ -612,6 +651,7 @@ mod tests {
     #[test]
     fn compiles_groups_ports_and_sets() {
         let rs = Ruleset {
+            remote: Vec::new(),
             groups: vec![Group {
                 name: "default/web".into(),
                 ingress: vec![
@@ -650,6 +690,28 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("set sg-0 { type ipv4_addr; elements = { 10.1.0.5 }; }"));
+        // A member on another host joins the set, without a port here.
+        let mut with_remote = rs.clone();
+        with_remote.remote.push(Member {
+            ip: Ipv4Addr::new(10, 1, 0, 9),
+            groups: vec!["default/web".into()],
+        });
+        let s2 = compile(&with_remote, "kvtest").unwrap().to_string();
+        assert!(
+            s2.contains("set sg-0 { type ipv4_addr; elements = { 10.1.0.5, 10.1.0.9 }; }"),
+            "{s2}"
+        );
+        assert!(!s2.contains("10.1.0.9 : jump"), "no port chains for it");
+        // A change of remote members alone is a full replacement (sets
+        // are not patched in place).
+        let mut fw = Firewall::new("kvtest").unwrap();
+        fw.last = Some(rs.clone());
+        assert!(
+            fw.plan(&with_remote)
+                .unwrap()
+                .as_str()
+                .contains("delete table")
+        );
         // kvtb has no groups: anti-spoofing only, no ingress chain.
         assert!(s.contains("sp-kvtb") && !s.contains("in-kvtb"));
         assert!(s.contains("jump gi-0"));
@@ -660,11 +722,15 @@ mod tests {
         assert!(pos("chain gi-0") < pos("chain in-kvta"));
         assert!(pos("chain in-kvta") < pos("chain forward"));
         assert!(pos("chain sp-kvtb") < pos("chain spoof"));
+        // The host's own stack never talks over a Network's tunnel.
+        assert!(s.contains("hook input priority 0; policy accept;\n    iifname \"kvx*\" drop"));
+        assert!(s.contains("hook output priority 0; policy accept;\n    oifname \"kvx*\" drop"));
     }
 
     #[test]
     fn refuses_bad_input() {
         let mut rs = Ruleset {
+            remote: Vec::new(),
             groups: vec![],
             ports: vec![port("kvta", [10, 1, 0, 5], &["missing"])],
             zones: vec![],

@@ -128,6 +128,48 @@ impl Netlink {
             .map_err(nl("attach", port))
     }
 
+    /// Give `name` the hardware address `mac` (`aa:bb:cc:dd:ee:ff`);
+    /// nothing to do when it has it already.
+    pub async fn ensure_mac(&self, name: &str, mac: &str) -> Result<(), NetError> {
+        let bytes: Vec<u8> = mac
+            .split(':')
+            .map(|p| u8::from_str_radix(p, 16))
+            .collect::<Result<_, _>>()
+            .ok()
+            .filter(|b: &Vec<u8>| b.len() == 6 && mac.len() == 17)
+            .ok_or_else(|| invalid("mac address", format!("{mac:?}")))?;
+        let idx = self.need(name)?;
+        let current =
+            std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("address"))
+                .unwrap_or_default();
+        if current.trim().eq_ignore_ascii_case(mac) {
+            return Ok(());
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(idx).address(bytes).build())
+            .execute()
+            .await
+            .map_err(nl("set address", name))
+    }
+
+    /// Give `name` the MTU `mtu`; nothing to do when it has it already.
+    pub async fn ensure_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError> {
+        let idx = self.need(name)?;
+        let current = std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("mtu"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        if current == Some(mtu) {
+            return Ok(());
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(idx).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(nl("set mtu", name))
+    }
+
     /// Make sure `addr/prefix` is on `name` (idempotent).
     pub async fn ensure_address(
         &self,

@@ -41,6 +41,12 @@ pub const VNI_MAX: u32 = (1 << 24) - 1;
 /// Overhead of the encapsulation (outer Ethernet + IPv4 + UDP + VXLAN).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
+/// The MTU krvirt gives a Network's vxlan device: the guests' own (1500),
+/// not the underlay's minus [`VXLAN_OVERHEAD`], so full-size guest frames
+/// cross hosts (the underlay fragments the outer UDP packets) without the
+/// guests being told of a smaller MTU.
+pub const GUEST_MTU: u32 = 1500;
+
 /// One Network's tunnel on one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanSpec {
@@ -76,6 +82,31 @@ fn nl(op: &'static str, name: &str) -> impl FnOnce(rtnetlink::Error) -> NetError
 }
 
 const ZERO_MAC: [u8; 6] = [0; 6];
+
+/// What brings a device's flood list from `current` to `wanted`:
+/// `(add, remove)`, each without duplicates, in the order given.
+pub fn flood_diff(current: &[Ipv4Addr], wanted: &[Ipv4Addr]) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+    let mut add: Vec<Ipv4Addr> = Vec::new();
+    for w in wanted {
+        if !current.contains(w) && !add.contains(w) {
+            add.push(*w);
+        }
+    }
+    let mut remove: Vec<Ipv4Addr> = Vec::new();
+    for c in current {
+        if !wanted.contains(c) && !remove.contains(c) {
+            remove.push(*c);
+        }
+    }
+    (add, remove)
+}
+
+/// Whether `name` is a device name [`device_name`] gives (`kvx` + VNI).
+pub fn is_device_name(name: &str) -> bool {
+    name.strip_prefix("kvx")
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_some_and(|v| (1..=VNI_MAX).contains(&v) && device_name(v) == name)
+}
 
 impl Netlink {
     /// Make sure the vxlan device for `spec` exists, is a port of `bridge`
@@ -183,8 +214,10 @@ impl Netlink {
             message: "no such vxlan device".into(),
         })?;
         let current = self.flood_entries(name).await?;
+        let ips: Vec<Ipv4Addr> = current.iter().map(|(ip, _)| *ip).collect();
+        let (add, remove) = flood_diff(&ips, peers);
         for (ip, msg) in &current {
-            if !peers.contains(ip) {
+            if remove.contains(ip) {
                 self.handle()
                     .neighbours()
                     .del(msg.clone())
@@ -193,10 +226,7 @@ impl Netlink {
                     .map_err(nl("delete fdb entry", name))?;
             }
         }
-        for peer in peers {
-            if current.iter().any(|(ip, _)| ip == peer) {
-                continue;
-            }
+        for peer in &add {
             // `bridge fdb append 00:00:00:00:00:00 dev NAME dst PEER self
             // permanent`: APPEND, because every peer shares the all-zero
             // address (rtnetlink's add request would ask for EXCL).
@@ -229,5 +259,43 @@ impl Netlink {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, last)
+    }
+
+    #[test]
+    fn flood_list_reconciliation() {
+        // A host joins, another leaves, one stays.
+        let (add, remove) = flood_diff(&[ip(1), ip(2)], &[ip(2), ip(3)]);
+        assert_eq!((add, remove), (vec![ip(3)], vec![ip(1)]));
+        // Converged: nothing to do.
+        assert_eq!(
+            flood_diff(&[ip(1), ip(2)], &[ip(2), ip(1)]),
+            (vec![], vec![])
+        );
+        // Duplicates (a stale double entry, a peer listed twice) collapse.
+        assert_eq!(
+            flood_diff(&[ip(1), ip(1)], &[ip(4), ip(4)]),
+            (vec![ip(4)], vec![ip(1)])
+        );
+        // Last peer gone: every entry goes.
+        assert_eq!(flood_diff(&[ip(1)], &[]), (vec![], vec![ip(1)]));
+    }
+
+    #[test]
+    fn device_names_round_trip() {
+        assert_eq!(device_name(4242), "kvx4242");
+        assert!(is_device_name("kvx4242"));
+        assert!(is_device_name(&device_name(VNI_MAX)));
+        for bad in ["kvx", "kvx0", "kvx04242", "kvxab", "kvt4242", "kvx16777216"] {
+            assert!(!is_device_name(bad), "{bad}");
+        }
     }
 }

@@ -110,6 +110,7 @@ async fn security_group_rules_change_live_and_spoofing_is_dropped() {
         egress: vec![],
     };
     let rs = |web: &Group| Ruleset {
+        remote: Vec::new(),
         groups: vec![
             web.clone(),
             Group {
@@ -253,6 +254,7 @@ async fn networks_are_separate_and_isolated_ones_stay_inside() {
     );
     let table = lab.table();
     let zones = |iso: bool| Ruleset {
+        remote: Vec::new(),
         zones: vec![
             Zone {
                 bridge: br1.clone(),
@@ -317,6 +319,7 @@ async fn nat_network_reaches_a_server_on_its_gateway() {
     // are established).
     firewall::sync(
         &Ruleset {
+            remote: Vec::new(),
             groups: vec![Group {
                 name: "g".into(),
                 ingress: vec![],
@@ -459,6 +462,7 @@ async fn incremental_group_changes_equal_a_full_replace() {
     let table = lab.table();
     let mut fw = firewall::Firewall::new(&table).unwrap();
     let rs = |ingress: Vec<Rule>| Ruleset {
+        remote: Vec::new(),
         groups: vec![Group {
             name: "g".into(),
             ingress,

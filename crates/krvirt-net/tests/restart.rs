@@ -63,6 +63,7 @@ impl Setup {
     }
     fn ruleset(&self, ip: Ipv4Addr) -> Ruleset {
         Ruleset {
+            remote: Vec::new(),
             groups: vec![Group {
                 name: "g".into(),
                 ingress: vec![Rule {

@@ -268,6 +268,7 @@ async fn guests_get_ipam_addresses_talk_and_obey_security_groups() {
         })
         .collect();
     let rules = |web_ingress: Vec<Rule>, a2_groups: &[&str], g: &[Vm]| Ruleset {
+        remote: Vec::new(),
         groups: vec![Group {
             name: "default/web".into(),
             ingress: web_ingress,
