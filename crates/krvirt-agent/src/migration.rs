@@ -417,21 +417,6 @@ fn link_disks(steps: &[PrepStep], source_dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// QEMU with `-incoming defer`: a wrapper that adds the flag to the
-/// command line `launch` builds from the VmConfig (the config itself is
-/// the source's, unchanged).
-fn incoming_wrapper(run_dir: &Path, qemu_bin: &Path) -> Result<PathBuf, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = run_dir.join("qemu-incoming");
-    let bin = qemu_bin.to_string_lossy().replace('\'', "'\\''");
-    let script = format!("#!/bin/sh\nexec '{bin}' \"$@\" -incoming defer\n");
-    std::fs::write(&path, script).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    // Run as the QEMU user: readable and executable by it (no secrets).
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
-    Ok(path)
-}
-
 async fn prepare_target(
     agent: &Agent,
     key: &Key,
@@ -467,11 +452,11 @@ async fn prepare_target(
         .await
         .map_err(|e| e.to_string())?;
     link_disks(&plan.prep, &source_dir)?;
-    let wrapper = incoming_wrapper(&run_dir, agent.qemu_bin())?;
     let mut config = plan.config.clone();
     // The guest's vCPUs start when the state arrives, as they were.
     config.start_paused = false;
-    let handle = launch_with(&config, &wrapper, agent.launch_options())
+    config.incoming = true;
+    let handle = launch_with(&config, agent.qemu_bin(), agent.launch_options())
         .await
         .map_err(|e| format!("starting the target QEMU: {e}"))?;
     let handle = agent.adopt_qemu(key.clone(), uid.clone(), handle);
