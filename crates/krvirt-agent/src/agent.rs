@@ -1497,14 +1497,25 @@ impl Agent {
         &self.inner.launch_opts
     }
 
-    /// A run directory with its VMI record and no disks yet.
+    /// A run directory with its VMI record and the disks `steps` make
+    /// (overlays, blanks, seeds), as a launch prepares them.
     pub(crate) async fn prepare_run_dir(
         &self,
         run_dir: &Path,
         key: &Key,
         uid: &str,
+        steps: &[PrepStep],
     ) -> Result<(), AgentError> {
-        self.prepare(run_dir, key, uid, &[]).await
+        self.prepare(run_dir, key, uid, steps).await
+    }
+
+    /// Pull the VMI's containerDisk images this host lacks, as a launch
+    /// does (events on the VMI); the error says which pull failed.
+    pub(crate) async fn ensure_images(&self, vmi: &VirtualMachineInstance) -> Result<(), String> {
+        let record = |(t, r, m): crate::autopull::Event| {
+            self.inner.events.record_ref(vmi_ref(vmi), t, r, &m)
+        };
+        crate::autopull::ensure_images(&self.inner.images.0, vmi, &record).await
     }
 
     /// Track a QEMU started outside the reconcile (a migration target).
