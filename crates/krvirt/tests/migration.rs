@@ -577,3 +577,114 @@ async fn host_local_disks_follow_the_guest_by_block_mirror() {
     })
     .await;
 }
+
+const SLOW_DISK_POLICY: &str = r#"
+apiVersion: migrations.kubevirt.io/v1alpha1
+kind: MigrationPolicy
+metadata:
+  name: slow-disks
+spec:
+  bandwidthPerMigration: 1Mi
+  selectors:
+    virtualMachineInstanceSelector:
+      app: slow-disks
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_cancelled_while_mirroring_disks_leaves_the_guest_and_its_disks_on_the_source()
+{
+    let c = Cluster::start(2).await;
+    apply(&c, SLOW_DISK_POLICY);
+    // The disk VM, labelled for the 1 MiB/s policy (the mirror's speed too).
+    apply(
+        &c,
+        &DISK_VM.replace(
+            "  template:\n    spec:\n",
+            "  template:\n    metadata:\n      labels: {app: slow-disks}\n    spec:\n",
+        ),
+    );
+    let (uid, src_pid) = c.server.running_vmi("disks", None).await;
+    let src = c.node_of("disks").await.unwrap();
+    let dst = if src == "host0" { "host1" } else { "host0" }.to_string();
+    c.until("the guest is up", Duration::from_secs(120), || async {
+        ticks(&c.host(&src).console_file(&uid))
+            .last()
+            .copied()
+            .filter(|n| *n >= 1)
+    })
+    .await;
+    // 8 MiB of data on the scratch disk: 8 s of mirror at 1 MiB/s; then a
+    // mark at its start.
+    let mark = format!("{}", std::process::id());
+    let wrote = ask(
+        &c,
+        &src,
+        &uid,
+        "W",
+        &format!(
+            "dd if=/dev/urandom of=/dev/vdb bs=1M count=8 2>/dev/null; \
+             printf SCRATCH-{mark}. > /dev/vdb; sync; echo ok"
+        ),
+    )
+    .await;
+    assert_eq!(wrote, "ok");
+
+    c.server.ok(&["migrate", "disks", "--to", &dst]);
+    let p = c
+        .until(
+            "the disk mirror running",
+            Duration::from_secs(60),
+            || async {
+                let v = c.server.vmi("disks").await?;
+                let p = v["status"]["migrationState"]["krvirtProgress"].clone();
+                (p["phase"] == "Disks" && p["diskTransferredBytes"].as_u64() > Some(0)).then_some(p)
+            },
+        )
+        .await;
+    assert_eq!(p["disksMirrored"], 2, "{p}");
+    let out = c.server.ok(&["migrate", "disks", "--cancel"]);
+    assert!(out.contains("cancelled"), "{out}");
+    let ms = c
+        .until("migration aborted", Duration::from_secs(60), || async {
+            let v = c.server.vmi("disks").await?;
+            let ms = v["status"]["migrationState"].clone();
+            (ms["failed"] == true).then_some(ms)
+        })
+        .await;
+    assert_eq!(ms["abortStatus"], "Succeeded", "{ms}");
+    assert_ne!(ms["completed"], true, "{ms}");
+    // The guest never left, its disk is its own and writable.
+    assert_eq!(c.node_of("disks").await.as_deref(), Some(src.as_str()));
+    assert!(pid_alive(src_pid));
+    let (scratch, _) = read_marks(&c, &src, &uid, "A").await;
+    assert_eq!(scratch, format!("SCRATCH-{mark}"));
+    let again = ask(
+        &c,
+        &src,
+        &uid,
+        "W2",
+        &format!("printf AFTER-{mark}. > /dev/vdb; sync; echo ok"),
+    )
+    .await;
+    assert_eq!(again, "ok");
+    let (scratch, _) = read_marks(&c, &src, &uid, "B").await;
+    assert_eq!(scratch, format!("AFTER-{mark}"));
+    c.until("target cleaned up", Duration::from_secs(30), || async {
+        (!c.host(&dst).data_dir.join("run/vmi").join(&uid).exists()).then_some(())
+    })
+    .await;
+    // A second migration, unhindered, still works after the aborted one.
+    c.server.ok(&["delete", "migrationpolicy", "slow-disks"]);
+    let out = c.server.ok(&[
+        "migrate",
+        "disks",
+        "--to",
+        &dst,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    assert!(out.contains(&format!("to {dst}")), "{out}");
+    let (scratch, _) = read_marks(&c, &dst, &uid, "C").await;
+    assert_eq!(scratch, format!("AFTER-{mark}"));
+}
