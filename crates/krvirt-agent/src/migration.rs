@@ -5,20 +5,29 @@
 //! with [`TARGET_NODE_LABEL`]. Then, between the two agents:
 //!
 //! 1. **Target** (this module's watch on VMIs labelled with this host):
-//!    prepares the run directory (the guest's disks are hard links to the
-//!    source's files: the hosts share a filesystem, so the storage is
-//!    shared), starts QEMU with the same `VmConfig` and `-incoming defer`,
-//!    sets the migration capabilities, `migrate-incoming tcp:IP:PORT` on
-//!    its own address, and publishes `targetNodeAddress` and the port.
+//!    pulls missing images, prepares its own run directory (empty overlays
+//!    on the same base images, blanks of the same size, the cloud-init seed
+//!    written again), starts QEMU with the same `VmConfig` and
+//!    `incoming` (`-incoming defer`), sets the migration capabilities,
+//!    exports the host-local writable disks ([`mirrored_disks`]) over NBD
+//!    on its own address, `migrate-incoming tcp:IP:PORT`, and publishes
+//!    `targetNodeAddress` and its ports (memory: role 0; NBD:
+//!    [`BLOCK_MIGRATION_PORT`]). With mirrored disks QEMU starts paused; once
+//!    the state arrived it stops the NBD server and `cont`s.
 //! 2. **Source** (a hook in the agent's reconcile of a running VMI): once
 //!    the target is ready, sets `downtime-limit`/bandwidth, writes
-//!    `startTimestamp`, `migrate`s to the target and polls `query-migrate`,
-//!    reporting progress. On `completed` it moves the VMI to the target in
-//!    one status write (`nodeName`, `completed`, times, downtime); its own
-//!    QEMU (post-migrate, paused) is then stopped by the ordinary reconcile
-//!    because the VMI is no longer bound here. On failure or abort it
-//!    records `failed`; the source guest keeps running and the target's
-//!    QEMU is removed by the target agent's reconcile.
+//!    `startTimestamp`, mirrors the host-local disks into the target's NBD
+//!    exports until every job is READY, `migrate`s to the target (with
+//!    `pause-before-switchover` when mirroring: at `pre-switchover` the
+//!    guest is stopped, the mirror jobs are completed by `block-job-cancel`
+//!    and `migrate-continue` sends the device state) and polls
+//!    `query-migrate`, reporting progress. On `completed` it moves the VMI
+//!    to the target in one status write (`nodeName`, `completed`, times,
+//!    downtime); its own QEMU (post-migrate, paused) is then stopped by the
+//!    ordinary reconcile because the VMI is no longer bound here. On
+//!    failure or abort it cancels its mirror jobs and records `failed`;
+//!    the source guest keeps running on its own, unchanged disks and the
+//!    target's QEMU is removed by the target agent's reconcile.
 //!
 //! All decisions are pure functions of the VMI status (unit-tested below);
 //! writes are compare-and-swap on the VMI's resourceVersion.
