@@ -799,6 +799,7 @@ impl Agent {
                 v.key == *key
                     && (v.uid != uid || !mine)
                     && incoming.as_deref() != Some(v.uid.as_str())
+                    && !self.inner.migrations.is_target(&v.uid)
             })
             .cloned()
             .collect();
@@ -812,7 +813,10 @@ impl Agent {
                 && incoming.as_deref() != Some(rec.uid.as_str())
                 && self.local(&rec.uid).is_none()
             {
-                remove_run_dir(&dir);
+                // Not while this host prepares a migration target for it.
+                self.inner
+                    .migrations
+                    .unless_target(&rec.uid, || remove_run_dir(&dir));
             }
         }
 
@@ -1433,7 +1437,12 @@ impl Agent {
             }
         }
         self.inner.net.release(&vm.uid).await;
-        self.vms().remove(&vm.uid);
+        // Only this QEMU's entry: a migration target for the same uid may
+        // have been adopted meanwhile.
+        let mut vms = self.vms();
+        if vms.get(&vm.uid).is_some_and(|cur| Arc::ptr_eq(cur, vm)) {
+            vms.remove(&vm.uid);
+        }
     }
 
     // ----- metrics -------------------------------------------------------------

@@ -68,9 +68,40 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct Migrations {
     active: Mutex<HashSet<String>>,
+    /// VMI uids whose migration target this host is preparing: the
+    /// reconcile's cleanup of a VMI that left this host (the same uid, when
+    /// a guest goes back and forth) must not touch their run directory.
+    targets: Mutex<HashSet<String>>,
 }
 
 impl Migrations {
+    fn begin_target(&self, vmi_uid: &str) {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vmi_uid.to_string());
+    }
+    fn end_target(&self, vmi_uid: &str) {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vmi_uid);
+    }
+    /// Whether a migration target is being prepared here for `vmi_uid`.
+    pub fn is_target(&self, vmi_uid: &str) -> bool {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(vmi_uid)
+    }
+    /// Run `f` (a cleanup of `vmi_uid`'s run directory) unless a target
+    /// is being prepared for it; atomic with [`Migrations::begin_target`].
+    pub fn unless_target(&self, vmi_uid: &str, f: impl FnOnce()) {
+        let t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        if !t.contains(vmi_uid) {
+            f();
+        }
+    }
     fn claim(&self, uid: &str) -> bool {
         self.active
             .lock()
@@ -403,7 +434,9 @@ async fn record_failure(agent: &Agent, key: &Key, mig_uid: &str, reason: &str, a
         ms.failed = Some(true);
         ms.failure_reason = Some(reason.to_string());
         ms.end_timestamp = Some(now_rfc3339());
-        if aborted {
+        // A failure after an abort request is that abort's end (the target
+        // may notice first that the source cancelled).
+        if aborted || ms.abort_requested == Some(true) {
             ms.abort_status = Some(AbortStatus::Succeeded);
         }
         true
@@ -469,7 +502,11 @@ fn consider_target(agent: &Agent, obj: Value) {
     let agent = agent.clone();
     tokio::spawn(async move {
         let key = Key::new(vmi.metadata.namespace(), vmi.metadata.name());
-        if let Err(why) = prepare_target(&agent, &key, &vmi, &mig_uid).await {
+        let vmi_uid = vmi.metadata.uid.clone().unwrap_or_default();
+        agent.migrations().begin_target(&vmi_uid);
+        let r = prepare_target(&agent, &key, &vmi, &mig_uid).await;
+        agent.migrations().end_target(&vmi_uid);
+        if let Err(why) = r {
             warn!(%key, %why, "migration target failed");
             agent.record_event(&vmi, WARNING, "MigrationTargetFailed", &why);
             record_failure(&agent, &key, &mig_uid, &why, false).await;
@@ -551,6 +588,12 @@ async fn prepare_target(
     let ms = st.migration_state.clone().unwrap_or_default();
     info!(%key, source = ?ms.source_node, "preparing migration target");
     let run_dir = agent.run_dir_of(&uid);
+    // The guest may have just left this host (back and forth): its old,
+    // post-migrate QEMU and run directory go first.
+    if agent.qemu_of(&uid).is_some() || run_dir.exists() {
+        info!(%key, "removing what the guest left here when it migrated away");
+        agent.discard(&uid).await;
+    }
     // The base images of overlays must be here too (content-addressed: the
     // same digest is the same content the source's overlay sits on).
     agent.ensure_images(vmi).await?;
@@ -659,6 +702,7 @@ async fn prepare_target(
                 .find(|c| c.type_ == krvirt_api::kubevirt::vmi_conditions::PAUSED)
         })
         .is_some_and(|c| c.status == krvirt_api::meta::ConditionStatus::True);
+    let mut source_done: Option<Instant> = None;
     loop {
         wait_event_or(&mut events, Duration::from_millis(200)).await;
         if !handle.is_alive() {
@@ -686,15 +730,31 @@ async fn prepare_target(
             }
             Err(e) => debug!(%key, error = %e, "target query-status failed"),
         }
+        if let Some(t) = source_done {
+            // The source has sent everything; QEMU here is still loading it.
+            if t.elapsed() > Duration::from_secs(120) {
+                return Err("the target QEMU did not take the guest's state".into());
+            }
+            continue;
+        }
         if let Ok(v) = agent
             .client()
             .get(agent.vmi_kind(), &key.namespace, &key.name)
             .await
             && let Ok(vmi) = serde_json::from_value::<VirtualMachineInstance>(v)
-            && state(&vmi)
-                .is_none_or(|m| m.migration_uid.as_deref() != Some(mig_uid) || m.is_finished())
         {
-            return Ok(());
+            match state(&vmi) {
+                Some(m) if m.migration_uid.as_deref() == Some(mig_uid) => {
+                    if m.completed == Some(true) {
+                        // Completed on the source: the guest still needs
+                        // this loop (NBD server stopped, `cont`).
+                        source_done = Some(Instant::now());
+                    } else if m.is_finished() {
+                        return Ok(());
+                    }
+                }
+                _ => return Ok(()),
+            }
         }
     }
 }

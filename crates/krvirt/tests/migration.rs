@@ -189,6 +189,24 @@ async fn a_vm_migrates_between_namespaced_hosts_while_its_ticks_keep_counting() 
         )
         .await;
     assert!(back[0] > *after.last().unwrap(), "{back:?} after {after:?}");
+
+    // And out again at once, to the host it has only just left (whose
+    // cleanup of the guest's old run directory must not touch the new
+    // target's disks).
+    let out = c
+        .server
+        .ok(&["migrate", "mig", "--to", &dst, "--wait", "--timeout", "90s"]);
+    assert!(out.contains(&format!("to {dst}")), "{out}");
+    let last = *back.last().unwrap();
+    c.until(
+        "ticks after the third migration",
+        Duration::from_secs(60),
+        || async {
+            let t = ticks(&dst_host.console_file(&uid));
+            t.last().copied().filter(|n| *n > last)
+        },
+    )
+    .await;
 }
 
 const PLAIN_VM: &str = r#"
