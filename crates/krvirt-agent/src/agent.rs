@@ -861,6 +861,7 @@ impl Agent {
                 v.key == *key
                     && (v.uid != uid || !mine)
                     && incoming.as_deref() != Some(v.uid.as_str())
+                    && !self.inner.migrations.is_target(&v.uid)
             })
             .cloned()
             .collect();
@@ -874,7 +875,10 @@ impl Agent {
                 && incoming.as_deref() != Some(rec.uid.as_str())
                 && self.local(&rec.uid).is_none()
             {
-                remove_run_dir(&dir);
+                // Not while this host prepares a migration target for it.
+                self.inner
+                    .migrations
+                    .unless_target(&rec.uid, || remove_run_dir(&dir));
             }
         }
 
@@ -1560,7 +1564,12 @@ impl Agent {
             }
         }
         self.inner.net.release(&vm.uid).await;
-        self.vms().remove(&vm.uid);
+        // Only this QEMU's entry: a migration target for the same uid may
+        // have been adopted meanwhile.
+        let mut vms = self.vms();
+        if vms.get(&vm.uid).is_some_and(|cur| Arc::ptr_eq(cur, vm)) {
+            vms.remove(&vm.uid);
+        }
     }
 
     // ----- metrics -------------------------------------------------------------
@@ -1624,14 +1633,25 @@ impl Agent {
         &self.inner.launch_opts
     }
 
-    /// A run directory with its VMI record and no disks yet.
+    /// A run directory with its VMI record and the disks `steps` make
+    /// (overlays, blanks, seeds), as a launch prepares them.
     pub(crate) async fn prepare_run_dir(
         &self,
         run_dir: &Path,
         key: &Key,
         uid: &str,
+        steps: &[PrepStep],
     ) -> Result<(), AgentError> {
-        self.prepare(run_dir, key, uid, &[]).await
+        self.prepare(run_dir, key, uid, steps).await
+    }
+
+    /// Pull the VMI's containerDisk images this host lacks, as a launch
+    /// does (events on the VMI); the error says which pull failed.
+    pub(crate) async fn ensure_images(&self, vmi: &VirtualMachineInstance) -> Result<(), String> {
+        let record = |(t, r, m): crate::autopull::Event| {
+            self.inner.events.record_ref(vmi_ref(vmi), t, r, &m)
+        };
+        crate::autopull::ensure_images(&self.inner.images.0, vmi, &record).await
     }
 
     /// Track a QEMU started outside the reconcile (a migration target).

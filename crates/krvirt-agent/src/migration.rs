@@ -5,27 +5,35 @@
 //! with [`TARGET_NODE_LABEL`]. Then, between the two agents:
 //!
 //! 1. **Target** (this module's watch on VMIs labelled with this host):
-//!    prepares the run directory (the guest's disks are hard links to the
-//!    source's files: the hosts share a filesystem, so the storage is
-//!    shared), starts QEMU with the same `VmConfig` and `-incoming defer`,
-//!    sets the migration capabilities, `migrate-incoming tcp:IP:PORT` on
-//!    its own address, and publishes `targetNodeAddress` and the port.
+//!    pulls missing images, prepares its own run directory (empty overlays
+//!    on the same base images, blanks of the same size, the cloud-init seed
+//!    written again), starts QEMU with the same `VmConfig` and
+//!    `incoming` (`-incoming defer`), sets the migration capabilities,
+//!    exports the host-local writable disks ([`mirrored_disks`]) over NBD
+//!    on its own address, `migrate-incoming tcp:IP:PORT`, and publishes
+//!    `targetNodeAddress` and its ports (memory: role 0; NBD:
+//!    [`BLOCK_MIGRATION_PORT`]). With mirrored disks QEMU starts paused; once
+//!    the state arrived it stops the NBD server and `cont`s.
 //! 2. **Source** (a hook in the agent's reconcile of a running VMI): once
 //!    the target is ready, sets `downtime-limit`/bandwidth, writes
-//!    `startTimestamp`, `migrate`s to the target and polls `query-migrate`,
-//!    reporting progress. On `completed` it moves the VMI to the target in
-//!    one status write (`nodeName`, `completed`, times, downtime); its own
-//!    QEMU (post-migrate, paused) is then stopped by the ordinary reconcile
-//!    because the VMI is no longer bound here. On failure or abort it
-//!    records `failed`; the source guest keeps running and the target's
-//!    QEMU is removed by the target agent's reconcile.
+//!    `startTimestamp`, mirrors the host-local disks into the target's NBD
+//!    exports until every job is READY, `migrate`s to the target (with
+//!    `pause-before-switchover` when mirroring: at `pre-switchover` the
+//!    guest is stopped, the mirror jobs are completed by `block-job-cancel`
+//!    and `migrate-continue` sends the device state) and polls
+//!    `query-migrate`, reporting progress. On `completed` it moves the VMI
+//!    to the target in one status write (`nodeName`, `completed`, times,
+//!    downtime); its own QEMU (post-migrate, paused) is then stopped by the
+//!    ordinary reconcile because the VMI is no longer bound here. On
+//!    failure or abort it cancels its mirror jobs and records `failed`;
+//!    the source guest keeps running on its own, unchanged disks and the
+//!    target's QEMU is removed by the target agent's reconcile.
 //!
 //! All decisions are pure functions of the VMI status (unit-tested below);
 //! writes are compare-and-swap on the VMI's resourceVersion.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,9 +68,40 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct Migrations {
     active: Mutex<HashSet<String>>,
+    /// VMI uids whose migration target this host is preparing: the
+    /// reconcile's cleanup of a VMI that left this host (the same uid, when
+    /// a guest goes back and forth) must not touch their run directory.
+    targets: Mutex<HashSet<String>>,
 }
 
 impl Migrations {
+    fn begin_target(&self, vmi_uid: &str) {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vmi_uid.to_string());
+    }
+    fn end_target(&self, vmi_uid: &str) {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vmi_uid);
+    }
+    /// Whether a migration target is being prepared here for `vmi_uid`.
+    pub fn is_target(&self, vmi_uid: &str) -> bool {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(vmi_uid)
+    }
+    /// Run `f` (a cleanup of `vmi_uid`'s run directory) unless a target
+    /// is being prepared for it; atomic with [`Migrations::begin_target`].
+    pub fn unless_target(&self, vmi_uid: &str, f: impl FnOnce()) {
+        let t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        if !t.contains(vmi_uid) {
+            f();
+        }
+    }
     fn claim(&self, uid: &str) -> bool {
         self.active
             .lock()
@@ -121,16 +160,119 @@ pub fn source_should_start(vmi: &VirtualMachineInstance, me: &str) -> bool {
         && vmi.metadata.deletion_timestamp.is_none()
 }
 
-/// The `tcp:IP:PORT` URI of a ready target.
-pub fn target_uri(ms: &MigrationState) -> Option<String> {
+/// The value that marks, in `targetDirectMigrationNodePorts` (target port
+/// → role), the port of the target's NBD server (KubeVirt's
+/// `LibvirtBlockMigrationPort`); the memory stream's port is marked 0.
+pub const BLOCK_MIGRATION_PORT: i64 = 49153;
+
+fn target_port(ms: &MigrationState, role: i64) -> Option<SocketAddr> {
     let ip: IpAddr = ms.target_node_address.as_deref()?.parse().ok()?;
     let port: u16 = ms
         .target_direct_migration_node_ports
-        .keys()
-        .next()?
+        .iter()
+        .find(|(_, r)| **r == role)?
+        .0
         .parse()
         .ok()?;
-    Some(format!("tcp:{}", SocketAddr::new(ip, port)))
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The `tcp:IP:PORT` URI of a ready target.
+pub fn target_uri(ms: &MigrationState) -> Option<String> {
+    target_port(ms, 0).map(|a| format!("tcp:{a}"))
+}
+
+/// Where a ready target's NBD server listens (when it mirrors disks).
+pub fn target_nbd(ms: &MigrationState) -> Option<SocketAddr> {
+    target_port(ms, BLOCK_MIGRATION_PORT)
+}
+
+/// How a host-local disk is copied to the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorSync {
+    /// Only the top layer (an overlay on a base image the target has too).
+    Top,
+    /// Everything (a disk with no backing image).
+    Full,
+}
+
+impl MirrorSync {
+    fn qapi(self) -> &'static str {
+        match self {
+            MirrorSync::Top => "top",
+            MirrorSync::Full => "full",
+        }
+    }
+}
+
+/// A disk whose content lives only on the source host (non-shared
+/// storage): the target exports an empty equivalent over NBD and the
+/// source mirrors into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorDisk {
+    /// The disk's format node (`drive{i}-fmt`), on both hosts; also the
+    /// NBD export's name.
+    pub node: String,
+    pub sync: MirrorSync,
+}
+
+impl MirrorDisk {
+    /// The source's NBD client node and block job for this disk.
+    fn job(&self) -> String {
+        format!("mig-{}", self.node)
+    }
+}
+
+/// The disks of a plan that must be mirrored: the writable ones in the
+/// VMI's run directory (containerDisk overlays: `top`; emptyDisk blanks:
+/// `full`). Read-only disks (the cloud-init seed) are made again on the
+/// target; Volumes are opened in place (rbd, or pools every host sees:
+/// the target cannot even resolve a Volume of another host's local pool).
+pub fn mirrored_disks(plan: &plan::Plan) -> Vec<MirrorDisk> {
+    plan.config
+        .disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.read_only && d.rbd.is_none())
+        .filter_map(|(i, d)| {
+            let sync = plan.prep.iter().find_map(|p| match p {
+                PrepStep::Overlay { path, .. } if *path == d.path => Some(MirrorSync::Top),
+                PrepStep::Blank { path, .. } if *path == d.path => Some(MirrorSync::Full),
+                _ => None,
+            })?;
+            Some(MirrorDisk {
+                node: krvirt_hypervisor::argv::disk_format_node(i),
+                sync,
+            })
+        })
+        .collect()
+}
+
+/// Progress of the block jobs `jobs` in a `query-block-jobs` answer:
+/// (copied, total, every one ready, an error).
+pub fn read_block_jobs(v: &Value, jobs: &[String]) -> (u64, u64, bool, Option<String>) {
+    let (mut done, mut total, mut ready, mut error) = (0, 0, true, None);
+    for j in jobs {
+        let Some(job) = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["device"].as_str() == Some(j.as_str()))
+        else {
+            ready = false;
+            error.get_or_insert_with(|| format!("block job {j} is gone"));
+            continue;
+        };
+        done += job["offset"].as_u64().unwrap_or(0);
+        total += job["len"].as_u64().unwrap_or(0);
+        ready &= job["ready"].as_bool() == Some(true);
+        if let Some(e) = job["error"].as_str() {
+            error.get_or_insert_with(|| format!("block job {j}: {e}"));
+        } else if job["status"].as_str() == Some("concluded") {
+            error.get_or_insert_with(|| format!("block job {j} ended early"));
+        }
+    }
+    (done, total, ready, error)
 }
 
 /// What `query-migrate` says.
@@ -141,6 +283,9 @@ pub enum Outcome {
     Completed(MigrationProgress),
     Failed(String),
     Cancelled,
+    /// Paused before the switch-over (`pause-before-switchover`): the
+    /// guest is stopped; `migrate-continue` sends the device state.
+    PreSwitchover,
 }
 
 /// Interpret a `query-migrate` answer.
@@ -153,6 +298,7 @@ pub fn read_query_migrate(v: &Value) -> Outcome {
         downtime_ms: v["downtime"].as_u64(),
         total_time_ms: v["total-time"].as_u64(),
         iterations: ram["dirty-sync-count"].as_u64(),
+        ..Default::default()
     };
     match v["status"].as_str().unwrap_or("none") {
         "completed" => Outcome::Completed(progress),
@@ -163,6 +309,7 @@ pub fn read_query_migrate(v: &Value) -> Outcome {
                 .to_string(),
         ),
         "cancelled" => Outcome::Cancelled,
+        "pre-switchover" => Outcome::PreSwitchover,
         _ => Outcome::InProgress(progress),
     }
 }
@@ -181,12 +328,43 @@ pub fn qemu_parameters(cfg: &MigrationConfiguration) -> Value {
     })
 }
 
-/// QEMU's migration capabilities for a configuration (set on both ends).
-pub fn qemu_capabilities(cfg: &MigrationConfiguration) -> Value {
+/// QEMU's migration capabilities for a configuration (set on both ends;
+/// `mirror`: the source mirrors disks, so it stops before the switch-over
+/// (`pause-before-switchover`) to finish the disk copy while the guest is
+/// paused, before the target can run it).
+pub fn qemu_capabilities(cfg: &MigrationConfiguration, mirror: bool) -> Value {
     json!([
         {"capability": "auto-converge", "state": cfg.allow_auto_converge == Some(true)},
         {"capability": "postcopy-ram", "state": false},
+        {"capability": "pause-before-switchover", "state": mirror},
+        {"capability": "events", "state": true},
     ])
+}
+
+/// Sleep until a QMP event arrives or `timeout` passes (a closed
+/// connection just sleeps: the caller's checks notice QEMU is gone).
+async fn wait_event_or(
+    events: &mut tokio::sync::broadcast::Receiver<krvirt_hypervisor::QmpEvent>,
+    timeout: Duration,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    tokio::select! {
+        ev = events.recv() => {
+            if matches!(ev, Err(RecvError::Closed)) {
+                tokio::time::sleep(timeout).await;
+            }
+        }
+        _ = tokio::time::sleep(timeout) => {}
+    }
+}
+
+/// The mirror's speed (bytes/s; 0 = unlimited): the policy's
+/// `bandwidthPerMigration` covers disks as well as memory.
+pub fn mirror_speed(cfg: &MigrationConfiguration) -> u64 {
+    cfg.bandwidth_per_migration
+        .as_ref()
+        .and_then(|q| q.value().ok())
+        .unwrap_or(0)
 }
 
 // ----- status writes -------------------------------------------------------
@@ -256,7 +434,9 @@ async fn record_failure(agent: &Agent, key: &Key, mig_uid: &str, reason: &str, a
         ms.failed = Some(true);
         ms.failure_reason = Some(reason.to_string());
         ms.end_timestamp = Some(now_rfc3339());
-        if aborted {
+        // A failure after an abort request is that abort's end (the target
+        // may notice first that the source cancelled).
+        if aborted || ms.abort_requested == Some(true) {
             ms.abort_status = Some(AbortStatus::Succeeded);
         }
         true
@@ -322,7 +502,11 @@ fn consider_target(agent: &Agent, obj: Value) {
     let agent = agent.clone();
     tokio::spawn(async move {
         let key = Key::new(vmi.metadata.namespace(), vmi.metadata.name());
-        if let Err(why) = prepare_target(&agent, &key, &vmi, &mig_uid).await {
+        let vmi_uid = vmi.metadata.uid.clone().unwrap_or_default();
+        agent.migrations().begin_target(&vmi_uid);
+        let r = prepare_target(&agent, &key, &vmi, &mig_uid).await;
+        agent.migrations().end_target(&vmi_uid);
+        if let Err(why) = r {
             warn!(%key, %why, "migration target failed");
             agent.record_event(&vmi, WARNING, "MigrationTargetFailed", &why);
             record_failure(&agent, &key, &mig_uid, &why, false).await;
@@ -393,45 +577,6 @@ fn url_host_port(url: &str) -> Option<String> {
     }
 }
 
-/// Link (or fail: the disks must be on storage both hosts see) the
-/// source's disk files into the target's run directory.
-fn link_disks(steps: &[PrepStep], source_dir: &Path) -> Result<(), String> {
-    for step in steps {
-        let path = match step {
-            PrepStep::Overlay { path, .. } | PrepStep::Blank { path, .. } => path,
-            PrepStep::Seed { path, .. } => path,
-        };
-        let Some(file) = path.file_name() else {
-            return Err(format!("disk path {} has no file name", path.display()));
-        };
-        let src = source_dir.join(file);
-        let _ = std::fs::remove_file(path);
-        std::fs::hard_link(&src, path).map_err(|e| {
-            format!(
-                "the source's disk {} is not on storage this host shares ({e}); \
-                 migration with non-shared storage is not implemented yet",
-                src.display()
-            )
-        })?;
-    }
-    Ok(())
-}
-
-/// QEMU with `-incoming defer`: a wrapper that adds the flag to the
-/// command line `launch` builds from the VmConfig (the config itself is
-/// the source's, unchanged).
-fn incoming_wrapper(run_dir: &Path, qemu_bin: &Path) -> Result<PathBuf, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = run_dir.join("qemu-incoming");
-    let bin = qemu_bin.to_string_lossy().replace('\'', "'\\''");
-    let script = format!("#!/bin/sh\nexec '{bin}' \"$@\" -incoming defer\n");
-    std::fs::write(&path, script).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    // Run as the QEMU user: readable and executable by it (no secrets).
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
-    Ok(path)
-}
-
 async fn prepare_target(
     agent: &Agent,
     key: &Key,
@@ -441,14 +586,17 @@ async fn prepare_target(
     let uid = vmi.metadata.uid.clone().unwrap_or_default();
     let st = vmi.status.clone().unwrap_or_default();
     let ms = st.migration_state.clone().unwrap_or_default();
-    let source_dir = st
-        .krvirt_runtime
-        .as_ref()
-        .and_then(|r| r.run_dir.clone())
-        .map(PathBuf::from)
-        .ok_or("the VMI does not say where its source run directory is")?;
     info!(%key, source = ?ms.source_node, "preparing migration target");
     let run_dir = agent.run_dir_of(&uid);
+    // The guest may have just left this host (back and forth): its old,
+    // post-migrate QEMU and run directory go first.
+    if agent.qemu_of(&uid).is_some() || run_dir.exists() {
+        info!(%key, "removing what the guest left here when it migrated away");
+        agent.discard(&uid).await;
+    }
+    // The base images of overlays must be here too (content-addressed: the
+    // same digest is the same content the source's overlay sits on).
+    agent.ensure_images(vmi).await?;
     let volumes = agent
         .volumes()
         .resolve(vmi)
@@ -462,11 +610,13 @@ async fn prepare_target(
         &volumes,
     )
     .map_err(|e| e.to_string())?;
+    // This host's own disks: empty overlays on the same bases and blanks
+    // of the same size (filled by the source's block mirror), the
+    // cloud-init seed made again from the VMI.
     agent
-        .prepare_run_dir(&run_dir, key, &uid)
+        .prepare_run_dir(&run_dir, key, &uid, &plan.prep)
         .await
         .map_err(|e| e.to_string())?;
-    link_disks(&plan.prep, &source_dir)?;
     // The NICs on krvirt Networks: the same taps (named from the VMI uid),
     // MACs and addresses as on the source, on this host's bridges (which
     // join the Networks' VXLAN segments), before QEMU opens them.
@@ -475,11 +625,15 @@ async fn prepare_target(
         .prepare(vmi, &run_dir)
         .await
         .map_err(|e| format!("preparing the network: {e}"))?;
-    let wrapper = incoming_wrapper(&run_dir, agent.qemu_bin())?;
+    let mirror = mirrored_disks(&plan);
     let mut config = plan.config.clone();
-    // The guest's vCPUs start when the state arrives, as they were.
-    config.start_paused = false;
-    let handle = launch_with(&config, &wrapper, agent.launch_options())
+    // Shared storage: the guest's vCPUs start when the state arrives, as
+    // they were. Mirrored disks: QEMU holds the guest paused after the
+    // state arrived, until the NBD server (which writes to its disks) is
+    // stopped; then this agent lets it run.
+    config.start_paused = !mirror.is_empty();
+    config.incoming = true;
+    let handle = launch_with(&config, agent.qemu_bin(), agent.launch_options())
         .await
         .map_err(|e| format!("starting the target QEMU: {e}"))?;
     let handle = agent.adopt_qemu(key.clone(), uid.clone(), handle);
@@ -487,21 +641,47 @@ async fn prepare_target(
     let qmp = handle.qmp();
     qmp.execute(
         "migrate-set-capabilities",
-        Some(json!({"capabilities": qemu_capabilities(&cfg)})),
+        Some(json!({"capabilities": qemu_capabilities(&cfg, false)})),
     )
     .await
     .map_err(|e| format!("migrate-set-capabilities: {e}"))?;
+    // MIGRATION events say at once when the state has arrived.
+    let mut events = qmp.subscribe_events();
     let ip = local_address_towards(agent.client().base_url())
         .map_err(|e| format!("finding this host's address: {e}"))?;
-    let port = {
+    let free_port = || -> Result<u16, String> {
         let l = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
             .map_err(|e| format!("finding a free port on {ip}: {e}"))?;
-        l.local_addr().map_err(|e| e.to_string())?.port()
+        Ok(l.local_addr().map_err(|e| e.to_string())?.port())
     };
+    let mut ports = std::collections::BTreeMap::new();
+    if !mirror.is_empty() {
+        let nbd_port = free_port()?;
+        qmp.execute(
+            "nbd-server-start",
+            Some(json!({"addr": {"type": "inet", "data": {
+                "host": ip.to_string(), "port": nbd_port.to_string()}}})),
+        )
+        .await
+        .map_err(|e| format!("nbd-server-start on {ip}:{nbd_port}: {e}"))?;
+        for d in &mirror {
+            qmp.execute(
+                "block-export-add",
+                Some(json!({"type": "nbd", "id": d.job(), "node-name": d.node,
+                    "name": d.node, "writable": true})),
+            )
+            .await
+            .map_err(|e| format!("exporting {} over NBD: {e}", d.node))?;
+        }
+        info!(%key, disks = mirror.len(), port = nbd_port, "disks exported for the block mirror");
+        ports.insert(nbd_port.to_string(), BLOCK_MIGRATION_PORT);
+    }
+    let port = free_port()?;
     let uri = format!("tcp:{}", SocketAddr::new(ip, port));
     qmp.execute("migrate-incoming", Some(json!({"uri": uri})))
         .await
         .map_err(|e| format!("migrate-incoming {uri}: {e}"))?;
+    ports.insert(port.to_string(), 0);
     let wrote = update(agent, key, mig_uid, |st| {
         let Some(ms) = st.migration_state.as_mut() else {
             return false;
@@ -510,7 +690,7 @@ async fn prepare_target(
             return false;
         }
         ms.target_node_address = Some(ip.to_string());
-        ms.target_direct_migration_node_ports = [(port.to_string(), 0)].into_iter().collect();
+        ms.target_direct_migration_node_ports = ports.clone();
         true
     })
     .await
@@ -521,8 +701,18 @@ async fn prepare_target(
     info!(%key, %uri, pid = handle.pid(), "migration target ready");
     // Wait for the state to arrive (QEMU leaves `inmigrate`) or the
     // migration to end otherwise.
+    let user_paused = vmi
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == krvirt_api::kubevirt::vmi_conditions::PAUSED)
+        })
+        .is_some_and(|c| c.status == krvirt_api::meta::ConditionStatus::True);
+    let mut source_done: Option<Instant> = None;
     loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_event_or(&mut events, Duration::from_millis(200)).await;
         if !handle.is_alive() {
             return Err("the target QEMU exited while receiving".into());
         }
@@ -530,19 +720,49 @@ async fn prepare_target(
             Ok(RunState::Inmigrate) => {}
             Ok(s) => {
                 debug!(%key, state = ?s, "target QEMU has the guest");
+                if !mirror.is_empty() {
+                    // The source finished the disk copy before it sent the
+                    // device state: the NBD server goes before the guest
+                    // runs (the guest's disks are its own again).
+                    if let Err(e) = qmp.execute("nbd-server-stop", None).await {
+                        warn!(%key, error = %e, "nbd-server-stop on the migration target");
+                    }
+                    if !user_paused && matches!(s, RunState::Paused | RunState::Prelaunch) {
+                        handle
+                            .resume()
+                            .await
+                            .map_err(|e| format!("cont on the target: {e}"))?;
+                    }
+                }
                 return Ok(());
             }
             Err(e) => debug!(%key, error = %e, "target query-status failed"),
+        }
+        if let Some(t) = source_done {
+            // The source has sent everything; QEMU here is still loading it.
+            if t.elapsed() > Duration::from_secs(120) {
+                return Err("the target QEMU did not take the guest's state".into());
+            }
+            continue;
         }
         if let Ok(v) = agent
             .client()
             .get(agent.vmi_kind(), &key.namespace, &key.name)
             .await
             && let Ok(vmi) = serde_json::from_value::<VirtualMachineInstance>(v)
-            && state(&vmi)
-                .is_none_or(|m| m.migration_uid.as_deref() != Some(mig_uid) || m.is_finished())
         {
-            return Ok(());
+            match state(&vmi) {
+                Some(m) if m.migration_uid.as_deref() == Some(mig_uid) => {
+                    if m.completed == Some(true) {
+                        // Completed on the source: the guest still needs
+                        // this loop (NBD server stopped, `cont`).
+                        source_done = Some(Instant::now());
+                    } else if m.is_finished() {
+                        return Ok(());
+                    }
+                }
+                _ => return Ok(()),
+            }
         }
     }
 }
@@ -571,7 +791,7 @@ pub fn maybe_start_source(
     }
     let (agent, key, vmi) = (agent.clone(), key.clone(), vmi.clone());
     tokio::spawn(async move {
-        match run_source(&agent, &key, &ms, &mig_uid, &handle).await {
+        match run_source(&agent, &key, &vmi, &ms, &mig_uid, &handle).await {
             Ok(true) => agent.record_event(
                 &vmi,
                 NORMAL,
@@ -603,9 +823,137 @@ async fn resume_if_paused(handle: &QemuHandle) {
     }
 }
 
+/// The disks this source must mirror to the target: the same plan the
+/// target made, on this host's run directory.
+async fn source_mirror_set(
+    agent: &Agent,
+    vmi: &VirtualMachineInstance,
+) -> Result<Vec<MirrorDisk>, String> {
+    let uid = vmi.metadata.uid.clone().unwrap_or_default();
+    let volumes = agent
+        .volumes()
+        .resolve(vmi)
+        .await
+        .map_err(|e| format!("volumes: {e:?}"))?;
+    let plan = plan::plan_with_volumes(
+        vmi,
+        agent.accel_kind(),
+        &agent.run_dir_of(&uid),
+        agent.image_resolver(),
+        &volumes,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(mirrored_disks(&plan))
+}
+
+/// Start the block mirror of every disk in `disks` into the target's NBD
+/// exports at `nbd` (a client node and a job `mig-{node}` per disk).
+async fn start_mirror(
+    qmp: &krvirt_hypervisor::QmpClient,
+    disks: &[MirrorDisk],
+    nbd: SocketAddr,
+    speed: u64,
+) -> Result<(), String> {
+    for d in disks {
+        qmp.execute(
+            "blockdev-add",
+            Some(json!({
+                "driver": "nbd", "node-name": d.job(), "export": d.node,
+                "server": {"type": "inet", "host": nbd.ip().to_string(),
+                           "port": nbd.port().to_string()},
+            })),
+        )
+        .await
+        .map_err(|e| format!("connecting to the target's NBD export {}: {e}", d.node))?;
+        let mut args = json!({
+            "job-id": d.job(), "device": d.node, "target": d.job(),
+            "sync": d.sync.qapi(), "auto-dismiss": false,
+        });
+        if speed > 0 {
+            args["speed"] = json!(speed);
+        }
+        qmp.execute("blockdev-mirror", Some(args))
+            .await
+            .map_err(|e| format!("blockdev-mirror {}: {e}", d.node))?;
+    }
+    Ok(())
+}
+
+/// End the mirror jobs of `disks` and remove their NBD client nodes.
+/// `consistent`: the guest is paused and every job READY, so cancelling
+/// completes each copy (QEMU copies what is still dirty first); errors
+/// say the target's disks are not a faithful copy. Otherwise (a failure or
+/// an abort) the jobs are cancelled at once and errors are ignored; the
+/// source's own disks are never touched by a mirror.
+async fn end_mirror(
+    qmp: &krvirt_hypervisor::QmpClient,
+    disks: &[MirrorDisk],
+    consistent: bool,
+) -> Result<(), String> {
+    let jobs: Vec<String> = disks.iter().map(MirrorDisk::job).collect();
+    for j in &jobs {
+        let r = qmp
+            .execute(
+                "block-job-cancel",
+                Some(json!({"device": j, "force": !consistent})),
+            )
+            .await;
+        if let Err(e) = r
+            && consistent
+        {
+            return Err(format!("block-job-cancel {j}: {e}"));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(if consistent { 60 } else { 10 });
+    let mut failure = None;
+    let mut pending: Vec<String> = jobs.clone();
+    while !pending.is_empty() {
+        let v = qmp
+            .execute("query-block-jobs", None)
+            .await
+            .map_err(|e| format!("query-block-jobs: {e}"))?;
+        let mut still = Vec::new();
+        for j in pending {
+            let job = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|x| x["device"].as_str() == Some(j.as_str()));
+            match job {
+                None => {}
+                Some(job) if job["status"] == "concluded" => {
+                    if let Some(e) = job["error"].as_str() {
+                        failure.get_or_insert_with(|| format!("block job {j}: {e}"));
+                    }
+                    let _ = qmp.execute("job-dismiss", Some(json!({"id": j}))).await;
+                }
+                Some(_) => still.push(j),
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            if Instant::now() > deadline {
+                failure.get_or_insert_with(|| format!("block jobs {pending:?} did not end"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    for j in &jobs {
+        let _ = qmp
+            .execute("blockdev-del", Some(json!({"node-name": j})))
+            .await;
+    }
+    match failure {
+        Some(f) if consistent => Err(f),
+        _ => Ok(()),
+    }
+}
+
 async fn run_source(
     agent: &Agent,
     key: &Key,
+    vmi: &VirtualMachineInstance,
     ms: &MigrationState,
     mig_uid: &str,
     handle: &QemuHandle,
@@ -613,10 +961,20 @@ async fn run_source(
     let uri = target_uri(ms).ok_or("the target's address is not usable")?;
     let target = ms.target_node.clone().unwrap_or_default();
     let cfg = ms.migration_configuration.clone().unwrap_or_default();
+    let disks = source_mirror_set(agent, vmi).await?;
+    let nbd = match disks.is_empty() {
+        true => None,
+        false => Some(target_nbd(ms).ok_or_else(|| {
+            format!(
+                "{} host-local disk(s) must be copied but the target published no NBD port",
+                disks.len()
+            )
+        })?),
+    };
     let qmp = handle.qmp();
     qmp.execute(
         "migrate-set-capabilities",
-        Some(json!({"capabilities": qemu_capabilities(&cfg)})),
+        Some(json!({"capabilities": qemu_capabilities(&cfg, nbd.is_some())})),
     )
     .await
     .map_err(|e| format!("migrate-set-capabilities: {e}"))?;
@@ -640,48 +998,169 @@ async fn run_source(
     if !started {
         return Ok(false);
     }
-    info!(%key, %uri, %target, "migrating");
-    let t0 = Instant::now();
-    qmp.execute("migrate", Some(json!({"uri": uri})))
-        .await
-        .map_err(|e| format!("migrate {uri}: {e}"))?;
+    let mut mirroring = false;
+    let r = send(
+        agent,
+        key,
+        mig_uid,
+        handle,
+        Outgoing {
+            uri: &uri,
+            target: &target,
+            cfg: &cfg,
+            disks: &disks,
+            nbd,
+        },
+        &mut mirroring,
+    )
+    .await;
+    if mirroring {
+        // Failed or aborted with mirror jobs running: stop them; the guest
+        // goes on on its own, unchanged disks.
+        let _ = end_mirror(qmp, &disks, false).await;
+    }
+    r
+}
+
+struct Outgoing<'a> {
+    uri: &'a str,
+    target: &'a str,
+    cfg: &'a MigrationConfiguration,
+    disks: &'a [MirrorDisk],
+    nbd: Option<SocketAddr>,
+}
+
+/// Publish progress (at most every [`PROGRESS_EVERY`]) and learn whether
+/// an abort was requested.
+async fn report(
+    agent: &Agent,
+    key: &Key,
+    mig_uid: &str,
+    last_report: &mut Instant,
+    p: &MigrationProgress,
+) -> bool {
+    if last_report.elapsed() < PROGRESS_EVERY {
+        return false;
+    }
+    *last_report = Instant::now();
+    let mut abort = false;
+    let _ = update(agent, key, mig_uid, |st| {
+        let Some(ms) = st.migration_state.as_mut() else {
+            return false;
+        };
+        abort = ms.abort_requested == Some(true);
+        if abort && ms.abort_status.is_none() {
+            ms.abort_status = Some(AbortStatus::Aborting);
+        }
+        ms.krvirt_progress = Some(p.clone());
+        true
+    })
+    .await;
+    abort
+}
+
+async fn send(
+    agent: &Agent,
+    key: &Key,
+    mig_uid: &str,
+    handle: &QemuHandle,
+    s: Outgoing<'_>,
+    mirroring: &mut bool,
+) -> Result<bool, String> {
+    let qmp = handle.qmp();
+    let mut events = qmp.subscribe_events();
     let mut last_report = Instant::now();
+    let t0 = Instant::now();
+    let mut disk = MigrationProgress::default();
+    if let Some(nbd) = s.nbd {
+        // Disks first: the mirror copies the host-local disks into the
+        // target's NBD exports and then keeps every new write in step
+        // (READY) while the memory moves.
+        info!(%key, disks = s.disks.len(), %nbd, "mirroring host-local disks to the target");
+        *mirroring = true;
+        start_mirror(qmp, s.disks, nbd, mirror_speed(s.cfg)).await?;
+        let jobs: Vec<String> = s.disks.iter().map(MirrorDisk::job).collect();
+        disk.phase = Some("Disks".into());
+        disk.disks_mirrored = Some(s.disks.len() as u64);
+        loop {
+            let v = qmp
+                .execute("query-block-jobs", None)
+                .await
+                .map_err(|e| format!("query-block-jobs: {e}"))?;
+            let (done, total, ready, error) = read_block_jobs(&v, &jobs);
+            if let Some(e) = error {
+                return Err(format!("disk mirror: {e}"));
+            }
+            disk.disk_transferred_bytes = Some(done);
+            disk.disk_total_bytes = Some(total);
+            if ready {
+                break;
+            }
+            if report(agent, key, mig_uid, &mut last_report, &disk).await {
+                info!(%key, "migration abort requested while mirroring disks");
+                record_failure(agent, key, mig_uid, "aborted on request", true).await;
+                return Ok(false);
+            }
+            wait_event_or(&mut events, Duration::from_millis(50)).await;
+        }
+        disk.disk_mirror_ms = Some(t0.elapsed().as_millis() as u64);
+        info!(%key, ms = ?disk.disk_mirror_ms, bytes = ?disk.disk_transferred_bytes, "disks in step: migrating memory");
+    }
+    info!(%key, uri = %s.uri, target = %s.target, "migrating");
+    let t1 = Instant::now();
+    qmp.execute("migrate", Some(json!({"uri": s.uri})))
+        .await
+        .map_err(|e| format!("migrate {}: {e}", s.uri))?;
     let mut cancel_sent = false;
+    let mut continued = false;
     loop {
         let v = qmp
             .execute("query-migrate", None)
             .await
             .map_err(|e| format!("query-migrate: {e}"))?;
+        let with_disk = |mut p: MigrationProgress| {
+            p.phase = Some("Memory".into());
+            p.disk_transferred_bytes = disk.disk_transferred_bytes;
+            p.disk_total_bytes = disk.disk_total_bytes;
+            p.disks_mirrored = disk.disks_mirrored;
+            p.disk_mirror_ms = disk.disk_mirror_ms;
+            p
+        };
         match read_query_migrate(&v) {
-            Outcome::InProgress(p) => {
-                if last_report.elapsed() >= PROGRESS_EVERY {
-                    last_report = Instant::now();
-                    let mut abort = false;
-                    let _ = update(agent, key, mig_uid, |st| {
-                        let Some(ms) = st.migration_state.as_mut() else {
-                            return false;
-                        };
-                        abort = ms.abort_requested == Some(true);
-                        if abort && ms.abort_status.is_none() {
-                            ms.abort_status = Some(AbortStatus::Aborting);
-                        }
-                        ms.krvirt_progress = Some(p.clone());
-                        true
-                    })
-                    .await;
-                    if abort && !cancel_sent {
-                        info!(%key, "migration abort requested: migrate_cancel");
+            Outcome::PreSwitchover if continued => {}
+            Outcome::PreSwitchover => {
+                // The guest is paused: finish the disk copy, then let QEMU
+                // send the device state (the target runs the guest only
+                // after that).
+                if *mirroring {
+                    if let Err(e) = end_mirror(qmp, s.disks, true).await {
                         let _ = qmp.execute("migrate_cancel", None).await;
-                        cancel_sent = true;
+                        return Err(format!("finishing the disk mirror: {e}"));
                     }
+                    *mirroring = false;
+                }
+                qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+                    .await
+                    .map_err(|e| format!("migrate-continue: {e}"))?;
+                continued = true;
+            }
+            Outcome::InProgress(p) => {
+                let p = with_disk(p);
+                if report(agent, key, mig_uid, &mut last_report, &p).await && !cancel_sent {
+                    info!(%key, "migration abort requested: migrate_cancel");
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                    cancel_sent = true;
                 }
             }
-            Outcome::Completed(mut p) => {
+            Outcome::Completed(p) => {
+                let mut p = with_disk(p);
+                p.phase = None;
                 if p.total_time_ms.is_none() {
-                    p.total_time_ms = Some(t0.elapsed().as_millis() as u64);
+                    p.total_time_ms = Some(t1.elapsed().as_millis() as u64);
                 }
-                info!(%key, %target, downtime_ms = ?p.downtime_ms, total_ms = ?p.total_time_ms, "migration completed");
+                info!(%key, target = %s.target, downtime_ms = ?p.downtime_ms, total_ms = ?p.total_time_ms, disk_ms = ?p.disk_mirror_ms, "migration completed");
                 let now = now_rfc3339();
+                let target = s.target.to_string();
                 update(agent, key, mig_uid, |st| {
                     let Some(ms) = st.migration_state.as_mut() else {
                         return false;
@@ -708,7 +1187,7 @@ async fn run_source(
                 return Ok(false);
             }
         }
-        tokio::time::sleep(POLL).await;
+        wait_event_or(&mut events, POLL).await;
     }
 }
 
@@ -805,6 +1284,130 @@ mod tests {
             read_query_migrate(&json!({"status": "cancelled"})),
             Outcome::Cancelled
         );
+    }
+
+    #[test]
+    fn the_target_publishes_its_memory_and_nbd_ports_by_role() {
+        let mut ms = scheduled();
+        ms.target_node_address = Some("10.0.0.2".into());
+        ms.target_direct_migration_node_ports = [
+            ("5000".to_string(), BLOCK_MIGRATION_PORT),
+            ("4444".to_string(), 0),
+        ]
+        .into();
+        assert_eq!(target_uri(&ms).as_deref(), Some("tcp:10.0.0.2:4444"));
+        assert_eq!(target_nbd(&ms), Some("10.0.0.2:5000".parse().unwrap()));
+        ms.target_direct_migration_node_ports = [("4444".to_string(), 0)].into();
+        assert_eq!(target_nbd(&ms), None, "shared storage: no NBD port");
+    }
+
+    fn disk(id: &str, path: &str, read_only: bool) -> krvirt_hypervisor::DiskConfig {
+        serde_json::from_value(json!({
+            "id": id, "path": path, "format": "qcow2", "bus": "virtio", "read_only": read_only,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_writable_host_local_disks_are_mirrored() {
+        let run = "/var/lib/krvirt/run/vmi/u1";
+        let mut config: krvirt_hypervisor::VmConfig = serde_json::from_value(json!({
+            "name": "v", "uuid": "6f1c7d2e-8b1a-4c53-9d7e-0a1b2c3d4e5f", "accel": "tcg",
+            "memory_bytes": 134217728,
+            "run": krvirt_hypervisor::RunPaths::in_dir(run),
+        }))
+        .unwrap();
+        config.disks = vec![
+            disk("root", &format!("{run}/disk-root.qcow2"), false),
+            disk("seed", &format!("{run}/disk-seed-cidata.img"), true),
+            disk("vol", "/srv/pool/default.vol", false),
+            disk("scratch", &format!("{run}/disk-scratch.qcow2"), false),
+        ];
+        let mut rbd = disk("ceph", "", false);
+        rbd.rbd = Some(krvirt_hypervisor::RbdDisk {
+            pool: "p".into(),
+            image: "i".into(),
+            conf: None,
+            user: None,
+            monitors: vec![],
+        });
+        config.disks.push(rbd);
+        let plan = plan::Plan {
+            config,
+            prep: vec![
+                PrepStep::Overlay {
+                    path: format!("{run}/disk-root.qcow2").into(),
+                    backing: "/images/base.qcow2".into(),
+                    backing_format: krvirt_hypervisor::DiskFormat::Qcow2,
+                },
+                PrepStep::Blank {
+                    path: format!("{run}/disk-scratch.qcow2").into(),
+                    size_bytes: 1 << 30,
+                },
+            ],
+        };
+        assert_eq!(
+            mirrored_disks(&plan),
+            vec![
+                MirrorDisk {
+                    node: "drive0-fmt".into(),
+                    sync: MirrorSync::Top
+                },
+                MirrorDisk {
+                    node: "drive3-fmt".into(),
+                    sync: MirrorSync::Full
+                },
+            ]
+        );
+        assert_eq!(mirrored_disks(&plan)[0].job(), "mig-drive0-fmt");
+    }
+
+    #[test]
+    fn block_jobs_are_ready_only_when_every_one_is() {
+        let jobs = vec!["mig-drive0-fmt".to_string(), "mig-drive1-fmt".to_string()];
+        let v = json!([
+            {"device": "mig-drive0-fmt", "offset": 10, "len": 10, "ready": true, "status": "ready"},
+            {"device": "mig-drive1-fmt", "offset": 5, "len": 20, "ready": false, "status": "running"},
+            {"device": "other", "offset": 100, "len": 100, "ready": false},
+        ]);
+        assert_eq!(read_block_jobs(&v, &jobs), (15, 30, false, None));
+        let v = json!([
+            {"device": "mig-drive0-fmt", "offset": 10, "len": 10, "ready": true},
+            {"device": "mig-drive1-fmt", "offset": 20, "len": 20, "ready": true},
+        ]);
+        assert_eq!(read_block_jobs(&v, &jobs), (30, 30, true, None));
+        let v = json!([
+            {"device": "mig-drive0-fmt", "offset": 1, "len": 10, "status": "concluded",
+             "error": "Connection reset by peer"},
+        ]);
+        let (_, _, ready, err) = read_block_jobs(&v, &jobs);
+        assert!(!ready);
+        assert!(err.unwrap().contains("Connection reset"));
+        assert_eq!(
+            read_query_migrate(&json!({"status": "pre-switchover"})),
+            Outcome::PreSwitchover
+        );
+    }
+
+    #[test]
+    fn the_source_pauses_before_the_switch_over_only_to_finish_a_mirror() {
+        let cfg = MigrationConfiguration::default();
+        let state = |v: &Value| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["capability"] == "pause-before-switchover")
+                .unwrap()["state"]
+                .clone()
+        };
+        assert_eq!(state(&qemu_capabilities(&cfg, true)), true);
+        assert_eq!(state(&qemu_capabilities(&cfg, false)), false);
+        assert_eq!(mirror_speed(&cfg), 0);
+        let slow = MigrationConfiguration {
+            bandwidth_per_migration: Some(krvirt_api::quantity::Quantity::new("1Mi")),
+            ..Default::default()
+        };
+        assert_eq!(mirror_speed(&slow), 1 << 20);
     }
 
     #[test]

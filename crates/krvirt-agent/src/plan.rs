@@ -508,6 +508,7 @@ pub fn plan_with_volumes(
             .annotations
             .get(krvirt_api::kubevirt::START_PAUSED_ANNOTATION)
             .is_some_and(|v| v == "true"),
+        incoming: false,
         hotplug_slots: HOTPLUG_SLOTS,
         resources: resources(vmi, accel, memory_bytes)?,
         run: RunPaths::in_dir(run_dir),

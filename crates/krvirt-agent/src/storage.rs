@@ -222,6 +222,14 @@ impl Volumes {
         }
     }
 
+    /// Whether StoragePool `name` says every host sees it.
+    async fn pool_is_shared(&self, name: &str) -> bool {
+        match self.client.get(self.pool_kind, "", name).await {
+            Ok(raw) => serde_json::from_value::<StoragePool>(raw).is_ok_and(|p| p.spec.is_shared()),
+            Err(_) => false,
+        }
+    }
+
     pub(crate) async fn backend(&self, pool: &str) -> Result<Arc<dyn StorageBackend>, VolumeError> {
         let cfg = self.pool(pool).await?;
         let b = blocking(move || krvirt_storage::open(&cfg)).await?;
@@ -568,12 +576,15 @@ impl Volumes {
             .await
             .map_err(|e| ResolveError::Fail(e.to_string()))?;
         // A local pool's Volume exists only on the host that made it; an
-        // rbd pool is shared storage every host reaches.
+        // rbd pool, or a dir pool marked `shared`, is storage every host
+        // reaches.
         if backend.kind() != "rbd"
             && v.status.as_ref().and_then(|s| s.host.as_deref()) != Some(self.node.as_str())
+            && !self.pool_is_shared(v.pool()).await
         {
             return Err(ResolveError::Fail(format!(
-                "Volume {name:?} is on another host"
+                "Volume {name:?} is on another host (its StoragePool {:?} is not shared)",
+                v.pool()
             )));
         }
         let n = backend_name(ns, name);

@@ -227,6 +227,22 @@ pub struct MigrationProgress {
     pub total_time_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iterations: Option<u64>,
+    /// krvirt: what is moving now: `Disks` (the block mirror of host-local
+    /// disks to the target, before any memory) or `Memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// krvirt: bytes the block mirror of host-local disks has copied
+    /// (non-shared storage), and the total it has to copy so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_transferred_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_total_bytes: Option<u64>,
+    /// krvirt: how many disks were mirrored, and how long the mirror took
+    /// to reach its first full copy (before the memory transfer began).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks_mirrored: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mirror_ms: Option<u64>,
 }
 
 impl Default for VirtualMachineInstanceMigration {

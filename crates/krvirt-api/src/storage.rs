@@ -80,6 +80,21 @@ pub struct StoragePoolSpec {
     /// when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Whether every host sees the pool's volumes: `dir`/`btrfs`: true
+    /// when `path` is the same shared filesystem on every host (NFS, a
+    /// cluster filesystem); default false (the directory is local to each
+    /// host). `rbd` pools are always shared (`false` is refused). Volumes
+    /// of a shared pool open in place on any host and a live migration
+    /// leaves them where they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<bool>,
+}
+
+impl StoragePoolSpec {
+    /// Whether the pool's volumes are reachable from every host.
+    pub fn is_shared(&self) -> bool {
+        self.type_ == PoolType::Rbd || self.shared == Some(true)
+    }
 }
 
 /// What the agent observed.
@@ -364,6 +379,12 @@ fn monitor_ok(m: &str) -> bool {
 }
 
 fn validate_rbd_pool(s: &StoragePoolSpec, c: &mut Causes) {
+    if s.shared == Some(false) {
+        c.invalid(
+            "spec.shared",
+            "an rbd pool is shared by every host that reaches the Ceph cluster",
+        );
+    }
     match s.pool.as_deref() {
         None => c.required("spec.pool", "an rbd pool needs the Ceph pool name"),
         Some(p) if !ceph_name(p) => c.invalid(
@@ -910,6 +931,21 @@ mod tests {
         assert_eq!(
             fields_of(json!({"type": "dir", "path": "/x", "pool": "rbd"})),
             ["spec.pool"]
+        );
+        // Shared storage: a dir pool on a path every host mounts; rbd is
+        // always shared.
+        let shared = pool(json!({"type": "dir", "path": "/nfs/p", "shared": true})).unwrap();
+        let spec: super::StoragePoolSpec = serde_json::from_value(shared["spec"].clone()).unwrap();
+        assert!(spec.is_shared());
+        let local = pool(json!({"type": "dir", "path": "/x"})).unwrap();
+        let spec: super::StoragePoolSpec = serde_json::from_value(local["spec"].clone()).unwrap();
+        assert!(!spec.is_shared());
+        let rbd = pool(json!({"type": "rbd", "pool": "rbd", "conf": "/c"})).unwrap();
+        let spec: super::StoragePoolSpec = serde_json::from_value(rbd["spec"].clone()).unwrap();
+        assert!(spec.is_shared());
+        assert_eq!(
+            fields_of(json!({"type": "rbd", "pool": "rbd", "conf": "/c", "shared": false})),
+            ["spec.shared"]
         );
     }
 

@@ -5,6 +5,7 @@
 //! - identity: `-name guest=NAME,debug-threads=on`, `-uuid`
 //! - platform: `-machine`, `-accel`, `-cpu`, `-smp`, `-m`
 //! - no implicit devices: `-nodefaults -no-user-config -display none -vga none`
+//! - `-incoming defer` for a live-migration target ([`VmConfig::incoming`])
 //! - `-no-shutdown`: a guest power-off leaves QEMU running in state
 //!   `shutdown`, so the agent can tell a clean guest shutdown from a crash
 //! - QMP on a listening UNIX socket, one 16550 UART on another (with a log
@@ -180,6 +181,11 @@ pub fn qemu_argv(cfg: &VmConfig) -> Vec<String> {
     a.flag("-no-shutdown");
     if cfg.start_paused {
         a.flag("-S");
+    }
+    if cfg.incoming {
+        // The address comes later over QMP (`migrate-incoming`), once the
+        // agent has chosen it and set the migration capabilities.
+        a.opt("-incoming", "defer");
     }
 
     a.opt("-chardev", qmp_chardev(&cfg.run.qmp_socket));

@@ -72,6 +72,10 @@ pub struct VmConfig {
     /// Start with vCPUs stopped (`-S`); `cont` (or [`crate::process::QemuHandle::resume`]) starts them.
     #[serde(default)]
     pub start_paused: bool,
+    /// A live-migration target (`-incoming defer`): QEMU opens its devices
+    /// and waits for `migrate-incoming` (QMP) instead of booting the guest.
+    #[serde(default)]
+    pub incoming: bool,
     /// Spare PCIe root ports (q35) for devices hot-plugged later, as
     /// `bus=hotplug{N}`; the root bus of q35 cannot take hot-plugged devices.
     #[serde(default)]
@@ -1138,6 +1142,7 @@ mod tests {
             hotplug_slots: 0,
             resources: Resources::default(),
             start_paused: false,
+            incoming: false,
             run: RunPaths::in_dir("/run/krvirt/vmi/u1"),
         }
     }

@@ -267,7 +267,13 @@ async fn qemu_accepts_every_golden_config() {
         }
         let q = h.qmp();
 
-        assert_eq!(h.status().await.unwrap(), RunState::Prelaunch, "{name}");
+        // A migration target waits for its state (`-incoming defer`).
+        let want = if cfg.incoming {
+            RunState::Inmigrate
+        } else {
+            RunState::Prelaunch
+        };
+        assert_eq!(h.status().await.unwrap(), want, "{name}");
 
         let name_v = q.execute("query-name", None).await.unwrap();
         assert_eq!(name_v["name"], json!(cfg.name), "{name}");

@@ -182,6 +182,46 @@ pub(crate) fn open(
     fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).ctx(|| "opening FAT volume".into())
 }
 
+/// Timestamps of a FAT volume whose bytes must not depend on when it was
+/// written: DOS's epoch, 1980-01-01 00:00:00.
+#[derive(Debug)]
+struct Epoch;
+
+impl fatfs::TimeProvider for Epoch {
+    fn get_current_date(&self) -> fatfs::Date {
+        fatfs::Date {
+            year: 1980,
+            month: 1,
+            day: 1,
+        }
+    }
+    fn get_current_date_time(&self) -> fatfs::DateTime {
+        fatfs::DateTime {
+            date: self.get_current_date(),
+            time: fatfs::Time {
+                hour: 0,
+                min: 0,
+                sec: 0,
+                millis: 0,
+            },
+        }
+    }
+}
+
+static EPOCH: Epoch = Epoch;
+
+/// [`open`] with every timestamp at DOS's epoch: the same writes give the
+/// same bytes (a NoCloud seed made again on a migration target).
+pub(crate) fn open_reproducible(
+    file: &mut File,
+    offset: u64,
+    size: u64,
+) -> Result<fatfs::FileSystem<Slice<&mut File>>> {
+    let slice = Slice::new(file, offset, size).ctx(|| "seeking image".into())?;
+    fatfs::FileSystem::new(slice, fatfs::FsOptions::new().time_provider(&EPOCH))
+        .ctx(|| "opening FAT volume".into())
+}
+
 /// Create a directory (its parent must exist); an existing one is fine.
 pub(crate) fn create_dir<T: fatfs::ReadWriteSeek>(
     fs: &fatfs::FileSystem<T>,

@@ -132,7 +132,7 @@ pub fn write_nocloud_seed(path: &Path, seed: &NoCloudSeed) -> Result<()> {
         file.set_len(size)
             .ctx(|| format!("sizing {}", tmp.display()))?;
         fat::format(&mut file, 0, size, NOCLOUD_LABEL, seed.volume_id(), 0)?;
-        let fs = fat::open(&mut file, 0, size)?;
+        let fs = fat::open_reproducible(&mut file, 0, size)?;
         fat::write_file(&fs, "meta-data", meta.as_bytes())?;
         fat::write_file(&fs, "user-data", user)?;
         if let Some(net) = &seed.network_config {
@@ -264,5 +264,17 @@ mod tests {
         b.instance_id.push('x');
         assert_ne!(a.volume_id(), b.volume_id());
         assert_eq!(a.volume_id(), seed().volume_id());
+    }
+
+    #[test]
+    fn the_same_seed_is_the_same_bytes() {
+        // A live-migration target writes the seed again from the VMI
+        // instead of copying it: the guest must see the very same disk.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        write_nocloud_seed(&a, &seed()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        write_nocloud_seed(&b, &seed()).unwrap();
+        assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
     }
 }

@@ -189,6 +189,24 @@ async fn a_vm_migrates_between_namespaced_hosts_while_its_ticks_keep_counting() 
         )
         .await;
     assert!(back[0] > *after.last().unwrap(), "{back:?} after {after:?}");
+
+    // And out again at once, to the host it has only just left (whose
+    // cleanup of the guest's old run directory must not touch the new
+    // target's disks).
+    let out = c
+        .server
+        .ok(&["migrate", "mig", "--to", &dst, "--wait", "--timeout", "90s"]);
+    assert!(out.contains(&format!("to {dst}")), "{out}");
+    let last = *back.last().unwrap();
+    c.until(
+        "ticks after the third migration",
+        Duration::from_secs(60),
+        || async {
+            let t = ticks(&dst_host.console_file(&uid));
+            t.last().copied().filter(|n| *n > last)
+        },
+    )
+    .await;
 }
 
 const PLAIN_VM: &str = r#"
@@ -357,4 +375,334 @@ async fn a_cancelled_migration_leaves_the_guest_running_on_its_source() {
     .await;
     let v = c.server.vmi("mig").await.unwrap();
     assert_eq!(v["status"]["phase"], "Running");
+}
+
+const DISK_VM: &str = r#"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: disks
+spec:
+  runStrategy: Always
+  template:
+    spec:
+      evictionStrategy: LiveMigrate
+      domain:
+        devices:
+          disks:
+          - name: containerdisk
+            disk: {bus: virtio}
+          - name: scratch
+            disk: {bus: virtio}
+        memory:
+          guest: 128Mi
+      terminationGracePeriodSeconds: 0
+      volumes:
+      - name: containerdisk
+        containerDisk:
+          image: quay.io/kubevirt/cirros-container-disk-demo
+      - name: scratch
+        emptyDisk:
+          capacity: 64Mi
+"#;
+
+/// Type `line` into the guest's root shell: its serial socket on `host`.
+fn type_line(host: &common::cluster::Host, uid: &str, line: &str) {
+    use std::io::Write;
+    let sock = host.data_dir.join("run/vmi").join(uid).join("serial.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock)
+        .unwrap_or_else(|e| panic!("serial socket {}: {e}", sock.display()));
+    s.write_all(line.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    // Let QEMU read it before the connection goes.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Run `expr` in the guest's shell on `host`; its output, as the guest
+/// echoes it between `{tag}-` and `-END` (typed again if the shell missed
+/// it; `tag` must be unique in the console log).
+async fn ask(c: &Cluster, host: &str, uid: &str, tag: &str, expr: &str) -> String {
+    let h = c.host(host);
+    for _ in 0..3 {
+        type_line(h, uid, &format!("echo {tag}-$({expr})-END"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            let log = h.console_file(uid);
+            // The echoed command line reads `{tag}-$(`: not an answer.
+            if let Some(w) = log
+                .split(&format!("{tag}-"))
+                .skip(1)
+                .filter_map(|s| s.split_once("-END").map(|(w, _)| w.trim().to_string()))
+                .find(|w| !w.starts_with('$'))
+            {
+                return w;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    panic!(
+        "no answer {tag} from the guest on {host}:\n{}",
+        common::tail(&h.console_file(uid), 30)
+    );
+}
+
+/// What the guest reads back from its disks: the start of the scratch
+/// disk and the last sector of the root disk (each up to a `.`), past its
+/// page cache.
+async fn read_marks(c: &Cluster, host: &str, uid: &str, tag: &str) -> (String, String) {
+    let scratch = ask(
+        c,
+        host,
+        uid,
+        &format!("{tag}S"),
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1",
+    )
+    .await;
+    let root = ask(
+        c,
+        host,
+        uid,
+        &format!("{tag}R"),
+        "dd if=/dev/vda bs=512 skip=$(( $(cat /sys/block/vda/size) - 1 )) count=1 2>/dev/null | cut -d. -f1",
+    )
+    .await;
+    (scratch, root)
+}
+
+/// The guest-visible content of a qcow2 file (read while its QEMU runs).
+fn disk_content(file: &std::path::Path, out: &std::path::Path) -> Vec<u8> {
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+        .arg(file)
+        .arg(out)
+        .status()
+        .expect("qemu-img (qemu-utils) must be installed");
+    assert!(st.success(), "qemu-img convert {}", file.display());
+    let data = std::fs::read(out).unwrap();
+    std::fs::remove_file(out).unwrap();
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_local_disks_follow_the_guest_by_block_mirror() {
+    use std::os::unix::fs::MetadataExt;
+    let c = Cluster::start(2).await;
+    apply(&c, DISK_VM);
+    let (uid, src_pid) = c.server.running_vmi("disks", None).await;
+    let src = c.node_of("disks").await.expect("VMI bound to a host");
+    let dst = if src == "host0" { "host1" } else { "host0" }.to_string();
+    c.until("the guest is up", Duration::from_secs(120), || async {
+        ticks(&c.host(&src).console_file(&uid))
+            .last()
+            .copied()
+            .filter(|n| *n >= 1)
+    })
+    .await;
+
+    // The guest writes to both of its writable disks (the containerDisk's
+    // overlay and the emptyDisk), on its source host, and syncs.
+    let mark = format!("{}", std::process::id());
+    let wrote = ask(
+        &c,
+        &src,
+        &uid,
+        "W",
+        &format!(
+            "printf SCRATCH-{mark}. > /dev/vdb; printf ROOT-{mark}. | dd of=/dev/vda bs=512 \
+             seek=$(( $(cat /sys/block/vda/size) - 1 )) 2>/dev/null; sync; echo ok"
+        ),
+    )
+    .await;
+    assert_eq!(wrote, "ok");
+    let src_dir = c.host(&src).data_dir.join("run/vmi").join(&uid);
+    let dst_dir = c.host(&dst).data_dir.join("run/vmi").join(&uid);
+    let src_files: Vec<(u64, u64)> = ["disk-containerdisk.qcow2", "disk-scratch.qcow2"]
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(src_dir.join(f)).unwrap();
+            (m.dev(), m.ino())
+        })
+        .collect();
+
+    let out = c.server.ok(&[
+        "migrate",
+        "disks",
+        "--to",
+        &dst,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    assert!(out.contains(&format!("to {dst}")), "{out}");
+    let vmi = c.server.vmi("disks").await.unwrap();
+    assert_eq!(vmi["status"]["nodeName"], Value::String(dst.clone()));
+    let p = &vmi["status"]["migrationState"]["krvirtProgress"];
+    assert_eq!(p["disksMirrored"], 2, "{p}");
+    assert!(
+        p["diskTotalBytes"].as_u64().is_some_and(|b| b >= 64 << 20),
+        "the emptyDisk is copied whole: {p}"
+    );
+    assert!(p["diskMirrorMs"].as_u64().is_some(), "{p}");
+
+    // The target's disks are files of its own, not links to the source's.
+    for (f, (dev, ino)) in ["disk-containerdisk.qcow2", "disk-scratch.qcow2"]
+        .iter()
+        .zip(&src_files)
+    {
+        let m = std::fs::metadata(dst_dir.join(f)).unwrap();
+        assert_eq!(m.nlink(), 1, "{f} on the target is a link");
+        assert_ne!((m.dev(), m.ino()), (*dev, *ino), "{f} is the source's file");
+    }
+    // The guest reads back what it wrote, on the target.
+    let (scratch, root) = read_marks(&c, &dst, &uid, "A").await;
+    assert_eq!(scratch, format!("SCRATCH-{mark}"));
+    assert_eq!(root, format!("ROOT-{mark}"));
+
+    // And still once the source's QEMU and run directory are gone.
+    c.until("source QEMU gone", Duration::from_secs(30), || async {
+        (!pid_alive(src_pid)).then_some(())
+    })
+    .await;
+    c.until(
+        "source run dir removed",
+        Duration::from_secs(30),
+        || async { (!src_dir.exists()).then_some(()) },
+    )
+    .await;
+    let (scratch, root) = read_marks(&c, &dst, &uid, "B").await;
+    assert_eq!(scratch, format!("SCRATCH-{mark}"));
+    assert_eq!(root, format!("ROOT-{mark}"));
+    // The target host's files hold the data themselves.
+    let tmp = c.server.dir.path().join("content.raw");
+    let data = disk_content(&dst_dir.join("disk-scratch.qcow2"), &tmp);
+    assert!(
+        data.starts_with(format!("SCRATCH-{mark}.").as_bytes()),
+        "target scratch disk starts {:?}",
+        String::from_utf8_lossy(&data[..32])
+    );
+    let data = disk_content(&dst_dir.join("disk-containerdisk.qcow2"), &tmp);
+    let last = &data[data.len() - 512..];
+    assert!(
+        last.starts_with(format!("ROOT-{mark}.").as_bytes()),
+        "target root disk's last sector starts {:?}",
+        String::from_utf8_lossy(&last[..32])
+    );
+    // The guest kept running: its ticks go on on the target.
+    let before = ticks(&c.host(&dst).console_file(&uid)).last().copied();
+    c.until("ticks on the target", Duration::from_secs(60), || async {
+        let t = ticks(&c.host(&dst).console_file(&uid)).last().copied();
+        (t > before).then_some(())
+    })
+    .await;
+}
+
+const SLOW_DISK_POLICY: &str = r#"
+apiVersion: migrations.kubevirt.io/v1alpha1
+kind: MigrationPolicy
+metadata:
+  name: slow-disks
+spec:
+  bandwidthPerMigration: 1Mi
+  selectors:
+    virtualMachineInstanceSelector:
+      app: slow-disks
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_cancelled_while_mirroring_disks_leaves_the_guest_and_its_disks_on_the_source()
+{
+    let c = Cluster::start(2).await;
+    apply(&c, SLOW_DISK_POLICY);
+    // The disk VM, labelled for the 1 MiB/s policy (the mirror's speed too).
+    apply(
+        &c,
+        &DISK_VM.replace(
+            "  template:\n    spec:\n",
+            "  template:\n    metadata:\n      labels: {app: slow-disks}\n    spec:\n",
+        ),
+    );
+    let (uid, src_pid) = c.server.running_vmi("disks", None).await;
+    let src = c.node_of("disks").await.unwrap();
+    let dst = if src == "host0" { "host1" } else { "host0" }.to_string();
+    c.until("the guest is up", Duration::from_secs(120), || async {
+        ticks(&c.host(&src).console_file(&uid))
+            .last()
+            .copied()
+            .filter(|n| *n >= 1)
+    })
+    .await;
+    // 8 MiB of data on the scratch disk: 8 s of mirror at 1 MiB/s; then a
+    // mark at its start.
+    let mark = format!("{}", std::process::id());
+    let wrote = ask(
+        &c,
+        &src,
+        &uid,
+        "W",
+        &format!(
+            "dd if=/dev/urandom of=/dev/vdb bs=1M count=8 2>/dev/null; \
+             printf SCRATCH-{mark}. > /dev/vdb; sync; echo ok"
+        ),
+    )
+    .await;
+    assert_eq!(wrote, "ok");
+
+    c.server.ok(&["migrate", "disks", "--to", &dst]);
+    let p = c
+        .until(
+            "the disk mirror running",
+            Duration::from_secs(60),
+            || async {
+                let v = c.server.vmi("disks").await?;
+                let p = v["status"]["migrationState"]["krvirtProgress"].clone();
+                (p["phase"] == "Disks" && p["diskTransferredBytes"].as_u64() > Some(0)).then_some(p)
+            },
+        )
+        .await;
+    assert_eq!(p["disksMirrored"], 2, "{p}");
+    let out = c.server.ok(&["migrate", "disks", "--cancel"]);
+    assert!(out.contains("cancelled"), "{out}");
+    let ms = c
+        .until("migration aborted", Duration::from_secs(60), || async {
+            let v = c.server.vmi("disks").await?;
+            let ms = v["status"]["migrationState"].clone();
+            (ms["failed"] == true).then_some(ms)
+        })
+        .await;
+    assert_eq!(ms["abortStatus"], "Succeeded", "{ms}");
+    assert_ne!(ms["completed"], true, "{ms}");
+    // The guest never left, its disk is its own and writable.
+    assert_eq!(c.node_of("disks").await.as_deref(), Some(src.as_str()));
+    assert!(pid_alive(src_pid));
+    let (scratch, _) = read_marks(&c, &src, &uid, "A").await;
+    assert_eq!(scratch, format!("SCRATCH-{mark}"));
+    let again = ask(
+        &c,
+        &src,
+        &uid,
+        "W2",
+        &format!("printf AFTER-{mark}. > /dev/vdb; sync; echo ok"),
+    )
+    .await;
+    assert_eq!(again, "ok");
+    let (scratch, _) = read_marks(&c, &src, &uid, "B").await;
+    assert_eq!(scratch, format!("AFTER-{mark}"));
+    c.until("target cleaned up", Duration::from_secs(30), || async {
+        (!c.host(&dst).data_dir.join("run/vmi").join(&uid).exists()).then_some(())
+    })
+    .await;
+    // A second migration, unhindered, still works after the aborted one.
+    c.server.ok(&["delete", "migrationpolicy", "slow-disks"]);
+    let out = c.server.ok(&[
+        "migrate",
+        "disks",
+        "--to",
+        &dst,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    assert!(out.contains(&format!("to {dst}")), "{out}");
+    let (scratch, _) = read_marks(&c, &dst, &uid, "C").await;
+    assert_eq!(scratch, format!("AFTER-{mark}"));
 }

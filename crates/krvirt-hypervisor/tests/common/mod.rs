@@ -62,6 +62,7 @@ pub fn idle_vm(root: &Path, name: &str, uid: &str) -> VmConfig {
         firmware: Firmware::Bios,
         rng: false,
         start_paused: false,
+        incoming: false,
         hotplug_slots: 0,
         resources: Default::default(),
         run: RunPaths::in_dir(root.join("run/vmi").join(uid)),
