@@ -62,8 +62,13 @@ pub struct UpArgs {
     #[arg(long)]
     pub no_demo: bool,
     /// Store: `embedded` (a file in the data dir) or `etcd://HOST:PORT[,HOST:PORT…]`
+    /// (on etcd, `up` takes part in the servers' leader election: it runs
+    /// the controllers only while it leads)
     #[arg(long, default_value = "embedded")]
     pub store: String,
+    /// Leader lease TTL in seconds (etcd store): a dead leader is replaced within it
+    #[arg(long, default_value_t = 5)]
+    pub leader_ttl: i64,
     /// Serve plain HTTP without authentication (ONLY for measuring the
     /// cost of authentication: bench/api)
     #[arg(long)]
@@ -438,7 +443,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let _lock = lock_data_dir(&data_dir)?;
     let store = open_store(&args.store, &data_dir).await?;
-    let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(store)));
+    let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(
+        store.clone(),
+    )));
     let auth_stop = CancellationToken::new();
     let secure = crate::secure::listen(
         &data_dir,
@@ -476,8 +483,25 @@ pub async fn up(args: UpArgs) -> Result<()> {
         tokio::spawn(async move { crate::secure::serve(secure, state, images, shutdown).await })
     };
     tokio::spawn(image_svc.clone().mirror_loop(shutdown.clone()));
-    let controllers = krvirt_controller::Controllers::new(registry.clone())?;
-    let ctl = tokio::spawn(controllers.run(shutdown.clone()));
+    // On etcd, `up` shares the store with other servers (and `up`s): it
+    // runs the controllers only while it holds the leader lease, as
+    // `krvirt server` does.
+    let ctl = tokio::spawn(run_controllers(
+        registry.clone(),
+        store,
+        is_etcd(&args.store).then(|| {
+            (
+                format!(
+                    "up {}@{} (pid {})",
+                    agent.node_name(),
+                    args.listen,
+                    std::process::id()
+                ),
+                args.leader_ttl,
+            )
+        }),
+        shutdown.clone(),
+    ));
     let agent_task = tokio::spawn(agent.clone().run(shutdown.clone()));
 
     if !args.no_demo {
@@ -546,7 +570,7 @@ pub async fn server(args: ServerArgs) -> Result<()> {
         store,
         is_etcd(&args.store).then(|| {
             (
-                format!("{}@{}", std::process::id(), args.listen),
+                format!("server {}@{}", std::process::id(), args.listen),
                 args.leader_ttl,
             )
         }),
@@ -661,7 +685,7 @@ async fn run_controllers(
             _ = shutdown.cancelled() => break,
             _ = election.until_leader() => {}
         }
-        eprintln!("krvirt server {identity}: leader: running the controllers and the scheduler");
+        eprintln!("krvirt {identity}: leader: running the controllers and the scheduler");
         let token = shutdown.child_token();
         let task = match krvirt_controller::Controllers::new(registry.clone()) {
             Ok(c) => tokio::spawn(c.run(token.clone())),
@@ -673,7 +697,7 @@ async fn run_controllers(
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = election.until_not_leader() => {
-                eprintln!("krvirt server {identity}: no longer leader: controllers stopped");
+                eprintln!("krvirt {identity}: no longer leader: controllers stopped");
             }
         }
         token.cancel();
