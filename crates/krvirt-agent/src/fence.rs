@@ -1,0 +1,244 @@
+//! Self-fencing: an agent that is alive but cannot renew its lease kills
+//! its guests before the server restarts them elsewhere.
+//!
+//! The server fences a host's VMIs (and its VMs restart on another host)
+//! only once the host's `heartbeatTime` is older than the lease
+//! (`KRVIRT_HOST_LEASE_SECONDS`, krvirt_controller::hostlife). The agent
+//! reads the same setting and keeps a [`LeaseClock`]: the monotonic instant
+//! at which it stamped the last `heartbeatTime` the server accepted. Once
+//! that is [`krvirt_controller::hostlife::self_fence_after`] ago (the lease
+//! minus a margin), it SIGKILLs every QEMU it runs, writes a
+//! [`FenceRecord`] per guest under `{data_dir}/fenced/`, and refuses to
+//! start guests until a renewal succeeds again. Back in touch, it reports
+//! each record (a `SelfFenced` Warning event on the VMI, and the VMI
+//! `Failed`/`SelfFenced` if the server has not fenced it yet) and removes
+//! it. The records survive an agent restart.
+//!
+//! An agent that is dead cannot fence anything: then only the returning
+//! agent's check (a VMI under that name with another uid, or bound
+//! elsewhere, stops the stale QEMU before anything else) protects.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// VMI status reason (and event reason) of a guest its own agent killed
+/// because it could not renew its host's lease.
+pub const REASON_SELF_FENCED: &str = "SelfFenced";
+
+/// When the lease was last renewed, and what follows from it.
+#[derive(Debug)]
+pub struct LeaseClock {
+    last: Mutex<Instant>,
+    lease: Duration,
+    fence_after: Duration,
+}
+
+impl LeaseClock {
+    /// A clock for a server-side lease of `lease`, counting as renewed now.
+    pub fn new(lease: Duration) -> LeaseClock {
+        LeaseClock {
+            last: Mutex::new(Instant::now()),
+            lease,
+            fence_after: krvirt_controller::hostlife::self_fence_after(lease),
+        }
+    }
+
+    fn last(&self) -> std::sync::MutexGuard<'_, Instant> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The server accepted a `heartbeatTime` stamped at `stamped` (taken
+    /// BEFORE the timestamp was written into the request, so the agent's
+    /// deadline never falls after the server's).
+    pub fn renewed(&self, stamped: Instant) {
+        let mut last = self.last();
+        if stamped > *last {
+            *last = stamped;
+        }
+    }
+
+    /// How long since the last accepted renewal was stamped.
+    pub fn unrenewed_for(&self) -> Duration {
+        self.unrenewed_at(Instant::now())
+    }
+
+    fn unrenewed_at(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(*self.last())
+    }
+
+    /// Whether the guests may run (and start): the lease was renewed less
+    /// than [`LeaseClock::fence_after`] ago.
+    pub fn fresh(&self) -> bool {
+        self.fresh_at(Instant::now())
+    }
+
+    fn fresh_at(&self, now: Instant) -> bool {
+        self.unrenewed_at(now) < self.fence_after
+    }
+
+    /// The server-side lease.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Without renewal for this long, the guests are killed.
+    pub fn fence_after(&self) -> Duration {
+        self.fence_after
+    }
+
+    /// How often the watchdog looks (a quarter of the margin, ≤ 1 s).
+    pub fn check_every(&self) -> Duration {
+        ((self.lease - self.fence_after) / 4)
+            .clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+
+    /// How long the watchdog waits for a killed QEMU to be gone.
+    pub fn kill_wait(&self) -> Duration {
+        ((self.lease - self.fence_after) / 4).max(Duration::from_millis(50))
+    }
+
+    /// The heartbeat period: the configured one, but at least three whole
+    /// attempts fail before the fencing bound (a healthy agent never fences).
+    pub fn heartbeat_every(&self, configured: Duration) -> Duration {
+        configured
+            .min(self.fence_after / 4)
+            .max(Duration::from_millis(10))
+    }
+
+    /// Bound of one renewal attempt, so a request stuck on a dead link
+    /// does not delay the next one past the fencing bound.
+    pub fn attempt_timeout(&self) -> Duration {
+        (self.fence_after / 2).max(Duration::from_millis(100))
+    }
+}
+
+/// What the agent remembers about a guest it killed to fence itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FenceRecord {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// The killed QEMU's pid.
+    pub pid: u32,
+    /// When it was killed (RFC 3339, this host's clock).
+    pub killed_at: String,
+    /// How long the lease had not been renewed then.
+    pub unrenewed_ms: u64,
+    /// The fencing bound and the lease in force.
+    pub fence_after_ms: u64,
+    pub lease_ms: u64,
+}
+
+impl FenceRecord {
+    /// The message of the event and status condition.
+    pub fn message(&self, node: &str) -> String {
+        format!(
+            "host {node} could not renew its lease for {:.1} s (the server restarts VMs after \
+             {:.1} s): its agent killed this guest's QEMU (pid {}) at {} so that the VM never \
+             runs twice",
+            self.unrenewed_ms as f64 / 1000.0,
+            self.lease_ms as f64 / 1000.0,
+            self.pid,
+            self.killed_at
+        )
+    }
+}
+
+/// Where the records live.
+pub fn record_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("fenced")
+}
+
+fn record_path(data_dir: &Path, uid: &str) -> PathBuf {
+    record_dir(data_dir).join(format!("{uid}.json"))
+}
+
+/// Write a record durably (a crash after the kill must not lose it).
+pub fn write_record(data_dir: &Path, rec: &FenceRecord) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(record_dir(data_dir))?;
+    let path = record_path(data_dir, &rec.uid);
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Every record on disk.
+pub fn records(data_dir: &Path) -> Vec<FenceRecord> {
+    let Ok(entries) = std::fs::read_dir(record_dir(data_dir)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+        .collect()
+}
+
+/// The record of one VMI uid, if it was fenced here.
+pub fn record_of(data_dir: &Path, uid: &str) -> Option<FenceRecord> {
+    serde_json::from_slice(&std::fs::read(record_path(data_dir, uid)).ok()?).ok()
+}
+
+/// Forget a reported record.
+pub fn remove_record(data_dir: &Path, uid: &str) {
+    let _ = std::fs::remove_file(record_path(data_dir, uid));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_fences_only_after_the_bound_and_renewals_reset_it() {
+        let c = LeaseClock::new(Duration::from_secs(4));
+        let t0 = *c.last();
+        let ms = Duration::from_millis;
+        assert_eq!(c.fence_after(), Duration::from_secs(3));
+        assert!(c.fresh_at(t0));
+        assert!(c.fresh_at(t0 + ms(2999)));
+        assert!(!c.fresh_at(t0 + ms(3000)));
+        // A renewal stamped at 2.9 s moves the bound to 5.9 s; an older
+        // stamp (a late answer to an earlier attempt) changes nothing.
+        c.renewed(t0 + ms(2900));
+        c.renewed(t0 + ms(100));
+        assert!(c.fresh_at(t0 + ms(5899)));
+        assert!(!c.fresh_at(t0 + ms(5900)));
+        assert_eq!(c.unrenewed_at(t0 + ms(3900)), ms(1000));
+        // Three whole heartbeats fit in the bound, whatever is configured.
+        assert_eq!(c.heartbeat_every(Duration::from_secs(10)), ms(750));
+        assert_eq!(c.heartbeat_every(ms(500)), ms(500));
+        // Watchdog look + kill wait stay inside the margin.
+        assert!(c.fence_after() + c.check_every() + c.kill_wait() < c.lease());
+    }
+
+    #[test]
+    fn records_round_trip_on_disk() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(records(d.path()).is_empty());
+        let r = FenceRecord {
+            namespace: "default".into(),
+            name: "ha".into(),
+            uid: "u1".into(),
+            pid: 42,
+            killed_at: "2026-01-01T00:00:00Z".into(),
+            unrenewed_ms: 3100,
+            fence_after_ms: 3000,
+            lease_ms: 4000,
+        };
+        write_record(d.path(), &r).unwrap();
+        assert_eq!(records(d.path()), vec![r.clone()]);
+        assert_eq!(record_of(d.path(), "u1"), Some(r.clone()));
+        assert!(r.message("h0").contains("pid 42"));
+        remove_record(d.path(), "u1");
+        assert!(records(d.path()).is_empty());
+        assert_eq!(record_of(d.path(), "u1"), None);
+    }
+}
