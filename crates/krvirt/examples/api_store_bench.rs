@@ -148,7 +148,10 @@ async fn creates(s: &Server, client: &reqwest::Client, tag: &str, n: usize, conc
 /// p99 in ms of create (before the POST) → the watcher has read its event.
 async fn watch_p99(s: &Server, client: &reqwest::Client, tag: &str, n: usize) -> f64 {
     let r = client
-        .get(format!("{}{VMS}?watch=true&labelSelector=w%3D{tag}", s.base))
+        .get(format!(
+            "{}{VMS}?watch=true&labelSelector=w%3D{tag}",
+            s.base
+        ))
         .send()
         .await
         .expect("watch");
