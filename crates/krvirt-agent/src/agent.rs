@@ -611,6 +611,11 @@ impl Agent {
             )
             .await?;
         self.inner.lease.renewed(stamped);
+        // For the watchdog process that outlives this agent (crate::fence).
+        let lease_file = self.inner.lease.lease_file();
+        if let Err(e) = crate::fence::write_lease_file(&self.inner.cfg.data_dir, &lease_file) {
+            debug!(error = %e, "lease file not written");
+        }
         Ok(())
     }
 

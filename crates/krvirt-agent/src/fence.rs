@@ -14,9 +14,17 @@
 //! `Failed`/`SelfFenced` if the server has not fenced it yet) and removes
 //! it. The records survive an agent restart.
 //!
-//! An agent that is dead cannot fence anything: then only the returning
-//! agent's check (a VMI under that name with another uid, or bound
-//! elsewhere, stops the stale QEMU before anything else) protects.
+//! An agent that is dead cannot fence anything itself. For that case
+//! `krvirt agent` starts a per-host watchdog process (`krvirt
+//! fence-watchdog`, which outlives the agent): after each renewal the agent
+//! writes `{data_dir}/lease.json` (its pid and the fencing deadline on
+//! CLOCK_BOOTTIME); once that deadline passes without a newer file, the
+//! watchdog SIGKILLs every QEMU under `{data_dir}/run/vmi` (identified by
+//! pidfile and command line, never through QMP) and writes the same
+//! [`FenceRecord`]s, which the returning agent reports. Without the
+//! watchdog (or when the whole host is hung) only the returning agent's
+//! check (a VMI under that name with another uid, or bound elsewhere,
+//! stops the stale QEMU before anything else) protects.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -78,6 +86,18 @@ impl LeaseClock {
 
     fn fresh_at(&self, now: Instant) -> bool {
         self.unrenewed_at(now) < self.fence_after
+    }
+
+    /// The lease file describing this clock now (for the watchdog).
+    pub fn lease_file(&self) -> LeaseFile {
+        let deadline = (boottime_ms() + self.fence_after.as_millis() as u64)
+            .saturating_sub(self.unrenewed_for().as_millis() as u64);
+        LeaseFile {
+            agent_pid: std::process::id(),
+            deadline_boottime_ms: deadline,
+            fence_after_ms: self.fence_after.as_millis() as u64,
+            lease_ms: self.lease.as_millis() as u64,
+        }
     }
 
     /// The server-side lease.
@@ -147,6 +167,138 @@ impl FenceRecord {
             self.killed_at
         )
     }
+}
+
+/// `{data_dir}/lease.json`: what the watchdog process needs to know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseFile {
+    /// The agent that renews the lease.
+    pub agent_pid: u32,
+    /// CLOCK_BOOTTIME (ms) at which the guests must be dead if no newer
+    /// renewal was written.
+    pub deadline_boottime_ms: u64,
+    pub fence_after_ms: u64,
+    pub lease_ms: u64,
+}
+
+const LEASE_FILE: &str = "lease.json";
+
+/// CLOCK_BOOTTIME in milliseconds (counts suspended time, as the server's
+/// clock does; never jumps).
+pub fn boottime_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Write the lease file atomically (no fsync: after a host crash nothing
+/// runs to fence).
+pub fn write_lease_file(data_dir: &Path, lease: &LeaseFile) -> std::io::Result<()> {
+    let path = data_dir.join(LEASE_FILE);
+    let tmp = data_dir.join(format!("{LEASE_FILE}.tmp"));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(lease).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &path)
+}
+
+pub fn read_lease_file(data_dir: &Path) -> Option<LeaseFile> {
+    serde_json::from_slice(&std::fs::read(data_dir.join(LEASE_FILE)).ok()?).ok()
+}
+
+/// The identity of a run directory (`vmi.json`, written by the agent).
+#[derive(Debug, Deserialize)]
+struct RunIdentity {
+    namespace: String,
+    name: String,
+    uid: String,
+}
+
+/// What one watchdog pass saw and did.
+#[derive(Debug, Default)]
+pub struct WatchdogPass {
+    /// Guests killed in this pass.
+    pub killed: Vec<FenceRecord>,
+    /// Whether any guest QEMU still runs here.
+    pub guests_running: bool,
+    /// Whether the agent named in the lease file is alive.
+    pub agent_alive: bool,
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            rest.split_whitespace().next().map(|st| st != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// One look of the watchdog: if the lease file's deadline has passed,
+/// kill every guest under `{data_dir}/run/vmi` and record it.
+pub async fn watchdog_pass(data_dir: &Path, kill_wait: Duration) -> WatchdogPass {
+    let lease = read_lease_file(data_dir);
+    let expired = lease
+        .as_ref()
+        .is_some_and(|l| boottime_ms() >= l.deadline_boottime_ms);
+    let mut pass = WatchdogPass {
+        agent_alive: lease.as_ref().is_some_and(|l| pid_alive(l.agent_pid)),
+        ..Default::default()
+    };
+    let Ok(entries) = std::fs::read_dir(data_dir.join("run").join("vmi")) else {
+        return pass;
+    };
+    for e in entries.flatten() {
+        let Some(id) = std::fs::read(e.path().join("vmi.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<RunIdentity>(&b).ok())
+        else {
+            continue;
+        };
+        let paths = krvirt_hypervisor::RunPaths::in_dir(e.path());
+        if !expired {
+            pass.guests_running |= krvirt_hypervisor::running_pid(&paths, &id.uid).is_some();
+            continue;
+        }
+        match krvirt_hypervisor::kill_running(&paths, &id.uid, kill_wait).await {
+            Ok(Some((pid, gone))) => {
+                pass.guests_running |= !gone;
+                let Some(l) = &lease else { continue };
+                let unrenewed = boottime_ms()
+                    .saturating_sub(l.deadline_boottime_ms.saturating_sub(l.fence_after_ms));
+                let rec = FenceRecord {
+                    namespace: id.namespace,
+                    name: id.name,
+                    uid: id.uid,
+                    pid,
+                    killed_at: krvirt_api::meta::now_rfc3339(),
+                    unrenewed_ms: unrenewed,
+                    fence_after_ms: l.fence_after_ms,
+                    lease_ms: l.lease_ms,
+                };
+                if let Err(e) = write_record(data_dir, &rec) {
+                    tracing::warn!(uid = %rec.uid, error = %e, "fence record not written");
+                }
+                pass.killed.push(rec);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(uid = %id.uid, error = %e, "watchdog: cannot kill QEMU");
+                pass.guests_running = true;
+            }
+        }
+    }
+    pass
 }
 
 /// Where the records live.

@@ -120,6 +120,10 @@ pub struct AgentArgs {
     /// The server's CA certificate (its DATA/pki/ca.crt), for joining
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
+    /// Do not start the fencing watchdog process (which kills this host's
+    /// guests when the agent is dead and its lease runs out)
+    #[arg(long, env = "KRVIRT_NO_FENCE_WATCHDOG")]
+    pub no_fence_watchdog: bool,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -611,6 +615,9 @@ pub async fn agent(args: AgentArgs, server: Option<String>) -> Result<()> {
     )
     .await?;
     let agent = Agent::new(cfg, client, images)?;
+    if !args.no_fence_watchdog {
+        crate::fence_watchdog::spawn(&data_dir)?;
+    }
     let shutdown = CancellationToken::new();
     let sd = shutdown.clone();
     tokio::spawn(async move {

@@ -6,6 +6,9 @@
 //! guest before the VM's new copy starts on the other host (the stale
 //! QEMU's exit, as seen by the test, precedes the new QEMU's start time),
 //! and reports it (`SelfFenced`) once the link is back: one copy runs.
+//! The same with the agent KILLED: its fence watchdog process does it, and
+//! the restarted agent reports it. (The first test runs its agents without
+//! the watchdog: the returning agent's own check stops the stale copy.)
 
 mod common;
 
@@ -67,6 +70,8 @@ async fn a_lost_hosts_vm_comes_back_elsewhere_once_and_its_stale_copy_is_stopped
         &[
             ("KRVIRT_HOST_LEASE_SECONDS", "4"),
             ("KRVIRT_HEARTBEAT_INTERVAL_MS", "500"),
+            // Nothing on the host fences: the returning agent's check does.
+            ("KRVIRT_NO_FENCE_WATCHDOG", "true"),
         ],
     )
     .await;
@@ -163,7 +168,18 @@ fn started_at(pid: u32) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_host_with_its_agent_alive_kills_its_guest_before_the_vm_restarts_elsewhere() {
-    let c = Cluster::start_with(
+    cut_off_host_fences_its_guest(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_agents_watchdog_kills_its_guest_before_the_vm_restarts_elsewhere() {
+    cut_off_host_fences_its_guest(true).await;
+}
+
+/// Cut a host off (`kill_agent`: and kill its agent); its guest must be
+/// gone before the new copy starts elsewhere; back, one copy runs.
+async fn cut_off_host_fences_its_guest(kill_agent: bool) {
+    let mut c = Cluster::start_with(
         2,
         &[
             ("KRVIRT_HOST_LEASE_SECONDS", "4"),
@@ -190,7 +206,10 @@ async fn a_cut_off_host_with_its_agent_alive_kills_its_guest_before_the_vm_resta
         Some(uptime())
     });
 
-    // Cut the host off; its agent stays alive.
+    // Cut the host off; its agent stays alive, or dies.
+    if kill_agent {
+        c.host_mut(&lost).kill_agent();
+    }
     c.host(&lost).set_link(false);
     let (uid2, pid2) = c.server.running_vmi("ha", Some(&uid1)).await;
     assert_eq!(c.node_of("ha").await.as_deref(), Some(other.as_str()));
@@ -210,8 +229,13 @@ async fn a_cut_off_host_with_its_agent_alive_kills_its_guest_before_the_vm_resta
          {new_started:.2} s (since boot)"
     );
     let log = c.host(&lost).log();
+    let by = if kill_agent {
+        "fence-watchdog: self-fenced"
+    } else {
+        "self-fenced: lease not renewed"
+    };
     assert!(
-        log.contains("self-fenced"),
+        log.contains(by),
         "the agent did not fence itself:\n{}",
         common::tail(&log, 30)
     );
@@ -225,9 +249,12 @@ async fn a_cut_off_host_with_its_agent_alive_kills_its_guest_before_the_vm_resta
         fenced_dir.display()
     );
 
-    // The link comes back: the same agent renews its lease, reports what
-    // it did, and removes the stale run directory.
+    // The link comes back (and the agent): it renews its lease, reports
+    // what was done, and removes the stale run directory.
     c.host(&lost).set_link(true);
+    if kill_agent {
+        c.restart_agent(&lost);
+    }
     c.wait_host_ready(&lost, Duration::from_secs(60)).await;
     let event = c
         .until("SelfFenced event", Duration::from_secs(60), || async {
