@@ -393,4 +393,49 @@ mod tests {
         assert!(records(d.path()).is_empty());
         assert_eq!(record_of(d.path(), "u1"), None);
     }
+
+    #[tokio::test]
+    async fn the_watchdog_kills_only_when_the_deadline_passed_and_only_qemu_of_the_run_dir() {
+        let d = tempfile::tempdir().unwrap();
+        // No lease file, no run dir: nothing to do, no agent known.
+        let p = watchdog_pass(d.path(), Duration::from_millis(100)).await;
+        assert!(p.killed.is_empty() && !p.guests_running && !p.agent_alive);
+
+        // A run dir whose pidfile names a process that is not its QEMU
+        // (pid reuse, a stale file): never killed, even after the deadline.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let run = d.path().join("run/vmi/u1");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(
+            run.join("vmi.json"),
+            r#"{"namespace":"default","name":"a","uid":"u1"}"#,
+        )
+        .unwrap();
+        std::fs::write(run.join("qemu.pid"), other.id().to_string()).unwrap();
+        let fresh = LeaseClock::new(Duration::from_secs(4)).lease_file();
+        assert!(fresh.deadline_boottime_ms > boottime_ms());
+        assert_eq!(fresh.agent_pid, std::process::id());
+        write_lease_file(d.path(), &fresh).unwrap();
+        assert_eq!(read_lease_file(d.path()), Some(fresh.clone()));
+        let p = watchdog_pass(d.path(), Duration::from_millis(100)).await;
+        assert!(p.agent_alive, "this process wrote the lease file");
+        assert!(p.killed.is_empty() && !p.guests_running);
+        let expired = LeaseFile {
+            deadline_boottime_ms: boottime_ms() - 1,
+            ..fresh
+        };
+        write_lease_file(d.path(), &expired).unwrap();
+        let p = watchdog_pass(d.path(), Duration::from_millis(100)).await;
+        assert!(p.killed.is_empty(), "{:?}", p.killed);
+        assert!(records(d.path()).is_empty());
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "a foreign process was killed"
+        );
+        other.kill().unwrap();
+        other.wait().unwrap();
+    }
 }
