@@ -174,6 +174,9 @@ async fn watch_p99(s: &Server, client: &reqwest::Client, tag: &str, n: usize) ->
             while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
                 let ev: Value = serde_json::from_slice(&line).expect("watch event JSON");
+                if ev["type"] == "ERROR" {
+                    panic!("watch error before {name}'s event: {ev}");
+                }
                 if ev["type"] == "ADDED" && ev["object"]["metadata"]["name"] == name.as_str() {
                     lat.push(t0.elapsed().as_secs_f64() * 1000.0);
                     break 'seen;
@@ -182,7 +185,12 @@ async fn watch_p99(s: &Server, client: &reqwest::Client, tag: &str, n: usize) ->
             let chunk = tokio::time::timeout(Duration::from_secs(30), body.next())
                 .await
                 .unwrap_or_else(|_| panic!("no watch event for {name} within 30 s"))
-                .expect("watch stream open")
+                .unwrap_or_else(|| {
+                    panic!(
+                        "the watch ended before {name}'s event; server log:\n{}",
+                        std::fs::read_to_string(&s.log).unwrap_or_default()
+                    )
+                })
                 .expect("watch chunk");
             buf.extend_from_slice(&chunk);
         }
