@@ -164,6 +164,10 @@ pub struct AgentConfig {
     /// Port of this agent's host API (advertised in the Host's
     /// `status.daemonEndpoints.agentEndpoint`); `None`: it serves none.
     pub host_api_port: Option<u16>,
+    /// The server's host lease (`KRVIRT_HOST_LEASE_SECONDS`, as the server
+    /// reads it): without renewal for less than that, the agent kills its
+    /// guests (crate::fence).
+    pub host_lease: Duration,
 }
 
 impl AgentConfig {
@@ -185,6 +189,7 @@ impl AgentConfig {
             qemu_user: Some(krvirt_hypervisor::DEFAULT_QEMU_USER.to_string()),
             cgroup_parent: None,
             host_api_port: None,
+            host_lease: krvirt_controller::hostlife::lease_duration(),
         }
     }
 }
@@ -335,6 +340,8 @@ struct Inner {
     cpu_alloc: tokio::sync::Mutex<()>,
     /// Live migrations in progress here (source or target).
     migrations: crate::migration::Migrations,
+    /// When the host lease was last renewed (self-fencing, crate::fence).
+    lease: crate::fence::LeaseClock,
 }
 
 /// `source.component` of the agent's events.
@@ -392,8 +399,10 @@ impl Agent {
             context: "volumes".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
+        let lease = crate::fence::LeaseClock::new(cfg.host_lease);
         Ok(Agent {
             inner: Arc::new(Inner {
+                lease,
                 events,
                 cfg,
                 client,
@@ -463,6 +472,8 @@ impl Agent {
         let mut tasks = Vec::new();
         let me = self.clone();
         tasks.push(tokio::spawn(async move { me.heartbeat_loop().await }));
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move { me.fence_watchdog().await }));
         let me = self.clone();
         tasks.push(tokio::spawn(async move { me.watch_loop().await }));
         let me = self.clone();
@@ -647,6 +658,9 @@ impl Agent {
     }
 
     async fn report_host(&self) -> Result<(), AgentError> {
+        // Stamped before `heartbeatTime` is: the agent's fencing deadline
+        // never falls after the server's.
+        let stamped = tokio::time::Instant::now();
         let status = self.host_status()?;
         self.inner
             .client
@@ -658,17 +672,149 @@ impl Agent {
                 PatchTarget::Status,
             )
             .await?;
+        self.inner.lease.renewed(stamped);
+        // For the watchdog process that outlives this agent (crate::fence).
+        let lease_file = self.inner.lease.lease_file();
+        if let Err(e) = crate::fence::write_lease_file(&self.inner.cfg.data_dir, &lease_file) {
+            debug!(error = %e, "lease file not written");
+        }
         Ok(())
     }
 
     async fn heartbeat_loop(&self) {
+        let lease = &self.inner.lease;
+        let every = lease.heartbeat_every(self.inner.cfg.heartbeat_interval);
+        let bound = lease.attempt_timeout();
         loop {
-            tokio::time::sleep(self.inner.cfg.heartbeat_interval).await;
-            if let Err(e) = self.report_host().await {
-                // The Host may have been deleted: register again.
-                warn!(error = %e, "heartbeat failed");
-                let _ = self.register().await;
+            tokio::time::sleep(every).await;
+            let renewed = match tokio::time::timeout(bound, self.report_host()).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    // The Host may have been deleted: register again.
+                    warn!(error = %e, "heartbeat failed");
+                    matches!(
+                        tokio::time::timeout(bound, self.register()).await,
+                        Ok(Ok(()))
+                    )
+                }
+                Err(_) => {
+                    warn!(timeout_ms = bound.as_millis() as u64, "heartbeat timed out");
+                    false
+                }
+            };
+            if renewed {
+                self.report_fenced().await;
             }
+        }
+    }
+
+    // ----- self-fencing ----------------------------------------------------------
+
+    /// Kill every guest once the lease has not been renewed for the
+    /// fencing bound (crate::fence): the server may restart them elsewhere
+    /// once the lease runs out.
+    async fn fence_watchdog(&self) {
+        let lease = &self.inner.lease;
+        loop {
+            tokio::time::sleep(lease.check_every()).await;
+            if lease.fresh() {
+                continue;
+            }
+            let vms: Vec<Arc<LocalVm>> = self.vms().values().cloned().collect();
+            if !vms.is_empty() {
+                self.self_fence(vms).await;
+            }
+        }
+    }
+
+    async fn self_fence(&self, vms: Vec<Arc<LocalVm>>) {
+        let lease = &self.inner.lease;
+        let unrenewed = lease.unrenewed_for();
+        // Kill them all first, then wait and write down what was done.
+        for vm in &vms {
+            vm.stopping.store(true, Ordering::SeqCst);
+            if let Err(e) = vm.handle.kill() {
+                warn!(key = %vm.key, error = %e, "self-fencing: cannot kill QEMU");
+            }
+        }
+        let killed_at = now_rfc3339();
+        for vm in &vms {
+            match vm.handle.wait_exit(lease.kill_wait()).await {
+                Ok(true) => {}
+                _ => warn!(key = %vm.key, pid = vm.handle.pid(), "self-fencing: QEMU not gone yet"),
+            }
+            let rec = crate::fence::FenceRecord {
+                namespace: vm.key.namespace.clone(),
+                name: vm.key.name.clone(),
+                uid: vm.uid.clone(),
+                pid: vm.handle.pid(),
+                killed_at: killed_at.clone(),
+                unrenewed_ms: unrenewed.as_millis() as u64,
+                fence_after_ms: lease.fence_after().as_millis() as u64,
+                lease_ms: lease.lease().as_millis() as u64,
+            };
+            if let Err(e) = crate::fence::write_record(&self.inner.cfg.data_dir, &rec) {
+                warn!(key = %vm.key, error = %e, "self-fencing: record not written");
+            }
+            warn!(
+                key = %vm.key,
+                pid = rec.pid,
+                unrenewed_ms = rec.unrenewed_ms,
+                "self-fenced: lease not renewed, guest killed before the server restarts it elsewhere"
+            );
+            self.vms().remove(&vm.uid);
+        }
+        for vm in &vms {
+            self.inner.net.release(&vm.uid).await;
+        }
+    }
+
+    /// Back in touch: report the guests killed by self-fencing (event, and
+    /// the VMI Failed if the server has not fenced it yet), then forget them.
+    async fn report_fenced(&self) {
+        let data_dir = &self.inner.cfg.data_dir;
+        let me = self.inner.cfg.node_name.as_str();
+        for rec in crate::fence::records(data_dir) {
+            let key = Key::new(&rec.namespace, &rec.name);
+            let message = rec.message(me);
+            match self.get_vmi(&key).await {
+                Ok(Some((vmi, rv)))
+                    if vmi.metadata.uid.as_deref() == Some(rec.uid.as_str())
+                        && vmi.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(me)
+                        && !vmi
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.phase)
+                            .unwrap_or_default()
+                            .is_final() =>
+                {
+                    let st = self_fenced_status(&vmi, &message);
+                    if let Err(e) = self.write_status(&key, &rv, &st).await {
+                        debug!(%key, error = %e, "self-fenced status not written; retrying");
+                        continue;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(%key, error = %e, "self-fenced VMI not read; retrying");
+                    continue;
+                }
+            }
+            self.inner.events.record_ref(
+                ObjectReference {
+                    kind: Some("VirtualMachineInstance".into()),
+                    namespace: Some(rec.namespace.clone()),
+                    name: Some(rec.name.clone()),
+                    uid: Some(rec.uid.clone()),
+                    api_version: Some("kubevirt.io/v1".into()),
+                    ..Default::default()
+                },
+                WARNING,
+                crate::fence::REASON_SELF_FENCED,
+                &message,
+            );
+            info!(%key, uid = %rec.uid, "reported a guest killed by self-fencing");
+            crate::fence::remove_record(data_dir, &rec.uid);
         }
     }
 
@@ -962,6 +1108,15 @@ impl Agent {
                 crate::migration::maybe_start_source(self, key, &vmi, vm.handle.clone());
                 self.observe(key, &vmi, &rv, &vm).await
             }
+            (VmiPhase::Running | VmiPhase::Unknown, None)
+                if let Some(rec) = crate::fence::record_of(&self.inner.cfg.data_dir, &uid) =>
+            {
+                // Killed here by self-fencing: say so (report_fenced then
+                // records the event and forgets the record).
+                let st = self_fenced_status(&vmi, &rec.message(me));
+                self.write_status(key, &rv, &st).await?;
+                Ok(None)
+            }
             (VmiPhase::Running | VmiPhase::Unknown, None) => {
                 let mut st = status.clone();
                 set_phase(&mut st, VmiPhase::Failed);
@@ -1048,6 +1203,12 @@ impl Agent {
         vmi: &VirtualMachineInstance,
         rv: &Value,
     ) -> Result<Option<Duration>, AgentError> {
+        // Never start a guest without a fresh lease: the server may be
+        // restarting this host's VMs elsewhere (crate::fence).
+        if !self.inner.lease.fresh() {
+            debug!(%key, "lease not renewed: not starting guests");
+            return Ok(Some(Duration::from_secs(1)));
+        }
         let uid = vmi.metadata.uid.clone().unwrap_or_default();
         let run_dir = self.run_dir(&uid);
         // containerDisks naming registry images not pulled yet.
@@ -1860,6 +2021,22 @@ async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), AgentError> {
         });
     }
     Ok(())
+}
+
+/// A VMI's status once self-fencing killed its guest: Failed, SelfFenced.
+fn self_fenced_status(vmi: &VirtualMachineInstance, message: &str) -> VirtualMachineInstanceStatus {
+    let mut st = vmi.status.clone().unwrap_or_default();
+    set_phase(&mut st, VmiPhase::Failed);
+    st.reason = Some(crate::fence::REASON_SELF_FENCED.into());
+    set_condition(
+        &mut st.conditions,
+        Condition {
+            reason: Some(crate::fence::REASON_SELF_FENCED.into()),
+            message: Some(message.to_string()),
+            ..Condition::new(vmi_conditions::READY, ConditionStatus::False)
+        },
+    );
+    st
 }
 
 /// Move a VMI status to `phase`, recording the transition time.

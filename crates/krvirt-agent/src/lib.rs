@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod autopull;
+pub mod fence;
 pub mod inventory;
 pub mod metrics;
 pub mod migration;

@@ -22,6 +22,12 @@
 //! else deleted (its VM's runStrategy starts it again elsewhere; the
 //! scheduler keeps it off the tainted host).
 //!
+//! An agent that is alive but cut off from the server fences itself first:
+//! it kills its guests once it has not renewed its lease for
+//! [`self_fence_after`] (the lease minus [`self_fence_margin`]), strictly
+//! before the server may consider the lease expired (more than the lease
+//! after the last `heartbeatTime`) and restart the VMs elsewhere.
+//!
 //! The decisions ([`lease_expired`], [`fence_step`], [`noexecute_step`])
 //! are pure functions.
 
@@ -65,6 +71,25 @@ pub fn lease_duration() -> Duration {
         .filter(|s| *s > 0)
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_LEASE)
+}
+
+/// How long before its lease runs out an agent that could not renew it
+/// has killed its guests: a quarter of the lease (at least 500 ms, at most
+/// half of it). It covers the agent's check interval (a quarter of the
+/// margin), the kill (bounded by another quarter) and clock skew between
+/// the agent (which stamps `heartbeatTime`) and the server (which compares
+/// it with its own clock) of up to half the margin.
+pub fn self_fence_margin(lease: Duration) -> Duration {
+    (lease / 4).max(Duration::from_millis(500)).min(lease / 2)
+}
+
+/// An agent that has not renewed its lease for this long (measured from
+/// the moment it stamped the last `heartbeatTime` the server accepted)
+/// kills its guests. Always strictly shorter than `lease`, after which
+/// ([`lease_expired`]) the server fences the host's VMIs and restarts them
+/// elsewhere: `self_fence_after(lease) + self_fence_margin(lease) == lease`.
+pub fn self_fence_after(lease: Duration) -> Duration {
+    lease.saturating_sub(self_fence_margin(lease))
 }
 
 /// Has this host stopped renewing its lease?
@@ -466,6 +491,25 @@ impl HostLifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_fence_themselves_strictly_before_the_server_does() {
+        for ms in [1000u64, 2000, 3000, 4000, 6000, 10_000, 40_000, 120_000] {
+            let lease = Duration::from_millis(ms);
+            let after = super::self_fence_after(lease);
+            let margin = super::self_fence_margin(lease);
+            assert!(after < lease, "{lease:?}: {after:?}");
+            assert!(after > Duration::ZERO, "{lease:?}: {after:?}");
+            assert_eq!(after + margin, lease);
+            assert!(margin >= Duration::from_millis(500), "{lease:?}");
+        }
+        // The default: guests killed 30 s without renewal, VMs restarted
+        // elsewhere only after 40 s.
+        assert_eq!(
+            super::self_fence_after(DEFAULT_LEASE),
+            Duration::from_secs(30)
+        );
+    }
 
     fn host(age_s: i64) -> Host {
         let t = chrono::Utc::now() - chrono::Duration::seconds(age_s);

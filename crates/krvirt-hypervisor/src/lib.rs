@@ -31,6 +31,6 @@ pub use config::{
 pub use isolation::{DEFAULT_QEMU_USER, IsolationError, QemuUser};
 pub use process::{
     LaunchOptions, LaunchRecord, ProcessError, QemuHandle, RunState, StopOptions, StopOutcome,
-    launch, launch_with, reattach, release,
+    kill_running, launch, launch_with, reattach, release, running_pid,
 };
 pub use qmp::{QmpClient, QmpError, QmpEvent, QmpGreeting, QmpOptions};

@@ -741,6 +741,57 @@ pub async fn reattach(
     }))
 }
 
+/// The pid of the QEMU of `paths`, if one runs: found by its pidfile and
+/// checked like [`reattach`] (its command line carries the QMP socket of
+/// `paths` and `marker`), without connecting to QMP.
+pub fn running_pid(paths: &RunPaths, marker: &str) -> Option<u32> {
+    if marker.is_empty() {
+        return None;
+    }
+    let pid = read_pidfile(&paths.pidfile).ok()??;
+    owns_paths(pid, paths, marker).then_some(pid as u32)
+}
+
+/// SIGKILL the QEMU of `paths` if one runs (identified as by
+/// [`running_pid`], pinned through a pidfd first: no pid-reuse window),
+/// without touching its QMP socket, and wait up to `wait` for it to exit.
+/// `Ok(None)`: none ran; `Ok(Some((pid, gone)))`.
+pub async fn kill_running(
+    paths: &RunPaths,
+    marker: &str,
+    wait: Duration,
+) -> Result<Option<(u32, bool)>, ProcessError> {
+    if marker.is_empty() {
+        return Err(ProcessError::EmptyMarker);
+    }
+    let pid = match read_pidfile(&paths.pidfile) {
+        Ok(Some(pid)) => pid,
+        Ok(None) | Err(ProcessError::Pidfile { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        Err(e) => return Err(io_err(format!("pidfd_open({pid})"))(e)),
+    };
+    if !owns_paths(pid, paths, marker) {
+        return Ok(None);
+    }
+    let p = Unmanaged { pid, pidfd };
+    if !p.is_alive() {
+        return Ok(None);
+    }
+    p.as_ref()
+        .signal(libc::SIGKILL)
+        .map_err(io_err(format!("kill QEMU pid {pid}")))?;
+    let gone = p
+        .as_ref()
+        .wait_exit(wait)
+        .await
+        .map_err(io_err(format!("waiting for QEMU pid {pid}")))?;
+    Ok(Some((pid as u32, gone)))
+}
+
 impl QemuHandle {
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {

@@ -36,6 +36,9 @@ pub mod testing;
 
 /// How long a unary call may take before it fails.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest etcd response (a range read of a whole collection) the
+/// client decodes: 1 GiB.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 30;
 /// Back-off between watch re-creation attempts.
 const WATCH_RETRY: Duration = Duration::from_millis(200);
 /// Events buffered per watch before the reader task waits for the caller.
@@ -206,6 +209,15 @@ impl EtcdStore {
         &self.endpoints
     }
 
+    /// A KV client that accepts responses of any size up to
+    /// [`MAX_RESPONSE_BYTES`] (tonic's default, 4 MiB, failed every list of
+    /// more than a few thousand objects).
+    fn kv(&self) -> etcd_client::KvClient {
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
     /// The underlying client (for etcd-only features such as elections).
     pub fn client(&self) -> Client {
         self.client.clone()
@@ -214,7 +226,7 @@ impl EtcdStore {
     /// A write transaction, resent only when it cannot have been delivered.
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
         with_retry(false, || {
-            let mut kv = self.client.kv_client();
+            let mut kv = self.kv();
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
@@ -223,7 +235,7 @@ impl EtcdStore {
 
     async fn current_etcd_revision(&self) -> Result<i64> {
         let r = with_retry(true, || {
-            let mut kv = self.client.kv_client();
+            let mut kv = self.kv();
             async move {
                 kv.get("\0", Some(GetOptions::new().with_count_only()))
                     .await
@@ -237,7 +249,7 @@ impl EtcdStore {
     /// `Compacted` for an etcd start revision older than the compaction,
     /// found by a range read at that revision.
     async fn check_not_compacted(&self, requested: Revision, etcd_start: i64) -> Result<()> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let r = kv
             .get(
                 "\0",
@@ -296,7 +308,7 @@ impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         check_key(key)?;
         let r = with_retry(true, || {
-            let mut kv = self.client.kv_client();
+            let mut kv = self.kv();
             async move { kv.get(key, None).await }
         })
         .await
@@ -308,7 +320,7 @@ impl Store for EtcdStore {
         let key = if prefix.is_empty() { "\0" } else { prefix };
         // a read: safe to repeat on another member after a transport error
         let r = with_retry(true, || {
-            let mut kv = self.client.kv_client();
+            let mut kv = self.kv();
             let opts = if prefix.is_empty() {
                 GetOptions::new().with_all_keys()
             } else {
@@ -502,7 +514,7 @@ impl Store for EtcdStore {
                 to_store(current)
             )));
         }
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         match kv
             .compact(target, Some(CompactionOptions::new().with_physical()))
             .await

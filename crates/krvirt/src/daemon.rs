@@ -67,8 +67,13 @@ pub struct UpArgs {
     #[arg(long)]
     pub no_demo: bool,
     /// Store: `embedded` (a file in the data dir) or `etcd://HOST:PORT[,HOST:PORT…]`
+    /// (on etcd, `up` takes part in the servers' leader election: it runs
+    /// the controllers only while it leads)
     #[arg(long, default_value = "embedded")]
     pub store: String,
+    /// Leader lease TTL in seconds (etcd store): a dead leader is replaced within it
+    #[arg(long, default_value_t = 5)]
+    pub leader_ttl: i64,
     /// Serve plain HTTP without authentication (ONLY for measuring the
     /// cost of authentication: bench/api)
     #[arg(long)]
@@ -125,6 +130,10 @@ pub struct AgentArgs {
     /// [default: 0.0.0.0:8186, or an ephemeral port when that is taken]
     #[arg(long, env = "KRVIRT_HOST_API_LISTEN")]
     pub host_api_listen: Option<SocketAddr>,
+    /// Do not start the fencing watchdog process (which kills this host's
+    /// guests when the agent is dead and its lease runs out)
+    #[arg(long, env = "KRVIRT_NO_FENCE_WATCHDOG")]
+    pub no_fence_watchdog: bool,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -468,7 +477,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let _lock = lock_data_dir(&data_dir)?;
     let store = open_store(&args.store, &data_dir).await?;
-    let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(store)));
+    let registry = Registry::new(Arc::new(krvirt_server::InstrumentedStore::new(
+        store.clone(),
+    )));
     let auth_stop = CancellationToken::new();
     let secure = crate::secure::listen(
         &data_dir,
@@ -516,8 +527,25 @@ pub async fn up(args: UpArgs) -> Result<()> {
         tokio::spawn(async move { crate::secure::serve(secure, state, images, shutdown).await })
     };
     tokio::spawn(image_svc.clone().mirror_loop(shutdown.clone()));
-    let controllers = krvirt_controller::Controllers::new(registry.clone())?;
-    let ctl = tokio::spawn(controllers.run(shutdown.clone()));
+    // On etcd, `up` shares the store with other servers (and `up`s): it
+    // runs the controllers only while it holds the leader lease, as
+    // `krvirt server` does.
+    let ctl = tokio::spawn(run_controllers(
+        registry.clone(),
+        store,
+        is_etcd(&args.store).then(|| {
+            (
+                format!(
+                    "up {}@{} (pid {})",
+                    agent.node_name(),
+                    args.listen,
+                    std::process::id()
+                ),
+                args.leader_ttl,
+            )
+        }),
+        shutdown.clone(),
+    ));
     let agent_task = tokio::spawn(agent.clone().run(shutdown.clone()));
 
     if !args.no_demo {
@@ -589,7 +617,7 @@ pub async fn server(args: ServerArgs) -> Result<()> {
         store,
         is_etcd(&args.store).then(|| {
             (
-                format!("{}@{}", std::process::id(), args.listen),
+                format!("server {}@{}", std::process::id(), args.listen),
                 args.leader_ttl,
             )
         }),
@@ -665,6 +693,9 @@ pub async fn agent(args: AgentArgs, server: Option<String>) -> Result<()> {
             }
         });
     }
+    if !args.no_fence_watchdog {
+        crate::fence_watchdog::spawn(&data_dir)?;
+    }
     let shutdown = CancellationToken::new();
     let sd = shutdown.clone();
     tokio::spawn(async move {
@@ -739,7 +770,7 @@ async fn run_controllers(
             _ = shutdown.cancelled() => break,
             _ = election.until_leader() => {}
         }
-        eprintln!("krvirt server {identity}: leader: running the controllers and the scheduler");
+        eprintln!("krvirt {identity}: leader: running the controllers and the scheduler");
         let token = shutdown.child_token();
         let task = match krvirt_controller::Controllers::new(registry.clone()) {
             Ok(c) => tokio::spawn(c.run(token.clone())),
@@ -751,7 +782,7 @@ async fn run_controllers(
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = election.until_not_leader() => {
-                eprintln!("krvirt server {identity}: no longer leader: controllers stopped");
+                eprintln!("krvirt {identity}: no longer leader: controllers stopped");
             }
         }
         token.cancel();

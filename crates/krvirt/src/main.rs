@@ -5,6 +5,7 @@
 mod cli;
 mod daemon;
 mod hostapi;
+mod fence_watchdog;
 mod images;
 mod secure;
 
@@ -38,6 +39,9 @@ enum Command {
     Server(daemon::ServerArgs),
     /// Run the host agent of this host against --server
     Agent(daemon::AgentArgs),
+    /// (internal) The per-host fencing watchdog `krvirt agent` starts
+    #[command(hide = true)]
+    FenceWatchdog(fence_watchdog::WatchdogArgs),
     // ===== end of daemon roles ===========================================
     //
     // ===== Client verbs (src/cli) ========================================
@@ -88,6 +92,10 @@ async fn main() -> ExitCode {
                 "agent",
                 daemon::agent(args, cli.global.server.clone()).await,
             )
+        }
+        Command::FenceWatchdog(args) => {
+            init_logging();
+            daemon_exit("fence-watchdog", fence_watchdog::run(args).await)
         }
         // ----- client verbs -----
         Command::Client(cmd) => cli::run(cli.global, cmd).await,

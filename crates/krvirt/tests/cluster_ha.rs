@@ -3,6 +3,10 @@
 //! within the lease TTL; every write acknowledged before, during and after
 //! the switch is readable from every replica; the new leader's controllers
 //! act (a VM started afterwards gets its VMI).
+//!
+//! `krvirt up --store etcd://…` takes part in the same election: it runs
+//! its controllers only while it leads, hands over to a server when it
+//! dies, and takes over from a dead server.
 
 mod common;
 
@@ -27,6 +31,27 @@ fn free_port() -> u16 {
 
 /// Start `krvirt server --store etcd://…` and wait for its admin socket.
 fn start_server(store: &str) -> Instance {
+    start_role(store, &["server"])
+}
+
+/// Start `krvirt up --store etcd://…` (API, controllers while leading, and
+/// a host agent named `node`) and wait for its admin socket.
+fn start_up(store: &str, node: &str) -> Instance {
+    start_role(
+        store,
+        &[
+            "up",
+            "--no-demo",
+            "--no-default-network",
+            "--accel",
+            "tcg",
+            "--node-name",
+            node,
+        ],
+    )
+}
+
+fn start_role(store: &str, role: &[&str]) -> Instance {
     let dir = tempfile::Builder::new()
         .prefix("krvirt-ha-")
         .tempdir()
@@ -36,10 +61,16 @@ fn start_server(store: &str) -> Instance {
     let log_path = dir.path().join("up.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let child = Command::new(BIN)
-        .args(["server", "--listen", &listen, "--store", store])
+        .args(role)
+        .args(["--listen", &listen, "--store", store])
         .args(["--leader-ttl", &TTL.to_string()])
         .arg("--data-dir")
         .arg(&data)
+        .env(
+            "KRVIRT_CACHE_DIR",
+            std::env::var_os("KRVIRT_CACHE_DIR")
+                .unwrap_or_else(|| std::env::temp_dir().join("krvirt-test-cache").into()),
+        )
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -53,7 +84,9 @@ fn start_server(store: &str) -> Instance {
     let deadline = Instant::now() + Duration::from_secs(60);
     let url = loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if text.contains("listening on https://") && sock.exists() {
+        let up =
+            text.contains("listening on https://") || text.contains("krvirt is up: API https://");
+        if up && sock.exists() {
             break format!("unix://{}", sock.display());
         }
         if text.contains("listening on http://") {
@@ -238,5 +271,85 @@ async fn leader_dies_another_takes_over_without_lost_writes() {
         .to_string();
     assert!(msg.starts_with("0/0 hosts are available"), "{vmi}");
     drop(servers);
+    drop(etcd);
+}
+
+/// The VM controller of whoever leads acts: a Halted VM gets its
+/// `printableStatus`.
+async fn controllers_act(inst: &Instance, name: &str) {
+    assert!(create_vm(inst, name, "Halted").await);
+    inst.until(
+        &format!("printableStatus of {name}"),
+        Duration::from_secs(30),
+        || async {
+            inst.get(&format!("{VMS}/{name}"))
+                .await
+                .ok()
+                .filter(|v| v["status"]["printableStatus"] == "Stopped")
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_on_etcd_runs_its_controllers_only_while_it_leads() {
+    let etcd = tokio::task::spawn_blocking(EtcdCluster::single)
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+    let store = etcd.url();
+    // `up` first: it leads, and a server started next follows.
+    let mut nodes: Vec<Option<Instance>> = vec![Some(start_up(&store, "ha-up-a"))];
+    assert_eq!(one_leader(&nodes, Duration::from_secs(30)).await, 0);
+    nodes.push(Some(start_server(&store)));
+    tokio::time::sleep(Duration::from_secs(TTL)).await;
+    assert_eq!(one_leader(&nodes, Duration::from_secs(1)).await, 0);
+    assert!(
+        !nodes[1].as_ref().unwrap().log().contains(LEADS),
+        "the server led while `up` held the lead"
+    );
+    controllers_act(nodes[1].as_ref().unwrap(), "while-up-leads").await;
+
+    // `up` dies: the server takes over within the TTL.
+    let killed_at = Instant::now();
+    nodes[0].as_mut().unwrap().kill9();
+    nodes[0] = None;
+    assert_eq!(
+        one_leader(&nodes, Duration::from_secs(TTL + 5)).await,
+        1,
+        "the server takes over"
+    );
+    let took = killed_at.elapsed();
+    assert!(
+        took <= Duration::from_secs(TTL + 2),
+        "takeover took {took:?} (TTL {TTL} s)"
+    );
+
+    // A second `up` joins while the server leads: it follows, its
+    // controllers stay off ...
+    nodes.push(Some(start_up(&store, "ha-up-b")));
+    tokio::time::sleep(Duration::from_secs(TTL)).await;
+    assert_eq!(one_leader(&nodes, Duration::from_secs(1)).await, 1);
+    assert!(
+        !nodes[2].as_ref().unwrap().log().contains(LEADS),
+        "the second `up` led while the server held the lead"
+    );
+    // ... its own host agent works all the same (its Host registers).
+    let b = nodes[2].as_ref().unwrap();
+    b.until("Host ha-up-b", Duration::from_secs(60), || async {
+        b.get("/apis/krvirt.io/v1/hosts/ha-up-b").await.ok()
+    })
+    .await;
+
+    // The server dies: `up` takes over and its controllers act.
+    nodes[1].as_mut().unwrap().kill9();
+    nodes[1] = None;
+    assert_eq!(
+        one_leader(&nodes, Duration::from_secs(TTL + 5)).await,
+        2,
+        "the second `up` takes over"
+    );
+    controllers_act(nodes[2].as_ref().unwrap(), "while-up-b-leads").await;
+    drop(nodes);
     drop(etcd);
 }
