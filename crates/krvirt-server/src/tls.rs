@@ -33,11 +33,141 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("invalid certificate request: {0}")]
     BadRequest(String),
+    #[error("the cluster CA in the store: {0}")]
+    Store(#[from] krvirt_store::StoreError),
+    #[error(
+        "this server's CA ({local}, fingerprint {local_fp}) is not the cluster's CA \
+         (fingerprint {cluster_fp}, kept in the store): agents and clients trust the \
+         cluster's; move {dir} away to take the cluster's CA"
+    )]
+    ForeignCa {
+        local: String,
+        dir: String,
+        local_fp: String,
+        cluster_fp: String,
+    },
+    #[error("the cluster CA in the store is malformed: {0}")]
+    BadClusterCa(String),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TlsError {
     let context = context.into();
     move |source| TlsError::Io { context, source }
+}
+
+/// Where the cluster's CA (certificate and key, JSON) lives in the store:
+/// outside `/registry/`, so the API never serves it.
+pub const CLUSTER_CA_KEY: &str = "/krvirt.io/pki/ca";
+
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+struct StoredCa {
+    cert: String,
+    key: String,
+}
+
+fn ca_fp(pem: &str) -> String {
+    pem_certs(pem)
+        .ok()
+        .and_then(|c| c.first().map(|c| fingerprint(c.as_ref())))
+        .unwrap_or_default()
+}
+
+/// Make `dir`'s CA (`ca.crt`, `ca.key`) the cluster's, before
+/// [`Pki::ensure`]: every server replica on one store signs with the same
+/// CA, so an agent or client that trusts one replica trusts them all.
+///
+/// - The store has a CA and `dir` none: `dir` takes the store's.
+/// - Neither has one: this server makes one and offers it to the store
+///   (create-if-absent); if another replica won the race, `dir` takes the
+///   winner's instead.
+/// - `dir` has a CA and the store none (a data dir from before the CA was
+///   kept in the store): the store takes `dir`'s.
+/// - Both, different: refused ([`TlsError::ForeignCa`]); a server whose
+///   certificates were signed by another CA would lock its agents out.
+pub async fn sync_cluster_ca(store: &dyn krvirt_store::Store, dir: &Path) -> Result<(), TlsError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let (crt_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let local = match (read(&crt_path)?, read(&key_path)?) {
+        (Some(cert), Some(key)) => Some(StoredCa { cert, key }),
+        _ => None,
+    };
+    let parse = |v: &[u8]| -> Result<StoredCa, TlsError> {
+        serde_json::from_slice(v).map_err(|e| TlsError::BadClusterCa(e.to_string()))
+    };
+    let cluster = match store.get(CLUSTER_CA_KEY).await? {
+        Some(kv) => Some(parse(&kv.value)?),
+        None => None,
+    };
+    let adopt = |ca: &StoredCa| -> Result<(), TlsError> {
+        KeyPair::from_pem(&ca.key)?;
+        pem_certs(&ca.cert)?;
+        // Leaf certificates of another CA would not verify any more.
+        for f in [
+            "server.crt",
+            "server.key",
+            "server.names",
+            "apiserver-client.crt",
+            "apiserver-client.key",
+        ] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        write_private(&key_path, &ca.key)?;
+        write_private(&crt_path, &ca.cert)
+    };
+    match (local, cluster) {
+        (Some(l), Some(c)) if l == c => Ok(()),
+        (Some(l), Some(c)) => Err(TlsError::ForeignCa {
+            local: crt_path.display().to_string(),
+            dir: dir.display().to_string(),
+            local_fp: ca_fp(&l.cert),
+            cluster_fp: ca_fp(&c.cert),
+        }),
+        (None, Some(c)) => adopt(&c),
+        (local, None) => {
+            let mine = match local {
+                Some(l) => l,
+                None => {
+                    let key = KeyPair::generate()?;
+                    let cert = ca_params().self_signed(&key)?;
+                    StoredCa {
+                        cert: cert.pem(),
+                        key: key.serialize_pem(),
+                    }
+                }
+            };
+            let value =
+                serde_json::to_vec(&mine).map_err(|e| TlsError::BadClusterCa(e.to_string()))?;
+            match store.create(CLUSTER_CA_KEY, value, None).await {
+                Ok(_) => {
+                    if read(&crt_path)?.as_deref() != Some(mine.cert.as_str()) {
+                        adopt(&mine)?;
+                    }
+                    Ok(())
+                }
+                Err(krvirt_store::StoreError::AlreadyExists(_)) => {
+                    let Some(kv) = store.get(CLUSTER_CA_KEY).await? else {
+                        return Err(TlsError::BadClusterCa(
+                            "it was created and deleted at once".into(),
+                        ));
+                    };
+                    let winner = parse(&kv.value)?;
+                    if read(&crt_path)?.as_deref() == Some(winner.cert.as_str()) {
+                        return Ok(());
+                    }
+                    if read(&crt_path)?.is_some() {
+                        return Err(TlsError::ForeignCa {
+                            local: crt_path.display().to_string(),
+                            dir: dir.display().to_string(),
+                            local_fp: ca_fp(&mine.cert),
+                            cluster_fp: ca_fp(&winner.cert),
+                        });
+                    }
+                    adopt(&winner)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
 }
 
 /// The crypto provider of every TLS config krvirt builds.

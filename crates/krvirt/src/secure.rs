@@ -100,6 +100,10 @@ pub async fn listen(
         names.push(listen.ip().to_string());
     }
     names.extend(hostname());
+    // One CA for every server replica on this store (kept in the store).
+    krvirt_server::tls::sync_cluster_ca(registry.store().as_ref(), &data_dir.join("pki"))
+        .await
+        .context("taking part in the cluster's CA")?;
     let pki = Arc::new(
         Pki::ensure(&data_dir.join("pki"), &names)
             .with_context(|| format!("setting up the CA in {}", data_dir.join("pki").display()))?,

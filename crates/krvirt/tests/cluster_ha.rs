@@ -181,6 +181,17 @@ async fn leader_dies_another_takes_over_without_lost_writes() {
     let store = etcd.url();
     let mut servers: Vec<Option<Instance>> = (0..3).map(|_| Some(start_server(&store))).collect();
     let first = one_leader(&servers, Duration::from_secs(20)).await;
+    // One CA for all replicas (kept in the store): an agent or client that
+    // trusts one replica's CA trusts every replica's server certificate.
+    let cas: Vec<String> = servers
+        .iter()
+        .flatten()
+        .map(|s| std::fs::read_to_string(s.dir.path().join("data/pki/ca.crt")).unwrap())
+        .collect();
+    assert!(
+        cas.iter().all(|c| c == &cas[0]),
+        "the replicas have different CAs"
+    );
 
     // Writes through every replica.
     let mut acked = Vec::new();
