@@ -648,7 +648,9 @@ async fn join_handler(auth: Arc<Auth>, req: Request) -> Response {
 
 /// What a host agent (`system:host:NAME`) may do: read everything but
 /// tokens and RBAC objects; write its own Host, the VMIs bound to it (or
-/// migrating to it), events, and the status of volumes, snapshots, restores and images.
+/// migrating to it), events, the status of images, and the storage kinds
+/// its agent works on (Volumes, snapshots, restores, clones; creating
+/// StoragePools).
 async fn host_allowed(auth: &Auth, host: &str, a: &Attrs) -> bool {
     if a.non_resource_path.is_some() {
         return false;
@@ -683,10 +685,22 @@ async fn host_allowed(auth: &Auth, host: &str, a: &Attrs) -> bool {
                 Err(_) => false,
             }
         }
-        ("krvirt.io", "volumes" | "images")
-        | ("snapshot.kubevirt.io", "virtualmachinesnapshots" | "virtualmachinerestores") => {
-            a.resource.ends_with("/status")
-        }
+        ("krvirt.io", "images") => a.resource.ends_with("/status"),
+        // The agent provisions Volumes (their `krvirt.io/volume-cleanup`
+        // finalizer), and runs snapshots, restores and clones: it marks
+        // the objects it works on, makes the Volumes, snapshots and
+        // restores they imply, and removes the ones a clone used. Until
+        // that work moves to the server's controllers, a host may write
+        // these kinds (never VMs: a restore into a new VM, and the memory
+        // mark on a VM, need an agent with more rights, as `krvirt up`'s).
+        ("krvirt.io", "volumes")
+        | (
+            "snapshot.kubevirt.io",
+            "virtualmachinesnapshots" | "virtualmachinesnapshotcontents" | "virtualmachinerestores",
+        )
+        | ("clone.kubevirt.io", "virtualmachineclones") => true,
+        // The host's default `dir` pool, made by the first agent.
+        ("krvirt.io", "storagepools") => a.verb == "create",
         _ => false,
     }
 }

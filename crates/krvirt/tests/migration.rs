@@ -706,3 +706,130 @@ async fn a_migration_cancelled_while_mirroring_disks_leaves_the_guest_and_its_di
     let (scratch, _) = read_marks(&c, &dst, &uid, "C").await;
     assert_eq!(scratch, format!("AFTER-{mark}"));
 }
+
+/// A VM whose data disk is a Volume on a `dir` pool marked `shared` (a
+/// directory both namespaced hosts see, as an NFS mount would be): the
+/// migration leaves the Volume where it is (only the containerDisk's
+/// overlay is mirrored) and the guest reads its data back on the target,
+/// from the same file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_on_a_shared_pool_stays_in_place_across_a_migration() {
+    use std::os::unix::fs::MetadataExt;
+    let c = Cluster::start(2).await;
+    let pool_dir = c.server.dir.path().join("shared-pool");
+    std::fs::create_dir_all(&pool_dir).unwrap();
+    apply(
+        &c,
+        &format!(
+            r#"apiVersion: krvirt.io/v1
+kind: StoragePool
+metadata:
+  name: nfs
+spec:
+  type: dir
+  path: {}
+  shared: true
+---
+apiVersion: krvirt.io/v1
+kind: Volume
+metadata:
+  name: shared-data
+spec:
+  pool: nfs
+  capacity: 64Mi
+  source:
+    blank: {{}}
+---
+apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: onshared
+spec:
+  runStrategy: Always
+  template:
+    spec:
+      evictionStrategy: LiveMigrate
+      domain:
+        devices:
+          disks:
+          - name: containerdisk
+            disk: {{bus: virtio}}
+          - name: data
+            disk: {{bus: virtio}}
+        memory:
+          guest: 128Mi
+      terminationGracePeriodSeconds: 0
+      volumes:
+      - name: containerdisk
+        containerDisk:
+          image: quay.io/kubevirt/cirros-container-disk-demo
+      - name: data
+        persistentVolumeClaim:
+          claimName: shared-data
+"#,
+            pool_dir.display()
+        ),
+    );
+    let (uid, _) = c.server.running_vmi("onshared", None).await;
+    let src = c.node_of("onshared").await.expect("VMI bound to a host");
+    let dst = if src == "host0" { "host1" } else { "host0" }.to_string();
+    c.until("the guest is up", Duration::from_secs(120), || async {
+        ticks(&c.host(&src).console_file(&uid))
+            .last()
+            .copied()
+            .filter(|n| *n >= 1)
+    })
+    .await;
+    let files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&pool_dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect()
+    };
+    let before = files();
+    assert_eq!(before.len(), 1, "one Volume file in the pool: {before:?}");
+    let ino = std::fs::metadata(&before[0]).unwrap().ino();
+
+    let mark = format!("{}", std::process::id());
+    let wrote = ask(
+        &c,
+        &src,
+        &uid,
+        "W",
+        &format!("printf SHARED-{mark}. > /dev/vdb; sync; echo ok"),
+    )
+    .await;
+    assert_eq!(wrote, "ok");
+
+    c.server.ok(&[
+        "migrate",
+        "onshared",
+        "--to",
+        &dst,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    let vmi = c.server.vmi("onshared").await.unwrap();
+    assert_eq!(vmi["status"]["nodeName"], Value::String(dst.clone()));
+    let p = &vmi["status"]["migrationState"]["krvirtProgress"];
+    assert_eq!(
+        p["disksMirrored"], 1,
+        "only the containerDisk overlay is mirrored, the shared Volume is not: {p}"
+    );
+    // The same file, in place: not copied, not replaced.
+    let after = files();
+    assert_eq!(after, before, "the pool's files changed");
+    assert_eq!(std::fs::metadata(&after[0]).unwrap().ino(), ino);
+    // The guest on the target reads what it wrote on the source.
+    let back = ask(
+        &c,
+        &dst,
+        &uid,
+        "R",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1",
+    )
+    .await;
+    assert_eq!(back, format!("SHARED-{mark}"));
+}
