@@ -1138,10 +1138,24 @@ async fn send(
     let mut cancel_sent = false;
     let mut continued = false;
     loop {
-        let v = qmp
+        let mut v = qmp
             .execute("query-migrate", None)
             .await
             .map_err(|e| format!("query-migrate: {e}"))?;
+        // QEMU says `completed` (and sends the event) a moment before it
+        // has computed `total-time` and `downtime` (both 0 until then).
+        let mut settle = 0;
+        while v["status"] == "completed"
+            && v["total-time"].as_u64().unwrap_or(0) == 0
+            && settle < 50
+        {
+            settle += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            v = qmp
+                .execute("query-migrate", None)
+                .await
+                .map_err(|e| format!("query-migrate: {e}"))?;
+        }
         let with_disk = |mut p: MigrationProgress| {
             p.phase = Some("Memory".into());
             p.disk_transferred_bytes = disk.disk_transferred_bytes;
