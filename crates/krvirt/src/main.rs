@@ -4,8 +4,8 @@
 
 mod cli;
 mod daemon;
-mod hostapi;
 mod fence_watchdog;
+mod hostapi;
 mod images;
 mod secure;
 
