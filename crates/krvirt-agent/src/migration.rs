@@ -972,17 +972,30 @@ async fn run_source(
         })?),
     };
     let qmp = handle.qmp();
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(json!({"capabilities": qemu_capabilities(&cfg, nbd.is_some())})),
-    )
-    .await
-    .map_err(|e| format!("migrate-set-capabilities: {e}"))?;
-    qmp.execute("migrate-set-parameters", Some(qemu_parameters(&cfg)))
+    // QEMU's setup and the start of the disk mirror (the NBD connection
+    // alone takes QEMU tens of milliseconds) overlap the claim of the
+    // start: a mirror changes nothing on the source's own disks, so one
+    // started for a migration an abort wins is simply cancelled.
+    let t0 = Instant::now();
+    let setup = async {
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": qemu_capabilities(&cfg, nbd.is_some())})),
+        )
         .await
-        .map_err(|e| format!("migrate-set-parameters: {e}"))?;
+        .map_err(|e| format!("migrate-set-capabilities: {e}"))?;
+        qmp.execute("migrate-set-parameters", Some(qemu_parameters(&cfg)))
+            .await
+            .map_err(|e| format!("migrate-set-parameters: {e}"))?;
+        if let Some(nbd) = nbd {
+            info!(%key, disks = disks.len(), %nbd, "mirroring host-local disks to the target");
+            start_mirror(qmp, &disks, nbd, mirror_speed(&cfg)).await?;
+            debug!(%key, ms = t0.elapsed().as_millis() as u64, "mirror jobs started");
+        }
+        Ok::<(), String>(())
+    };
     // Claim the start (CAS): an abort that won the race stops us here.
-    let started = update(agent, key, mig_uid, |st| {
+    let claim = update(agent, key, mig_uid, |st| {
         let Some(ms) = st.migration_state.as_mut() else {
             return false;
         };
@@ -992,13 +1005,24 @@ async fn run_source(
         ms.start_timestamp = Some(now_rfc3339());
         ms.mode = Some(MigrationMode::PreCopy);
         true
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    });
+    let (set, started) = tokio::join!(setup, claim);
+    let started = match (set, started.map_err(|e| e.to_string())) {
+        (Ok(()), Ok(started)) => started,
+        (Err(e), _) | (Ok(()), Err(e)) => {
+            if nbd.is_some() {
+                let _ = end_mirror(qmp, &disks, false).await;
+            }
+            return Err(e);
+        }
+    };
     if !started {
+        if nbd.is_some() {
+            let _ = end_mirror(qmp, &disks, false).await;
+        }
         return Ok(false);
     }
-    let mut mirroring = false;
+    let mut mirroring = nbd.is_some();
     let r = send(
         agent,
         key,
@@ -1007,9 +1031,9 @@ async fn run_source(
         Outgoing {
             uri: &uri,
             target: &target,
-            cfg: &cfg,
             disks: &disks,
             nbd,
+            t0,
         },
         &mut mirroring,
     )
@@ -1025,9 +1049,11 @@ async fn run_source(
 struct Outgoing<'a> {
     uri: &'a str,
     target: &'a str,
-    cfg: &'a MigrationConfiguration,
     disks: &'a [MirrorDisk],
+    /// The target's NBD server; the mirror into it is already started.
     nbd: Option<SocketAddr>,
+    /// When the mirror started.
+    t0: Instant,
 }
 
 /// Publish progress (at most every [`PROGRESS_EVERY`]) and learn whether
@@ -1070,15 +1096,12 @@ async fn send(
     let qmp = handle.qmp();
     let mut events = qmp.subscribe_events();
     let mut last_report = Instant::now();
-    let t0 = Instant::now();
+    let t0 = s.t0;
     let mut disk = MigrationProgress::default();
-    if let Some(nbd) = s.nbd {
+    if s.nbd.is_some() {
         // Disks first: the mirror copies the host-local disks into the
         // target's NBD exports and then keeps every new write in step
         // (READY) while the memory moves.
-        info!(%key, disks = s.disks.len(), %nbd, "mirroring host-local disks to the target");
-        *mirroring = true;
-        start_mirror(qmp, s.disks, nbd, mirror_speed(s.cfg)).await?;
         let jobs: Vec<String> = s.disks.iter().map(MirrorDisk::job).collect();
         disk.phase = Some("Disks".into());
         disk.disks_mirrored = Some(s.disks.len() as u64);
@@ -1088,6 +1111,7 @@ async fn send(
                 .await
                 .map_err(|e| format!("query-block-jobs: {e}"))?;
             let (done, total, ready, error) = read_block_jobs(&v, &jobs);
+            debug!(%key, ms = t0.elapsed().as_millis() as u64, ready, jobs = %v, "mirror poll");
             if let Some(e) = error {
                 return Err(format!("disk mirror: {e}"));
             }
@@ -1114,10 +1138,24 @@ async fn send(
     let mut cancel_sent = false;
     let mut continued = false;
     loop {
-        let v = qmp
+        let mut v = qmp
             .execute("query-migrate", None)
             .await
             .map_err(|e| format!("query-migrate: {e}"))?;
+        // QEMU says `completed` (and sends the event) a moment before it
+        // has computed `total-time` and `downtime` (both 0 until then).
+        let mut settle = 0;
+        while v["status"] == "completed"
+            && v["total-time"].as_u64().unwrap_or(0) == 0
+            && settle < 50
+        {
+            settle += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            v = qmp
+                .execute("query-migrate", None)
+                .await
+                .map_err(|e| format!("query-migrate: {e}"))?;
+        }
         let with_disk = |mut p: MigrationProgress| {
             p.phase = Some("Memory".into());
             p.disk_transferred_bytes = disk.disk_transferred_bytes;
@@ -1129,6 +1167,7 @@ async fn send(
         match read_query_migrate(&v) {
             Outcome::PreSwitchover if continued => {}
             Outcome::PreSwitchover => {
+                debug!(%key, ms = t1.elapsed().as_millis() as u64, "pre-switchover: finishing the mirror");
                 // The guest is paused: finish the disk copy, then let QEMU
                 // send the device state (the target runs the guest only
                 // after that).
@@ -1139,12 +1178,14 @@ async fn send(
                     }
                     *mirroring = false;
                 }
+                debug!(%key, ms = t1.elapsed().as_millis() as u64, "mirror finished: migrate-continue");
                 qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
                     .await
                     .map_err(|e| format!("migrate-continue: {e}"))?;
                 continued = true;
             }
             Outcome::InProgress(p) => {
+                debug!(%key, ms = t1.elapsed().as_millis() as u64, status = %v["status"], "migration poll");
                 let p = with_disk(p);
                 if report(agent, key, mig_uid, &mut last_report, &p).await && !cancel_sent {
                     info!(%key, "migration abort requested: migrate_cancel");

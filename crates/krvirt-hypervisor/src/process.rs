@@ -34,6 +34,10 @@ use crate::sys;
 /// How long QEMU may take to initialise before launch gives up.
 pub const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How often a launch looks for QEMU's QMP socket: every launch (and a
+/// migration target's) waits on it, so a coarse poll is pure latency.
+const QMP_POLL: Duration = Duration::from_millis(5);
+
 /// How long QEMU may take to exit after `quit`.
 pub const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -389,7 +393,7 @@ pub async fn launch_with(
         }
         let attempt = async {
             if !run.qmp_socket.exists() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(QMP_POLL).await;
                 return None;
             }
             let opts = QmpOptions {
@@ -404,7 +408,7 @@ pub async fn launch_with(
                         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
                     ) =>
                 {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(QMP_POLL).await;
                     None
                 }
                 Err(e) => Some(Err(e)),
