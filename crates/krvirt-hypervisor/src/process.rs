@@ -710,27 +710,10 @@ pub async fn reattach(
     paths: &RunPaths,
     expected_marker: &str,
 ) -> Result<Option<QemuHandle>, ProcessError> {
-    if expected_marker.is_empty() {
-        return Err(ProcessError::EmptyMarker);
-    }
-    let pid = match read_pidfile(&paths.pidfile) {
-        Ok(Some(pid)) => pid,
-        Ok(None) | Err(ProcessError::Pidfile { .. }) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    // Pin the identity first, then check it: no pid-reuse window.
-    let pidfd = match sys::pidfd_open(pid) {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
-        Err(e) => return Err(io_err(format!("pidfd_open({pid})"))(e)),
-    };
-    if !owns_paths(pid, paths, expected_marker) {
+    let Some(handle_probe) = pin_running(paths, expected_marker)? else {
         return Ok(None);
-    }
-    let handle_probe = Unmanaged { pid, pidfd };
-    if !handle_probe.is_alive() {
-        return Ok(None);
-    }
+    };
+    let pid = handle_probe.pid;
     let opts = QmpOptions {
         greeting_timeout: Duration::from_secs(5),
         ..QmpOptions::default()
@@ -743,6 +726,30 @@ pub async fn reattach(
         qmp,
         record: read_launch_record(paths).unwrap_or_default(),
     }))
+}
+
+/// The live QEMU of `paths` (its pidfile's process, whose command line
+/// carries the QMP socket of `paths` and `marker`), pinned through a pidfd
+/// before it is checked: no pid-reuse window. `None`: none runs.
+fn pin_running(paths: &RunPaths, marker: &str) -> Result<Option<Unmanaged>, ProcessError> {
+    if marker.is_empty() {
+        return Err(ProcessError::EmptyMarker);
+    }
+    let pid = match read_pidfile(&paths.pidfile) {
+        Ok(Some(pid)) => pid,
+        Ok(None) | Err(ProcessError::Pidfile { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        Err(e) => return Err(io_err(format!("pidfd_open({pid})"))(e)),
+    };
+    if !owns_paths(pid, paths, marker) {
+        return Ok(None);
+    }
+    let p = Unmanaged { pid, pidfd };
+    Ok(p.is_alive().then_some(p))
 }
 
 /// The pid of the QEMU of `paths`, if one runs: found by its pidfile and
@@ -765,26 +772,10 @@ pub async fn kill_running(
     marker: &str,
     wait: Duration,
 ) -> Result<Option<(u32, bool)>, ProcessError> {
-    if marker.is_empty() {
-        return Err(ProcessError::EmptyMarker);
-    }
-    let pid = match read_pidfile(&paths.pidfile) {
-        Ok(Some(pid)) => pid,
-        Ok(None) | Err(ProcessError::Pidfile { .. }) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let pidfd = match sys::pidfd_open(pid) {
-        Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
-        Err(e) => return Err(io_err(format!("pidfd_open({pid})"))(e)),
-    };
-    if !owns_paths(pid, paths, marker) {
+    let Some(p) = pin_running(paths, marker)? else {
         return Ok(None);
-    }
-    let p = Unmanaged { pid, pidfd };
-    if !p.is_alive() {
-        return Ok(None);
-    }
+    };
+    let pid = p.pid;
     p.as_ref()
         .signal(libc::SIGKILL)
         .map_err(io_err(format!("kill QEMU pid {pid}")))?;
