@@ -234,7 +234,8 @@ pub struct WatchdogPass {
     pub agent_alive: bool,
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether process `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {

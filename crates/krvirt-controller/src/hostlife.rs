@@ -377,14 +377,7 @@ impl HostLifecycle {
             Ok(_) => {
                 info!(vmi = %name, host = %node, "fenced the VMI of a lost host");
                 self.events.record_ref(
-                    ObjectReference {
-                        kind: Some("VirtualMachineInstance".into()),
-                        namespace: vmi.metadata.namespace.clone(),
-                        name: vmi.metadata.name.clone(),
-                        uid: vmi.metadata.uid.clone(),
-                        api_version: Some("kubevirt.io/v1".into()),
-                        ..Default::default()
-                    },
+                    vmi_ref(vmi),
                     WARNING,
                     REASON_NODE_UNRESPONSIVE,
                     &format!("host {node} stopped renewing its lease; the VMI was fenced"),
@@ -395,19 +388,8 @@ impl HostLifecycle {
     }
 
     fn record(&self, vmi: &VirtualMachineInstance, message: &str) {
-        self.events.record_ref(
-            ObjectReference {
-                kind: Some("VirtualMachineInstance".into()),
-                namespace: vmi.metadata.namespace.clone(),
-                name: vmi.metadata.name.clone(),
-                uid: vmi.metadata.uid.clone(),
-                api_version: Some("kubevirt.io/v1".into()),
-                ..Default::default()
-            },
-            WARNING,
-            REASON_TAINT_EVICTION,
-            message,
-        );
+        self.events
+            .record_ref(vmi_ref(vmi), WARNING, REASON_TAINT_EVICTION, message);
     }
 
     async fn evict_by_migration(&self, vmi: &VirtualMachineInstance, node: &str) {
@@ -485,6 +467,18 @@ impl HostLifecycle {
             Ok(_) => info!(vmi = %name, "released the host-cleanup finalizer of a lost host's VMI"),
             Err(e) => debug!(vmi = %name, error = %e, "finalizer not released"),
         }
+    }
+}
+
+/// Event reference to a VMI.
+fn vmi_ref(vmi: &VirtualMachineInstance) -> ObjectReference {
+    ObjectReference {
+        kind: Some("VirtualMachineInstance".into()),
+        namespace: vmi.metadata.namespace.clone(),
+        name: vmi.metadata.name.clone(),
+        uid: vmi.metadata.uid.clone(),
+        api_version: Some("kubevirt.io/v1".into()),
+        ..Default::default()
     }
 }
 

@@ -29,16 +29,6 @@ pub struct WatchdogArgs {
 
 const LOCK: &str = "fence-watchdog.lock";
 
-fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 2..];
-            rest.split_whitespace().next().map(|st| st != "Z")
-        })
-        .unwrap_or(false)
-}
-
 pub async fn run(args: WatchdogArgs) -> Result<()> {
     let dir = &args.data_dir;
     let path = dir.join(LOCK);
@@ -67,7 +57,7 @@ pub async fn run(args: WatchdogArgs) -> Result<()> {
             );
         }
         let lease = fence::read_lease_file(dir);
-        let agent_alive = pass.agent_alive || pid_alive(args.agent_pid);
+        let agent_alive = pass.agent_alive || krvirt_agent::fence::pid_alive(args.agent_pid);
         if !agent_alive && !pass.guests_running {
             eprintln!("krvirt fence-watchdog: no agent and no guest left; exiting");
             return Ok(());
