@@ -447,15 +447,16 @@ async fn ask(c: &Cluster, host: &str, uid: &str, tag: &str, expr: &str) -> Strin
 }
 
 /// What the guest reads back from its disks: the start of the scratch
-/// disk and the last sector of the root disk (each up to a `.`), past its
-/// page cache.
+/// disk and the last sector of the root disk (each up to a `.` on its first
+/// line: what follows a mark may be random bytes, newlines among them),
+/// past its page cache.
 async fn read_marks(c: &Cluster, host: &str, uid: &str, tag: &str) -> (String, String) {
     let scratch = ask(
         c,
         host,
         uid,
         &format!("{tag}S"),
-        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1",
     )
     .await;
     let root = ask(
@@ -463,7 +464,7 @@ async fn read_marks(c: &Cluster, host: &str, uid: &str, tag: &str) -> (String, S
         host,
         uid,
         &format!("{tag}R"),
-        "dd if=/dev/vda bs=512 skip=$(( $(cat /sys/block/vda/size) - 1 )) count=1 2>/dev/null | cut -d. -f1",
+        "dd if=/dev/vda bs=512 skip=$(( $(cat /sys/block/vda/size) - 1 )) count=1 2>/dev/null | head -n1 | cut -d. -f1",
     )
     .await;
     (scratch, root)
@@ -828,7 +829,7 @@ spec:
         &dst,
         &uid,
         "R",
-        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1",
     )
     .await;
     assert_eq!(back, format!("SHARED-{mark}"));

@@ -96,7 +96,11 @@ struct Guest {
 
 impl Guest {
     fn console(&self) -> String {
-        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+        // Lossy: one byte the guest printed that is not UTF-8 must not hide
+        // the whole log.
+        std::fs::read(self.dir.join("console.log"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     /// The guest now runs on `host` (after a migration).

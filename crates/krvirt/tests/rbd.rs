@@ -52,7 +52,7 @@ async fn read_vdb(inst: &Instance, vm: &str) -> String {
     let out = console(
         inst,
         vm,
-        "echo READ-$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1)-END",
+        "echo READ-$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1)-END",
     )
     .await;
     out.split("READ-")

@@ -58,7 +58,7 @@ async fn read_data(inst: &Instance, vm: &str) -> String {
         out = console(
             inst,
             vm,
-            "echo READ-$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1)-END",
+            "echo READ-$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1)-END",
         )
         .await;
         if let Some(w) = out

@@ -245,7 +245,7 @@ async fn volumes_in_dir_and_btrfs_pools_boot_and_keep_data() {
         let out = console(
             &inst,
             vm,
-            "echo READ-$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1)",
+            "echo READ-$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1)",
         )
         .await;
         assert!(out.contains(&format!("READ-KEEP-{vm}")), "{vm}: {out}");
@@ -455,7 +455,7 @@ async fn online_snapshot_then_restore_brings_the_first_content_back() {
     let out = console(
         &inst,
         "snap-vm",
-        "echo READ-$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1)",
+        "echo READ-$(dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1)",
     )
     .await;
     assert!(

@@ -76,7 +76,10 @@ impl Host {
 
     /// The console log file of a VMI uid on this host (read from disk).
     pub fn console_file(&self, uid: &str) -> String {
-        std::fs::read_to_string(self.data_dir.join("run/vmi").join(uid).join("console.log"))
+        // Lossy: a guest may print any bytes (one unreadable byte must not
+        // hide the whole log from the test).
+        std::fs::read(self.data_dir.join("run/vmi").join(uid).join("console.log"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     }
 

@@ -380,12 +380,15 @@ impl Instance {
 
     /// The console log file of a VMI uid, read from disk (works while krvirt is down).
     pub fn console_file(&self, uid: &str) -> String {
-        std::fs::read_to_string(
+        // Lossy: one byte the guest printed that is not UTF-8 must not hide
+        // the whole log.
+        std::fs::read(
             self.data_dir()
                 .join("run/vmi")
                 .join(uid)
                 .join("console.log"),
         )
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
     }
 
