@@ -34,6 +34,7 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -656,11 +657,18 @@ async fn prepare_target(
     };
     let mut ports = std::collections::BTreeMap::new();
     if !mirror.is_empty() {
-        let nbd_port = free_port()?;
+        let (listener, nbd_port) = nbd_listener(ip)?;
+        qmp.execute_with_fd(
+            "getfd",
+            Some(json!({"fdname": NBD_LISTENER_FD})),
+            listener.as_fd(),
+        )
+        .await
+        .map_err(|e| format!("passing the NBD listening socket to QEMU: {e}"))?;
+        drop(listener);
         qmp.execute(
             "nbd-server-start",
-            Some(json!({"addr": {"type": "inet", "data": {
-                "host": ip.to_string(), "port": nbd_port.to_string()}}})),
+            Some(json!({"addr": {"type": "fd", "data": {"str": NBD_LISTENER_FD}}})),
         )
         .await
         .map_err(|e| format!("nbd-server-start on {ip}:{nbd_port}: {e}"))?;
@@ -765,6 +773,24 @@ async fn prepare_target(
             }
         }
     }
+}
+
+/// Name of the target's NBD listening socket in its QEMU (`getfd`).
+const NBD_LISTENER_FD: &str = "krvirt-nbd-listener";
+
+/// The target's NBD listening socket, on `ip` and a free port, with
+/// TCP_NODELAY set: accepted connections inherit it, so the NBD handshake's
+/// small replies are not held back by Nagle's algorithm until the client's
+/// delayed ACK. QEMU's own inet listener does not set it, and the source's
+/// `blockdev-add` of the export then takes ~90 ms (~2 ms with it), measured
+/// between two QEMU 7.2 processes on loopback.
+fn nbd_listener(ip: IpAddr) -> Result<(std::net::TcpListener, u16), String> {
+    let l = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .map_err(|e| format!("listening for NBD on {ip}: {e}"))?;
+    nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::TcpNoDelay, &true)
+        .map_err(|e| format!("TCP_NODELAY on the NBD listening socket: {e}"))?;
+    let port = l.local_addr().map_err(|e| e.to_string())?.port();
+    Ok((l, port))
 }
 
 // ----- source --------------------------------------------------------------
