@@ -919,7 +919,9 @@ impl Agent {
                                 .unwrap_or_default(),
                         );
                         if !name.is_empty() {
-                            self.inner.queue.add(Key::new(ns, name));
+                            let key = Key::new(ns, name);
+                            self.start_outgoing_migration(&key, &ev.object);
+                            self.inner.queue.add(key);
                         }
                     }
                     Err(e) => {
@@ -930,6 +932,34 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// The moment a watched VMI says its migration target is ready, start
+    /// sending from here, without waiting for the VMI's turn in the work
+    /// queue and its re-read (the event is as fresh as a read; the start is
+    /// claimed once per migration, so the reconcile's own call does
+    /// nothing after this one).
+    fn start_outgoing_migration(&self, key: &Key, obj: &Value) {
+        if obj
+            .pointer("/status/migrationState/targetNodeAddress")
+            .is_none()
+            || obj.pointer("/metadata/deletionTimestamp").is_some()
+        {
+            return;
+        }
+        let Ok(vmi) = serde_json::from_value::<VirtualMachineInstance>(obj.clone()) else {
+            return;
+        };
+        if !crate::migration::source_should_start(&vmi, &self.inner.cfg.node_name) {
+            return;
+        }
+        let Some(local) = vmi.metadata.uid.as_deref().and_then(|u| self.local(u)) else {
+            return;
+        };
+        if local.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        crate::migration::maybe_start_source(self, key, &vmi, local.handle.clone());
     }
 
     async fn resync_loop(&self) {
