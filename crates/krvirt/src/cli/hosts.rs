@@ -144,7 +144,16 @@ pub async fn migrate(ctx: &Ctx, a: MigrateArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let vmi_kind = required_kind("virtualmachineinstances")?;
-    let vmi = ctx.client.get(vmi_kind, &ctx.ns.name, &a.name).await?;
+    let hosts = required_kind("hosts")?;
+    // Both checks at once: one round trip before the create, not two.
+    let host_check = async {
+        match &a.to {
+            Some(to) => ctx.client.get(hosts, "", to).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (vmi, host) = tokio::join!(ctx.client.get(vmi_kind, &ctx.ns.name, &a.name), host_check);
+    let vmi = vmi?;
     if str_at(&vmi, "/status/phase") != "Running" {
         bail!(
             "{}: the VM is not running, there is nothing to migrate",
@@ -152,11 +161,7 @@ pub async fn migrate(ctx: &Ctx, a: MigrateArgs) -> Result<ExitCode> {
         );
     }
     if let Some(to) = &a.to {
-        let hosts = required_kind("hosts")?;
-        ctx.client
-            .get(hosts, "", to)
-            .await
-            .map_err(|e| anyhow::anyhow!("--to {to}: {e}"))?;
+        host.map_err(|e| anyhow::anyhow!("--to {to}: {e}"))?;
         if str_at(&vmi, "/status/nodeName") == to {
             bail!("--to {to}: the VM already runs on {to}");
         }
