@@ -231,7 +231,11 @@ impl Client {
                 return Err(tls_error(raw, "no socket path"));
             }
             let path = std::path::PathBuf::from(path);
-            builder = builder.unix_socket(path.clone());
+            // No TLS over the socket: without this the builder still loads
+            // and parses the system's CA store (~10 ms of every CLI call).
+            builder = builder
+                .unix_socket(path.clone())
+                .tls_certs_only(std::iter::empty());
             transport.unix = Some(path);
             parse_base_url("http://localhost")?
         } else {
