@@ -676,7 +676,12 @@ async fn a_migration_cancelled_while_mirroring_disks_leaves_the_guest_and_its_di
     assert_eq!(c.node_of("disks").await.as_deref(), Some(src.as_str()));
     assert!(pid_alive(src_pid));
     let (scratch, _) = read_marks(&c, &src, &uid, "A").await;
-    assert_eq!(scratch, format!("SCRATCH-{mark}"));
+    assert_eq!(
+        scratch,
+        format!("SCRATCH-{mark}"),
+        "console:\n{}",
+        common::tail(&c.host(&src).console_file(&uid), 40)
+    );
     let again = ask(
         &c,
         &src,
