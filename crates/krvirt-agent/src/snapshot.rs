@@ -6,21 +6,29 @@
 //! consistently across its disks: the disks of `dir` pools in one QMP
 //! `transaction` of `blockdev-snapshot-internal-sync`, and if any disk is
 //! in a pool that snapshots outside QEMU (btrfs), with the guest paused
-//! (QMP `stop`, which drains in-flight I/O) around all of them. A restore
-//! waits for the VM to be stopped, then reverts every Volume.
+//! (QMP `stop`, which drains in-flight I/O) around all of them. The VM's
+//! definition goes into the snapshot's VirtualMachineSnapshotContent (in
+//! the API, where the control plane reads it).
 //!
 //! Memory snapshots (`spec.includeMemory`, krvirt's extension): with the
 //! guest paused, after the disk snapshots, QEMU's `snapshot-save` job
 //! writes the RAM and device state into a qcow2 file of the snapshot's
 //! directory (`{data_dir}/snapshots/{uid}/memory.qcow2`, attached for the
-//! job only), then the guest continues. Restoring such a snapshot into its
-//! VM marks the VM ([`RESUME_FROM_ANNOTATION`]); its next launch starts
-//! QEMU paused, `snapshot-load`s the state on top of the reverted disks and
-//! continues: the guest resumes where it was.
+//! job only), then the guest continues; the snapshot records this host
+//! (`status.memoryStateHost`).
 //!
-//! The snapshot directory also keeps the VM's definition (`vm.json`), from
-//! which a restore whose target VM does not exist creates a new VM with
-//! new Volumes (made from the pool snapshots), new MACs and firmware UUID.
+//! Restores are split with the restore controller (krvirt-controller
+//! `restore`), which writes the VirtualMachines a host may not: here, once
+//! the VM is stopped, the host holding the Volumes reverts them and records
+//! `status.volumesRestored`; the controller then marks the VM to resume
+//! ([`RESUME_FROM_ANNOTATION`]) and completes the restore, or, for a new
+//! VM, creates its Volumes (provisioned by this host's Volume code) and the
+//! VM from the content. A VMI started from a marked VM carries the mark
+//! (and is placed on this host): its launch starts QEMU paused,
+//! `snapshot-load`s the state on top of the reverted disks and continues.
+//! Snapshots from before contents existed keep the definition in
+//! `{data_dir}/snapshots/{uid}/vm.json`; this host publishes it as the
+//! content when a restore into a new VM needs it.
 //! VirtualMachineClones are driven here too: a temporary snapshot of the
 //! source VM, a restore into the target, clean-up.
 //!
