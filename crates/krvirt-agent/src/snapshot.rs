@@ -466,8 +466,8 @@ async fn delete_snapshot(agent: &Agent, s: &VirtualMachineSnapshot) -> Result<()
             Err(e) => return Err(format!("{}: {e}", dir.display())),
         }
     }
-    // Its content goes with it.
-    if let Some(ck) = kind("virtualmachinesnapshotcontents") {
+    // Its content goes with it (KubeVirt's `Retain` keeps it).
+    if let Some(ck) = kind("virtualmachinesnapshotcontents").filter(|_| !retain) {
         let name = st
             .virtual_machine_snapshot_content_name
             .clone()

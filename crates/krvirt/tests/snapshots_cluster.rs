@@ -5,7 +5,9 @@
 //! controller from the snapshot's VirtualMachineSnapshotContent) that boots
 //! on a joined host and reads the snapshot's data; a memory snapshot
 //! restored into its own VM resumes there (its TICK counter goes on from
-//! the snapshot's value, no new boot), on the host holding the state.
+//! the snapshot's value, no new boot), on the host holding the state,
+//! even though the VM now prefers the other host. A VirtualMachineClone of
+//! the running VM works the same way.
 
 mod common;
 
@@ -22,6 +24,7 @@ const CONTENTS: &str =
 const RESTORES: &str =
     "/apis/snapshot.kubevirt.io/v1beta1/namespaces/default/virtualmachinerestores";
 const VOLUMES: &str = "/apis/krvirt.io/v1/namespaces/default/volumes";
+const CLONES: &str = "/apis/clone.kubevirt.io/v1beta1/namespaces/default/virtualmachineclones";
 
 fn apply(c: &Cluster, name: &str, yaml: &str) {
     let f = c.server.dir.path().join(format!("{name}.yaml"));
@@ -239,6 +242,25 @@ async fn restores_into_a_new_vm_and_from_memory_work_on_joined_hosts() {
     assert_eq!(read_data(inst, "restored").await, "ONE");
     assert_eq!(read_data(inst, "src").await, "TWO");
     stop(&c, "restored").await;
+
+    // A clone of the running VM (the agent drives it through a snapshot
+    // and a restore into a new VM, which the server makes).
+    apply(
+        &c,
+        "clone",
+        "kind: VirtualMachineClone\napiVersion: clone.kubevirt.io/v1beta1\nmetadata:\n  name: c1\nspec:\n  source:\n    apiGroup: kubevirt.io\n    kind: VirtualMachine\n    name: src\n  target:\n    apiGroup: kubevirt.io\n    kind: VirtualMachine\n    name: src-clone\n",
+    );
+    c.until("clone Succeeded", Duration::from_secs(150), || async {
+        let cl = inst.get(&format!("{CLONES}/c1")).await.ok()?;
+        assert_ne!(cl["status"]["phase"], "Failed", "{cl}");
+        (cl["status"]["phase"] == "Succeeded").then_some(cl)
+    })
+    .await;
+    inst.running_vmi("src-clone", None).await;
+    assert_eq!(c.node_of("src-clone").await.as_deref(), Some(home.as_str()));
+    inst.console_shows("src-clone", "TICK 2").await;
+    assert_eq!(read_data(inst, "src-clone").await, "TWO");
+    stop(&c, "src-clone").await;
 
     // A memory snapshot: the guest's TICK at that instant lies between the
     // last tick seen before and the first seen after.
