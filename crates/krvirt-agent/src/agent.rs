@@ -1338,7 +1338,7 @@ impl Agent {
         };
         if let Some(point) = &resume {
             let stay_paused = plan.config.start_paused;
-            let r = crate::snapshot::resume(self, handle.qmp(), vmi, point, stay_paused).await;
+            let r = crate::snapshot::resume(handle.qmp(), vmi, point, stay_paused).await;
             if let Err(e) = r {
                 let _ = handle.kill();
                 return self.fail(key, rv, vmi, "FailedToResume", e).await;

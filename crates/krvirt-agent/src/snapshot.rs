@@ -6,21 +6,29 @@
 //! consistently across its disks: the disks of `dir` pools in one QMP
 //! `transaction` of `blockdev-snapshot-internal-sync`, and if any disk is
 //! in a pool that snapshots outside QEMU (btrfs), with the guest paused
-//! (QMP `stop`, which drains in-flight I/O) around all of them. A restore
-//! waits for the VM to be stopped, then reverts every Volume.
+//! (QMP `stop`, which drains in-flight I/O) around all of them. The VM's
+//! definition goes into the snapshot's VirtualMachineSnapshotContent (in
+//! the API, where the control plane reads it).
 //!
 //! Memory snapshots (`spec.includeMemory`, krvirt's extension): with the
 //! guest paused, after the disk snapshots, QEMU's `snapshot-save` job
 //! writes the RAM and device state into a qcow2 file of the snapshot's
 //! directory (`{data_dir}/snapshots/{uid}/memory.qcow2`, attached for the
-//! job only), then the guest continues. Restoring such a snapshot into its
-//! VM marks the VM ([`RESUME_FROM_ANNOTATION`]); its next launch starts
-//! QEMU paused, `snapshot-load`s the state on top of the reverted disks and
-//! continues: the guest resumes where it was.
+//! job only), then the guest continues; the snapshot records this host
+//! (`status.memoryStateHost`).
 //!
-//! The snapshot directory also keeps the VM's definition (`vm.json`), from
-//! which a restore whose target VM does not exist creates a new VM with
-//! new Volumes (made from the pool snapshots), new MACs and firmware UUID.
+//! Restores are split with the restore controller (krvirt-controller
+//! `restore`), which writes the VirtualMachines a host may not: here, once
+//! the VM is stopped, the host holding the Volumes reverts them and records
+//! `status.volumesRestored`; the controller then marks the VM to resume
+//! ([`RESUME_FROM_ANNOTATION`]) and completes the restore, or, for a new
+//! VM, creates its Volumes (provisioned by this host's Volume code) and the
+//! VM from the content. A VMI started from a marked VM carries the mark
+//! (and is placed on this host): its launch starts QEMU paused,
+//! `snapshot-load`s the state on top of the reverted disks and continues.
+//! Snapshots from before contents existed keep the definition in
+//! `{data_dir}/snapshots/{uid}/vm.json`; this host publishes it as the
+//! content when a restore into a new VM needs it.
 //! VirtualMachineClones are driven here too: a temporary snapshot of the
 //! source VM, a restore into the target, clean-up.
 //!
@@ -34,11 +42,13 @@ use std::time::Duration;
 
 use krvirt_api::KindInfo;
 use krvirt_api::clone::{self as vmclone, ClonePhase, Progress, Step, VirtualMachineClone};
+use krvirt_api::event::WARNING;
 use krvirt_api::kubevirt::{VirtualMachine, VirtualMachineInstance};
-use krvirt_api::meta::{Condition, ConditionStatus, now_rfc3339, set_condition};
+use krvirt_api::meta::{Condition, now_rfc3339};
 use krvirt_api::snapshot::{
-    RESUME_FROM_ANNOTATION, SNAPSHOT_FINALIZER, SnapshotError, VirtualMachineRestore,
-    VirtualMachineRestoreStatus, VirtualMachineSnapshot, VirtualMachineSnapshotStatus, indications,
+    RESTORED_BY_ANNOTATION, RESUME_FROM_ANNOTATION, RESUME_HOST_ANNOTATION, SNAPSHOT_FINALIZER,
+    SnapshotError, VirtualMachineRestore, VirtualMachineSnapshot, VirtualMachineSnapshotContent,
+    VirtualMachineSnapshotStatus, content_name, indications,
 };
 use krvirt_api::storage::VolumePhase;
 use krvirt_client::{ListParams, PatchTarget};
@@ -122,20 +132,22 @@ async fn sync_all(agent: &Agent) -> Result<(), String> {
             continue;
         };
         let st0 = r.status.clone().unwrap_or_default();
-        if st0.complete == Some(true) || restore_failed(&st0) {
+        if st0.complete == Some(true) || krvirt_api::snapshot::restore_failed(&st0) {
             continue;
         }
-        let mut st = st0.clone();
-        match restore(agent, &r, &mut st).await {
-            Ok(_) => {}
+        // Only the fields this host's part owns are written.
+        let done = match restore(agent, &r).await {
+            Ok(done) => done,
             Err(msg) => {
                 warn!(restore = %r.metadata.name(), %msg, "restore failed");
+                let mut st = st0.clone();
                 st.complete = Some(false);
                 conditions(&mut st.conditions, false, "Failed", &msg);
+                Some(json!({"complete": false, "conditions": st.conditions}))
             }
-        }
-        if st != st0 {
-            write(agent, rk, r.metadata.namespace(), r.metadata.name(), &st).await;
+        };
+        if let Some(patch) = done {
+            write(agent, rk, r.metadata.namespace(), r.metadata.name(), &patch).await;
         }
     }
     if let Some(ck) = kind("virtualmachineclones") {
@@ -154,12 +166,6 @@ async fn sync_all(agent: &Agent) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-fn restore_failed(st: &VirtualMachineRestoreStatus) -> bool {
-    st.conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.reason.as_deref() == Some("Failed"))
 }
 
 /// `{data_dir}/snapshots/{uid}`: the snapshot's VM definition and memory.
@@ -289,55 +295,52 @@ async fn save_memory(qmp: &QmpClient, file: &Path, tag: &str) -> Result<u64, Str
         .map_err(|e| format!("{}: {e}", file.display()))
 }
 
-/// The memory state a VMI's launch must resume from: the VM it belongs to
-/// carries [`RESUME_FROM_ANNOTATION`] and the state file exists.
+/// The memory state a VMI's launch must resume from: the VMI carries
+/// [`RESUME_FROM_ANNOTATION`] (copied from its VM when the VM controller
+/// created it) and the state file is in this host's data directory. A
+/// mark whose file is not here (placement binds such a VMI to the host
+/// named in [`RESUME_HOST_ANNOTATION`]; this happens only if that file was
+/// removed) boots the guest fresh, with a warning event saying why.
 pub(crate) async fn resume_point(
     agent: &Agent,
     vmi: &VirtualMachineInstance,
 ) -> Option<(PathBuf, String)> {
-    vmi.metadata
-        .owner_references
-        .iter()
-        .find(|o| o.kind == "VirtualMachine")?;
-    let vm: VirtualMachine = get(
-        agent,
-        "virtualmachines",
-        vmi.metadata.namespace(),
-        vmi.metadata.name(),
-    )
-    .await
-    .ok()??;
-    let uid = vm.metadata.annotations.get(RESUME_FROM_ANNOTATION)?;
+    let uid = vmi.metadata.annotations.get(RESUME_FROM_ANNOTATION)?;
     let file = snapshot_dir(agent.data_dir(), uid).join(MEMORY_FILE);
-    file.exists().then(|| (file, pool_snapshot_name(uid)))
+    if file.exists() {
+        return Some((file, pool_snapshot_name(uid)));
+    }
+    let message = format!(
+        "the saved memory state of snapshot {uid} is not on host {} (it was taken on {}): the guest boots from its restored disks",
+        agent.node_name(),
+        vmi.metadata
+            .annotations
+            .get(RESUME_HOST_ANNOTATION)
+            .map(String::as_str)
+            .unwrap_or("an unknown host"),
+    );
+    warn!(vmi = %vmi.metadata.name(), %message, "not resuming");
+    agent.record_event(vmi, WARNING, REASON_RESUME_SKIPPED, &message);
+    None
 }
 
-/// Load a saved memory state into a QEMU started paused, forget the VM's
-/// resume mark, and let the guest run unless it was asked to start paused.
+/// Event reason: a VMI marked to resume from a memory snapshot boots fresh.
+pub const REASON_RESUME_SKIPPED: &str = "MemoryStateUnavailable";
+
+/// Load a saved memory state into a QEMU started paused and let the guest
+/// run unless it was asked to start paused. (The VM's resume mark was
+/// already cleared by the VM controller when it created this VMI: a state
+/// that cannot be loaded, because the VM's devices changed since, does not
+/// keep every later start failing.)
 pub(crate) async fn resume(
-    agent: &Agent,
     qmp: &QmpClient,
     vmi: &VirtualMachineInstance,
     (file, tag): &(PathBuf, String),
     stay_paused: bool,
 ) -> Result<(), String> {
-    // The mark goes either way: a state that cannot be loaded (the VM's
-    // devices changed since) must not keep every later start failing.
-    let loaded = memory_job(qmp, "snapshot-load", file, tag).await;
-    if let Some(k) = kind("virtualmachines") {
-        agent
-            .client()
-            .merge_patch(
-                k,
-                vmi.metadata.namespace(),
-                vmi.metadata.name(),
-                &json!({"metadata": {"annotations": {RESUME_FROM_ANNOTATION: null}}}),
-                PatchTarget::Main,
-            )
-            .await
-            .map_err(|e| format!("clearing the resume mark: {e}"))?;
-    }
-    loaded.map_err(|e| format!("resuming from the memory snapshot: {e}"))?;
+    memory_job(qmp, "snapshot-load", file, tag)
+        .await
+        .map_err(|e| format!("resuming from the memory snapshot: {e}"))?;
     if !stay_paused {
         qmp.execute("cont", None)
             .await
@@ -463,6 +466,18 @@ async fn delete_snapshot(agent: &Agent, s: &VirtualMachineSnapshot) -> Result<()
             Err(e) => return Err(format!("{}: {e}", dir.display())),
         }
     }
+    // Its content goes with it (KubeVirt's `Retain` keeps it).
+    if let Some(ck) = kind("virtualmachinesnapshotcontents").filter(|_| !retain) {
+        let name = st
+            .virtual_machine_snapshot_content_name
+            .clone()
+            .unwrap_or_else(|| content_name(uid));
+        match agent.client().delete(ck, ns, &name).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(404) => {}
+            Err(e) => return Err(format!("deleting {name:?}: {e}")),
+        }
+    }
     let sk = kind("virtualmachinesnapshots").ok_or("snapshots not served")?;
     let rest = s
         .metadata
@@ -476,24 +491,7 @@ async fn delete_snapshot(agent: &Agent, s: &VirtualMachineSnapshot) -> Result<()
 
 /// KubeVirt's pair of conditions: `Progressing` and `Ready`.
 fn conditions(c: &mut Vec<Condition>, ready: bool, reason: &str, message: &str) {
-    let progressing = !ready && reason != "Failed";
-    for (t, on) in [("Progressing", progressing), ("Ready", ready)] {
-        set_condition(
-            c,
-            Condition {
-                reason: Some(reason.to_string()),
-                message: Some(message.to_string()),
-                ..Condition::new(
-                    t,
-                    if on {
-                        ConditionStatus::True
-                    } else {
-                        ConditionStatus::False
-                    },
-                )
-            },
-        );
-    }
+    krvirt_api::snapshot::progress_conditions(c, ready, reason, message)
 }
 
 async fn write(
@@ -597,22 +595,21 @@ async fn snapshot(
         f.push(SNAPSHOT_FINALIZER.to_string());
         set_finalizers(agent, sk, &s.metadata, f).await?;
     }
-    // The VM's definition, for restores into a new VM and clones.
+    // The VM's definition, for restores into a new VM and clones: in the
+    // API (VirtualMachineSnapshotContent), where the control plane reads it.
+    let content = publish_content(agent, s, &vm, &snap).await?;
+    let include_memory = s.spec.include_memory == Some(true);
     let dir = snapshot_dir(
         agent.data_dir(),
         s.metadata.uid.as_deref().unwrap_or_default(),
     );
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    {
+    if include_memory {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         // Saved guest RAM is as private as the guest: root only.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let vm_json = serde_json::to_vec_pretty(&vm).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join(VM_FILE), vm_json)
-        .map_err(|e| format!("{}: {e}", dir.join(VM_FILE).display()))?;
-    let include_memory = s.spec.include_memory == Some(true);
 
     // Online if the VM's instance runs here.
     let vmi: Option<VirtualMachineInstance> =
@@ -691,6 +688,7 @@ async fn snapshot(
             st.indications.push(indications::MEMORY.into());
         }
         st.memory_state_bytes = memory;
+        st.memory_state_host = memory.map(|_| agent.node_name().to_string());
     } else {
         for (_, name, b) in &backends {
             let (b, name, snap) = (b.clone(), name.clone(), snap.clone());
@@ -707,6 +705,17 @@ async fn snapshot(
     st.creation_time = Some(now_rfc3339());
     st.volumes = claims.into_iter().map(|(_, c)| c).collect();
     st.error = None;
+    st.virtual_machine_snapshot_content_name = Some(content.clone());
+    if let Some(ck) = kind("virtualmachinesnapshotcontents") {
+        write(
+            agent,
+            ck,
+            ns,
+            &content,
+            &json!({"readyToUse": true, "creationTime": st.creation_time}),
+        )
+        .await;
+    }
     conditions(
         &mut st.conditions,
         true,
@@ -716,15 +725,122 @@ async fn snapshot(
     Ok(true)
 }
 
-/// Annotation on a VM made by a restore into a new VM: the restore's uid.
-const RESTORED_BY_ANNOTATION: &str = "krvirt.io/restored-by";
-
-async fn restore(
+/// Create the snapshot's VirtualMachineSnapshotContent (owned by the
+/// snapshot) holding `vm`'s definition; its name. An existing one is kept.
+async fn publish_content(
     agent: &Agent,
-    r: &VirtualMachineRestore,
-    st: &mut VirtualMachineRestoreStatus,
-) -> Result<(), String> {
+    s: &VirtualMachineSnapshot,
+    vm: &VirtualMachine,
+    snap: &str,
+) -> Result<String, String> {
+    let ck = kind("virtualmachinesnapshotcontents").ok_or("snapshot contents not served")?;
+    let ns = s.metadata.namespace();
+    let name = content_name(s.metadata.uid.as_deref().unwrap_or_default());
+    let mut source = serde_json::to_value(vm).map_err(|e| e.to_string())?;
+    if let Some(o) = source.as_object_mut() {
+        o.remove("status");
+    }
+    let backups: Vec<Value> = claims(vm)
+        .into_iter()
+        .map(|(disk, claim)| {
+            json!({"volumeName": disk,
+                "persistentVolumeClaim": {"metadata": {"name": claim, "namespace": ns}},
+                "volumeSnapshotName": snap})
+        })
+        .collect();
+    let obj = json!({
+        "apiVersion": krvirt_api::snapshot::API_VERSION,
+        "kind": "VirtualMachineSnapshotContent",
+        "metadata": {"name": name, "namespace": ns,
+            "ownerReferences": [{"apiVersion": krvirt_api::snapshot::API_VERSION,
+                "kind": "VirtualMachineSnapshot", "name": s.metadata.name(),
+                "uid": s.metadata.uid, "controller": true}]},
+        "spec": {
+            "source": {"virtualMachine": source},
+            "virtualMachineSnapshotName": s.metadata.name(),
+            "volumeBackups": backups,
+        },
+    });
+    match agent.client().create(ck, ns, &obj).await {
+        Ok(_) => Ok(name),
+        Err(e) if e.code() == Some(409) => Ok(name),
+        Err(e) => Err(format!(
+            "creating VirtualMachineSnapshotContent {name:?}: {e}"
+        )),
+    }
+}
+
+/// A snapshot taken before krvirt kept VM definitions in the API: its
+/// definition is in this host's `snapshots/{uid}/vm.json`. Publish it as
+/// the snapshot's VirtualMachineSnapshotContent, so the restore controller
+/// can make a new VM from it. Nothing to do if the content exists or the
+/// file is not here (another host's snapshot).
+async fn publish_legacy_content(agent: &Agent, s: &VirtualMachineSnapshot) -> Result<(), String> {
+    let uid = s.metadata.uid.as_deref().unwrap_or_default();
+    let ns = s.metadata.namespace();
+    let name = s
+        .status
+        .as_ref()
+        .and_then(|st| st.virtual_machine_snapshot_content_name.clone())
+        .unwrap_or_else(|| content_name(uid));
+    if get::<Value>(agent, "virtualmachinesnapshotcontents", ns, &name)
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let file = snapshot_dir(agent.data_dir(), uid).join(VM_FILE);
+    let text = match std::fs::read(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{}: {e}", file.display())),
+    };
+    let vm: VirtualMachine =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    publish_content(agent, s, &vm, &pool_snapshot_name(uid)).await?;
+    info!(snapshot = %s.metadata.name(), "published the VM definition of an older snapshot");
+    Ok(())
+}
+
+/// The VM definition a snapshot holds: its VirtualMachineSnapshotContent's
+/// `spec.source.virtualMachine`, else (older snapshots) this host's
+/// `vm.json`. `None`: not (yet) known here.
+async fn snapshot_vm_definition(
+    agent: &Agent,
+    s: &VirtualMachineSnapshot,
+) -> Result<Option<Value>, String> {
+    let uid = s.metadata.uid.as_deref().unwrap_or_default();
+    let name = s
+        .status
+        .as_ref()
+        .and_then(|st| st.virtual_machine_snapshot_content_name.clone())
+        .unwrap_or_else(|| content_name(uid));
+    let content: Option<VirtualMachineSnapshotContent> = get(
+        agent,
+        "virtualmachinesnapshotcontents",
+        s.metadata.namespace(),
+        &name,
+    )
+    .await?;
+    if let Some(vm) = content.and_then(|c| c.spec.source.virtual_machine) {
+        return Ok(Some(vm));
+    }
+    match std::fs::read(snapshot_dir(agent.data_dir(), uid).join(VM_FILE)) {
+        Ok(text) => serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        Err(_) => Ok(None),
+    }
+}
+
+/// This host's part of a restore into the snapshot's own VM: once the VM
+/// is stopped, revert the snapshot's Volumes held here and record it
+/// (`status.restores`, `status.volumesRestored`). Everything else (waiting
+/// reasons, a restore into a new VM, the VM's resume mark, `complete`) is
+/// the restore controller's. `Ok(None)`: nothing done here.
+async fn restore(agent: &Agent, r: &VirtualMachineRestore) -> Result<Option<Value>, String> {
     let ns = r.metadata.namespace();
+    let st = r.status.clone().unwrap_or_default();
     let Some(s): Option<VirtualMachineSnapshot> = get(
         agent,
         "virtualmachinesnapshots",
@@ -733,53 +849,34 @@ async fn restore(
     )
     .await?
     else {
-        return Err(format!(
-            "VirtualMachineSnapshot {:?} not found",
-            r.spec.virtual_machine_snapshot_name
-        ));
+        return Ok(None);
     };
     let sst = s.status.clone().unwrap_or_default();
     if sst.ready_to_use != Some(true) {
-        conditions(
-            &mut st.conditions,
-            false,
-            "SnapshotNotReady",
-            "waiting for the snapshot to be ready",
-        );
-        return Ok(());
+        return Ok(None);
     }
     let target: Option<VirtualMachine> =
         get(agent, "virtualmachines", ns, &r.spec.target.name).await?;
-    match target {
-        None => return restore_new(agent, r, &s, st).await,
-        Some(vm)
-            if vm.metadata.annotations.get(RESTORED_BY_ANNOTATION) == r.metadata.uid.as_ref() =>
-        {
-            // Made by this restore on an earlier pass.
-            return restore_new(agent, r, &s, st).await;
+    let in_place = target.as_ref().is_some_and(|vm| {
+        vm.metadata.annotations.get(RESTORED_BY_ANNOTATION) != r.metadata.uid.as_ref()
+            && s.spec.source.name == r.spec.target.name
+    });
+    if !in_place {
+        // A new VM (the controller makes it), or a refused target.
+        if target.is_none() {
+            publish_legacy_content(agent, &s).await?;
         }
-        Some(_) if s.spec.source.name != r.spec.target.name => {
-            return Err(
-                "the target is another existing VirtualMachine: restore into the snapshot's VM or name a new one"
-                    .into(),
-            );
-        }
-        Some(_) => {}
+        return Ok(None);
     }
-    if !r.spec.patches.is_empty() {
-        return Err("spec.patches apply only to a restore into a new VirtualMachine".into());
+    if !r.spec.patches.is_empty() || st.volumes_restored == Some(true) {
+        return Ok(None);
     }
     let vmi: Option<Value> = get(agent, "virtualmachineinstances", ns, &r.spec.target.name).await?;
     if vmi.is_some() {
-        conditions(
-            &mut st.conditions,
-            false,
-            "VMRunning",
-            "the VirtualMachine must be stopped before it is restored",
-        );
-        return Ok(());
+        return Ok(None); // the controller says the VM must be stopped
     }
     let snap = pool_snapshot_name(s.metadata.uid.as_deref().unwrap_or_default());
+    let mut reverts = Vec::new();
     for claim in &sst.volumes {
         let v = agent
             .volumes()
@@ -788,248 +885,27 @@ async fn restore(
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("Volume {claim:?} not found"))?;
         if v.status.as_ref().and_then(|x| x.host.as_deref()) != Some(agent.node_name()) {
-            return Ok(());
+            return Ok(None); // another host's
         }
         let b = agent
             .volumes()
             .backend(v.pool())
             .await
             .map_err(|e| e.to_string())?;
-        let name = backend_name(ns, claim);
+        reverts.push((b, backend_name(ns, claim)));
+    }
+    for (b, name) in reverts {
         let snap = snap.clone();
         tokio::task::spawn_blocking(move || b.revert(&name, &snap))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
     }
-    // A memory snapshot: the next start resumes the guest from it.
-    let uid = s.metadata.uid.clone().unwrap_or_default();
-    let memory = snapshot_dir(agent.data_dir(), &uid)
-        .join(MEMORY_FILE)
-        .exists();
-    let vm_kind = kind("virtualmachines").ok_or("VirtualMachines not served")?;
-    agent
-        .client()
-        .merge_patch(
-            vm_kind,
-            ns,
-            &r.spec.target.name,
-            &json!({"metadata": {"annotations": {
-                RESUME_FROM_ANNOTATION: if memory { Value::String(uid) } else { Value::Null }
-            }}}),
-            PatchTarget::Main,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    info!(restore = %r.metadata.name(), volumes = sst.volumes.len(), memory, "VM restored");
-    st.complete = Some(true);
-    st.restore_time = Some(now_rfc3339());
-    st.restores = sst.volumes.clone();
-    conditions(
-        &mut st.conditions,
-        true,
-        "Succeeded",
-        if memory {
-            "the VirtualMachine was restored; its next start resumes the saved guest"
-        } else {
-            "the VirtualMachine was restored"
-        },
-    );
-    Ok(())
-}
-
-/// Name of the Volume a restore into a new VM makes for one of its disks
-/// (KubeVirt's `restore-{restore uid}-{volume name}`).
-pub fn restored_volume_name(restore_uid: &str, volume: &str) -> String {
-    format!("restore-{restore_uid}-{volume}")
-}
-
-/// The new VM's definition: the snapshot's VM under the target's name,
-/// its snapshotted disks on the restored Volumes (`renames`: old claim →
-/// new Volume), without MAC addresses, firmware UUID and bookkeeping, then
-/// the restore's patches.
-pub fn new_vm_definition(
-    source: &Value,
-    target: &str,
-    restore_uid: &str,
-    renames: &[(String, String)],
-    patches: &[String],
-) -> Result<Value, String> {
-    let mut vm = source.clone();
-    let meta = vm["metadata"].as_object().cloned().unwrap_or_default();
-    let mut annotations = meta
-        .get("annotations")
-        .and_then(|a| a.as_object().cloned())
-        .unwrap_or_default();
-    annotations.remove(RESUME_FROM_ANNOTATION);
-    annotations.insert(RESTORED_BY_ANNOTATION.into(), restore_uid.into());
-    vm["metadata"] = json!({
-        "name": target,
-        "namespace": meta.get("namespace").cloned().unwrap_or(Value::Null),
-        "labels": meta.get("labels").cloned().unwrap_or_else(|| json!({})),
-        "annotations": annotations,
-    });
-    if let Some(o) = vm.as_object_mut() {
-        o.remove("status");
-    }
-    let spec = &mut vm["spec"]["template"]["spec"];
-    if let Some(vols) = spec["volumes"].as_array_mut() {
-        for v in vols.iter_mut() {
-            let claim = v["persistentVolumeClaim"]["claimName"]
-                .as_str()
-                .or(v["dataVolume"]["name"].as_str())
-                .map(str::to_string);
-            if let Some((_, new)) = renames.iter().find(|(old, _)| Some(old) == claim.as_ref()) {
-                *v = json!({"name": v["name"], "persistentVolumeClaim": {"claimName": new}});
-            }
-        }
-    }
-    if let Some(ifaces) = spec["domain"]["devices"]["interfaces"].as_array_mut() {
-        for i in ifaces.iter_mut().filter_map(Value::as_object_mut) {
-            i.remove("macAddress");
-        }
-    }
-    if let Some(fw) = spec["domain"]["firmware"].as_object_mut() {
-        fw.remove("uuid");
-        fw.remove("serial");
-    }
-    if let Some(t) = vm["spec"]["dataVolumeTemplates"].as_array_mut() {
-        t.retain(|d| {
-            !renames
-                .iter()
-                .any(|(old, _)| d["metadata"]["name"].as_str() == Some(old))
-        });
-    }
-    krvirt_api::jsonpatch::apply_all(&mut vm, patches).map_err(|e| format!("spec.patches: {e}"))?;
-    Ok(vm)
-}
-
-/// Restore into a VM that does not exist: new Volumes from the pool
-/// snapshots (waited for), then the VM.
-async fn restore_new(
-    agent: &Agent,
-    r: &VirtualMachineRestore,
-    s: &VirtualMachineSnapshot,
-    st: &mut VirtualMachineRestoreStatus,
-) -> Result<(), String> {
-    let ns = r.metadata.namespace();
-    let rid = r.metadata.uid.clone().unwrap_or_default();
-    let sid = s.metadata.uid.clone().unwrap_or_default();
-    let file = snapshot_dir(agent.data_dir(), &sid).join(VM_FILE);
-    let text = match std::fs::read(&file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // Another host's snapshot, or one taken before krvirt kept
-            // VM definitions: only the host holding its Volumes answers.
-            let sst = s.status.clone().unwrap_or_default();
-            let mine = match sst.volumes.first() {
-                Some(c) => agent
-                    .volumes()
-                    .get_volume(ns, c)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .and_then(|v| v.status.and_then(|x| x.host))
-                    .is_none_or(|h| h == agent.node_name()),
-                None => true,
-            };
-            if mine {
-                return Err("the snapshot does not hold its VM's definition".into());
-            }
-            return Ok(());
-        }
-        Err(e) => return Err(format!("{}: {e}", file.display())),
-    };
-    let source: Value = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
-    let source_vm: VirtualMachine =
-        serde_json::from_value(source.clone()).map_err(|e| e.to_string())?;
-    let snap = pool_snapshot_name(&sid);
-    let sst = s.status.clone().unwrap_or_default();
-    let vol_kind = kind("volumes").ok_or("Volumes not served")?;
-    let mut renames = Vec::new();
-    let mut ready = true;
-    for (disk, claim) in claims(&source_vm) {
-        if !sst.volumes.contains(&claim) {
-            continue;
-        }
-        let new = restored_volume_name(&rid, &disk);
-        match agent
-            .volumes()
-            .get_volume(ns, &new)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            Some(v) => match v.phase() {
-                Some(VolumePhase::Succeeded) => {}
-                Some(VolumePhase::Failed) => {
-                    return Err(format!("restored Volume {new:?} failed"));
-                }
-                _ => ready = false,
-            },
-            None => {
-                let src = agent
-                    .volumes()
-                    .get_volume(ns, &claim)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("Volume {claim:?} of the snapshot is gone"))?;
-                let obj = json!({
-                    "apiVersion": "krvirt.io/v1",
-                    "kind": "Volume",
-                    "metadata": {"name": new, "namespace": ns,
-                        "annotations": {RESTORED_BY_ANNOTATION: rid}},
-                    "spec": {
-                        "pool": src.pool(),
-                        "source": {"snapshot": {"volume": claim, "name": snap}},
-                    },
-                });
-                match agent.client().create(vol_kind, ns, &obj).await {
-                    Ok(_) => {}
-                    Err(e) if e.code() == Some(409) => {}
-                    Err(e) => return Err(format!("creating Volume {new:?}: {e}")),
-                }
-                ready = false;
-            }
-        }
-        renames.push((claim, new));
-    }
-    st.restores = renames.iter().map(|(_, n)| n.clone()).collect();
-    if !ready {
-        conditions(
-            &mut st.conditions,
-            false,
-            "RestoreInProgress",
-            "creating the new VirtualMachine's Volumes from the snapshot",
-        );
-        return Ok(());
-    }
-    let vm = new_vm_definition(
-        &source,
-        &r.spec.target.name,
-        &rid,
-        &renames,
-        &r.spec.patches,
-    )?;
-    let vm_kind = kind("virtualmachines").ok_or("VirtualMachines not served")?;
-    match agent.client().create(vm_kind, ns, &vm).await {
-        Ok(_) => {}
-        Err(e) if e.code() == Some(409) => {}
-        Err(e) => {
-            return Err(format!(
-                "creating VirtualMachine {:?}: {e}",
-                r.spec.target.name
-            ));
-        }
-    }
-    info!(restore = %r.metadata.name(), vm = %r.spec.target.name, volumes = renames.len(), "VM restored into a new VM");
-    st.complete = Some(true);
-    st.restore_time = Some(now_rfc3339());
-    conditions(
-        &mut st.conditions,
-        true,
-        "Succeeded",
-        "the new VirtualMachine was created from the snapshot",
-    );
-    Ok(())
+    info!(restore = %r.metadata.name(), volumes = sst.volumes.len(), "Volumes reverted to the snapshot");
+    Ok(Some(json!({
+        "restores": sst.volumes,
+        "volumesRestored": true,
+    })))
 }
 
 /// How an object the clone made is doing.
@@ -1143,15 +1019,9 @@ async fn clone(agent: &Agent, ck: &KindInfo, c: &VirtualMachineClone) -> Result<
             else {
                 return Ok(());
             };
-            let file = snapshot_dir(
-                agent.data_dir(),
-                s.metadata.uid.as_deref().unwrap_or_default(),
-            )
-            .join(VM_FILE);
-            let Ok(text) = std::fs::read(&file) else {
-                return Ok(()); // another host's snapshot
+            let Some(source) = snapshot_vm_definition(agent, &s).await? else {
+                return Ok(()); // not published yet
             };
-            let source: Value = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
             let patches = vmclone::restore_patches(&c.spec, &source);
             let rk = kind("virtualmachinerestores").ok_or("restores not served")?;
             let obj = json!({
@@ -1211,86 +1081,4 @@ async fn clone(agent: &Agent, ck: &KindInfo, c: &VirtualMachineClone) -> Result<
         write(agent, ck, ns, c.metadata.name(), &st).await;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_new_vm_from_a_snapshot_gets_its_own_volumes_macs_and_uuid() {
-        let source = json!({
-            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-            "metadata": {"name": "src", "namespace": "default", "uid": "u1",
-                "resourceVersion": "7", "labels": {"app": "a"},
-                "annotations": {RESUME_FROM_ANNOTATION: "x", "keep": "y"}},
-            "spec": {
-                "runStrategy": "Always",
-                "dataVolumeTemplates": [{"metadata": {"name": "src-root"}}],
-                "template": {"spec": {
-                    "domain": {
-                        "devices": {"interfaces": [{"name": "default", "macAddress": "02:00:00:00:00:09"}]},
-                        "firmware": {"uuid": "5d307ca9-b3ef-428c-8861-06e72d69f223", "serial": "s"},
-                    },
-                    "volumes": [
-                        {"name": "root", "dataVolume": {"name": "src-root"}},
-                        {"name": "data", "persistentVolumeClaim": {"claimName": "src-data"}},
-                        {"name": "boot", "containerDisk": {"image": "demo"}},
-                    ],
-                }},
-            },
-            "status": {"ready": true},
-        });
-        let renames = vec![
-            ("src-root".to_string(), "restore-r-root".to_string()),
-            ("src-data".to_string(), "restore-r-data".to_string()),
-        ];
-        let vm = new_vm_definition(
-            &source,
-            "dst",
-            "r",
-            &renames,
-            &[r#"{"op":"add","path":"/metadata/labels/new","value":"1"}"#.into()],
-        )
-        .unwrap();
-        assert_eq!(vm["metadata"]["name"], "dst");
-        assert!(vm["metadata"]["uid"].is_null() && vm["metadata"]["resourceVersion"].is_null());
-        assert!(vm.get("status").is_none());
-        assert_eq!(vm["metadata"]["labels"], json!({"app": "a", "new": "1"}));
-        let ann = &vm["metadata"]["annotations"];
-        assert!(ann[RESUME_FROM_ANNOTATION].is_null(), "{ann}");
-        assert_eq!(ann[RESTORED_BY_ANNOTATION], "r");
-        assert_eq!(ann["keep"], "y");
-        let spec = &vm["spec"]["template"]["spec"];
-        assert_eq!(
-            spec["volumes"][0],
-            json!({"name": "root", "persistentVolumeClaim": {"claimName": "restore-r-root"}})
-        );
-        assert_eq!(
-            spec["volumes"][1]["persistentVolumeClaim"]["claimName"],
-            "restore-r-data"
-        );
-        assert_eq!(spec["volumes"][2]["containerDisk"]["image"], "demo");
-        assert!(spec["domain"]["devices"]["interfaces"][0]["macAddress"].is_null());
-        assert_eq!(spec["domain"]["firmware"], json!({}));
-        assert_eq!(vm["spec"]["dataVolumeTemplates"], json!([]));
-        // The result is a valid VirtualMachine.
-        serde_json::from_value::<VirtualMachine>(vm).unwrap();
-    }
-
-    #[test]
-    fn bad_patches_are_named() {
-        let e = new_vm_definition(
-            &json!({"metadata": {}, "spec": {"template": {"spec": {}}}}),
-            "dst",
-            "r",
-            &[],
-            &[r#"{"op":"replace","path":"/metadata/nope","value":1}"#.into()],
-        )
-        .unwrap_err();
-        assert!(
-            e.starts_with("spec.patches") && e.contains("/metadata/nope"),
-            "{e}"
-        );
-    }
 }

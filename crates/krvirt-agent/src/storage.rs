@@ -391,6 +391,16 @@ impl Volumes {
                     .pending(&ns, &name, st, format!("source Volume {sv:?} not found"))
                     .await;
             };
+            // A copy of a local pool's Volume (a restore's, a clone's) is
+            // made by the host holding the source: leave it unclaimed here.
+            let source_host = other.status.as_ref().and_then(|s| s.host.as_deref());
+            if source_host.is_some_and(|h| h != self.node)
+                && other.pool() == v.pool()
+                && self.backend(v.pool()).await?.kind() != "rbd"
+                && !self.pool_is_shared(v.pool()).await
+            {
+                return Ok(());
+            }
             if other.phase() != Some(VolumePhase::Succeeded) {
                 return self
                     .pending(&ns, &name, st, format!("source Volume {sv:?} is not ready"))

@@ -12,7 +12,9 @@ use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::meta::{Condition, ObjectMeta};
 use crate::migration::{MigrationPolicy, VirtualMachineInstanceMigration};
 use crate::network::{Network, SecurityGroup};
-use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
+use crate::snapshot::{
+    VirtualMachineRestore, VirtualMachineSnapshot, VirtualMachineSnapshotContent,
+};
 use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 
@@ -33,6 +35,7 @@ pub fn openapi_components() -> Components {
     add::<SecurityGroup>(&mut schemas);
     add::<VirtualMachineSnapshot>(&mut schemas);
     add::<VirtualMachineRestore>(&mut schemas);
+    add::<VirtualMachineSnapshotContent>(&mut schemas);
     add::<VirtualMachineClone>(&mut schemas);
     add::<StoragePool>(&mut schemas);
     add::<StorageVolume>(&mut schemas);

@@ -11,7 +11,9 @@ use crate::image::Image;
 use crate::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::migration::{MigrationPolicy, VirtualMachineInstanceMigration};
 use crate::network::{Network, SecurityGroup};
-use crate::snapshot::{VirtualMachineRestore, VirtualMachineSnapshot};
+use crate::snapshot::{
+    VirtualMachineRestore, VirtualMachineSnapshot, VirtualMachineSnapshotContent,
+};
 use crate::storage::{StoragePool, StorageVolume};
 use crate::webhook::Webhook;
 use crate::{KindInfo, ValidationError};
@@ -100,6 +102,17 @@ pub(crate) static KINDS: &[KindInfo] = &[
         namespaced: true,
         subresources: &[],
         schema_name: "VirtualMachineRestore",
+    },
+    KindInfo {
+        group: "snapshot.kubevirt.io",
+        version: "v1beta1",
+        kind: "VirtualMachineSnapshotContent",
+        plural: "virtualmachinesnapshotcontents",
+        singular: "virtualmachinesnapshotcontent",
+        short_names: &["vmsnapshotcontent", "vmsnapshotcontents"],
+        namespaced: true,
+        subresources: &[],
+        schema_name: "VirtualMachineSnapshotContent",
     },
     KindInfo {
         group: "krvirt.io",
@@ -415,6 +428,9 @@ pub(crate) fn admit(
         }
         ("snapshot.kubevirt.io", "VirtualMachineRestore") => {
             admit_typed::<VirtualMachineRestore>(obj, old)
+        }
+        ("snapshot.kubevirt.io", "VirtualMachineSnapshotContent") => {
+            admit_typed::<VirtualMachineSnapshotContent>(obj, old)
         }
         ("clone.kubevirt.io", "VirtualMachineClone") => {
             admit_typed::<VirtualMachineClone>(obj, old)

@@ -13,6 +13,8 @@
 //!   (linked or full clones); instancetypes and preferences are copied into
 //!   each VM and expanded into its VMIs.
 //! - [`webhook`]: delivers Events to Webhooks (signed, retried, bounded).
+//! - [`restore`]: the VM-writing part of VirtualMachineRestores (a new VM
+//!   from a snapshot's content; the resume mark of a memory snapshot).
 //!
 //! Every step is recorded as an Event (`krvirt events`), and events older
 //! than an hour (or beyond 100 per object) are expired.
@@ -23,6 +25,7 @@ pub mod migration;
 pub mod network;
 pub mod placement;
 pub mod queue;
+pub mod restore;
 mod runner;
 pub mod templates;
 pub mod vm;

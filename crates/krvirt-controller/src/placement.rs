@@ -25,6 +25,7 @@ use krvirt_api::kubevirt::{PhaseTransitionTimestamp, VirtualMachineInstance, Vmi
 use krvirt_api::meta::{
     Condition, ConditionStatus, find_condition, now_rfc3339, parse_rfc3339, set_condition,
 };
+use krvirt_api::snapshot::{RESUME_FROM_ANNOTATION, RESUME_HOST_ANNOTATION};
 use krvirt_scheduler::{
     HostCpu, HostHugepages, HostInfo, HostNuma, Overcommit, Placement, ScheduleError, Scheduler,
     VmiRequest,
@@ -283,6 +284,47 @@ pub fn choose_host(
     schedule(&to_raw(vmi), &raw_hosts, &raw_placed, now).map(|p| p.host)
 }
 
+/// Where a VMI marked to resume a memory snapshot
+/// ([`RESUME_HOST_ANNOTATION`]) may run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResumePlacement {
+    /// No mark: anywhere the scheduler finds.
+    Anywhere,
+    /// Only on this host, which holds the saved state.
+    Only(String),
+    /// The host holding the state is gone (not registered, or not Ready):
+    /// drop the mark and boot fresh; the message says why.
+    HostGone(String),
+}
+
+/// The resume constraint of `vmi` among `hosts` at `now`.
+pub fn resume_placement(
+    vmi: &VirtualMachineInstance,
+    hosts: &[Host],
+    now: chrono::DateTime<chrono::Utc>,
+) -> ResumePlacement {
+    let ann = &vmi.metadata.annotations;
+    if !ann.contains_key(RESUME_FROM_ANNOTATION) {
+        return ResumePlacement::Anywhere;
+    }
+    let Some(want) = ann.get(RESUME_HOST_ANNOTATION) else {
+        // A mark from before hosts were recorded: wherever it lands.
+        return ResumePlacement::Anywhere;
+    };
+    match hosts.iter().find(|h| h.metadata.name() == want.as_str()) {
+        Some(h) if host_ready(h, now) => ResumePlacement::Only(want.clone()),
+        Some(_) => ResumePlacement::HostGone(format!(
+            "host {want}, which holds the saved memory state of the restored snapshot, is not ready: the guest boots from its restored disks instead of resuming"
+        )),
+        None => ResumePlacement::HostGone(format!(
+            "host {want}, which holds the saved memory state of the restored snapshot, is no longer registered: the guest boots from its restored disks instead of resuming"
+        )),
+    }
+}
+
+/// Event reason: a VMI boots fresh instead of resuming a memory snapshot.
+pub const REASON_RESUME_HOST_GONE: &str = "ResumeHostUnavailable";
+
 /// Place one VMI. Returns when to try again, if it could not be placed.
 pub async fn reconcile(
     registry: &Registry,
@@ -316,8 +358,45 @@ pub async fn reconcile(
         .list(vmi_kind, None, &Selector::everything())
         .await?;
 
+    // A restored memory snapshot resumes only on the host holding it.
+    let now = chrono::Utc::now();
+    let hosts: Vec<Host> = host_items
+        .iter()
+        .filter_map(|h| serde_json::from_value(h.clone()).ok())
+        .collect();
+    let (candidates, only) = match resume_placement(&vmi, &hosts, now) {
+        ResumePlacement::Anywhere => (host_items, None),
+        ResumePlacement::Only(h) => (
+            host_items
+                .into_iter()
+                .filter(|x| x.pointer("/metadata/name").and_then(Value::as_str) == Some(&h))
+                .collect(),
+            Some(h),
+        ),
+        ResumePlacement::HostGone(msg) => {
+            warn!(%key, %msg, "not resuming");
+            registry
+                .merge_patch(
+                    vmi_kind,
+                    &key.namespace,
+                    &key.name,
+                    &json!({"metadata": {"resourceVersion": rv, "annotations": {
+                        RESUME_FROM_ANNOTATION: null, RESUME_HOST_ANNOTATION: null}}}),
+                    Subresource::Main,
+                )
+                .await?;
+            events.record_ref(involved, WARNING, REASON_RESUME_HOST_GONE, &msg);
+            return Ok(Some(Duration::ZERO));
+        }
+    };
     let mut status = st.clone();
-    let retry = match schedule(&raw, &host_items, &vmi_items, chrono::Utc::now()) {
+    let scheduled = schedule(&raw, &candidates, &vmi_items, now).map_err(|msg| match &only {
+        Some(h) => format!(
+            "the guest resumes a memory snapshot saved on host {h}, which cannot take it: {msg}"
+        ),
+        None => msg,
+    });
+    let retry = match scheduled {
         Ok(Placement {
             host,
             dedicated_cpus,
@@ -496,6 +575,40 @@ mod tests {
         let now = chrono::Utc::now();
         assert_eq!(choose_host(&vmi("1Gi"), &hosts, &placed, now).unwrap(), "a");
         assert_eq!(choose_host(&vmi("1Gi"), &hosts, &[], now).unwrap(), "b");
+    }
+
+    #[test]
+    fn a_memory_resume_runs_only_where_its_state_is() {
+        let hosts = [host("a", "8Gi", true), host("b", "8Gi", false)];
+        let now = chrono::Utc::now();
+        let mut v = vmi("1Gi");
+        assert_eq!(resume_placement(&v, &hosts, now), ResumePlacement::Anywhere);
+        v.metadata
+            .annotations
+            .insert(RESUME_FROM_ANNOTATION.into(), "snap".into());
+        // A mark without a recorded host (older restores): no constraint.
+        assert_eq!(resume_placement(&v, &hosts, now), ResumePlacement::Anywhere);
+        v.metadata
+            .annotations
+            .insert(RESUME_HOST_ANNOTATION.into(), "a".into());
+        assert_eq!(
+            resume_placement(&v, &hosts, now),
+            ResumePlacement::Only("a".into())
+        );
+        v.metadata
+            .annotations
+            .insert(RESUME_HOST_ANNOTATION.into(), "b".into());
+        let ResumePlacement::HostGone(msg) = resume_placement(&v, &hosts, now) else {
+            panic!()
+        };
+        assert!(msg.contains("host b") && msg.contains("not ready"), "{msg}");
+        v.metadata
+            .annotations
+            .insert(RESUME_HOST_ANNOTATION.into(), "c".into());
+        let ResumePlacement::HostGone(msg) = resume_placement(&v, &hosts, now) else {
+            panic!()
+        };
+        assert!(msg.contains("no longer registered"), "{msg}");
     }
 
     #[test]

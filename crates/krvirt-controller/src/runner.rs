@@ -171,6 +171,11 @@ impl Controllers {
             Ok(m) => tasks.push(tokio::spawn(m.run())),
             Err(e) => warn!(error = %e, "migration controller not started"),
         }
+        // Snapshot restores: the new VMs and resume marks agents may not write.
+        match crate::restore::RestoreController::new(me.registry.clone(), me.events.clone()) {
+            Ok(r) => tasks.push(tokio::spawn(r.run())),
+            Err(e) => warn!(error = %e, "restore controller not started"),
+        }
         // Webhooks.
         if let (Ok(wk), Ok(ek)) = (kind("webhooks"), kind("events")) {
             let hooks = crate::webhook::WebhookController::new(me.registry.clone(), wk, ek);
@@ -423,6 +428,20 @@ impl Controllers {
                 Action::ClearStartPaused => {
                     let patch = json!({"metadata": {"annotations": {
                         krvirt_api::kubevirt::START_PAUSED_ANNOTATION: null}}});
+                    self.registry
+                        .merge_patch(
+                            self.vm_kind,
+                            &key.namespace,
+                            &key.name,
+                            &patch,
+                            Subresource::Main,
+                        )
+                        .await?;
+                }
+                Action::ClearResumeMark => {
+                    let patch = json!({"metadata": {"annotations": {
+                        krvirt_api::snapshot::RESUME_FROM_ANNOTATION: null,
+                        krvirt_api::snapshot::RESUME_HOST_ANNOTATION: null}}});
                     self.registry
                         .merge_patch(
                             self.vm_kind,

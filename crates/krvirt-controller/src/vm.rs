@@ -34,6 +34,7 @@ use krvirt_api::meta::{
     Condition, ConditionStatus, ObjectMeta, OwnerReference, find_condition, parse_rfc3339,
     set_condition, to_rfc3339,
 };
+use krvirt_api::snapshot::{RESUME_FROM_ANNOTATION, RESUME_HOST_ANNOTATION};
 
 /// Reason the agent puts in a failed VMI's `status.reason` when its image
 /// could not be found; shown as ErrImagePull / ImagePullBackOff.
@@ -55,6 +56,11 @@ pub enum Action {
     /// The VM's start-paused annotation was used for the VMI just created:
     /// remove it so later starts run normally.
     ClearStartPaused,
+    /// The VM's memory-snapshot resume mark
+    /// ([`krvirt_api::snapshot::RESUME_FROM_ANNOTATION`] and its host) was
+    /// copied into the VMI just created, or a VMI exists that did not take
+    /// it: remove it, so only the next start resumes (and at most once).
+    ClearResumeMark,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +106,12 @@ pub fn vmi_from_template(vm: &VirtualMachine, paused: bool) -> VirtualMachineIns
     let mut annotations = tmpl.metadata.annotations.clone();
     if paused {
         annotations.insert(START_PAUSED_ANNOTATION.into(), "true".into());
+    }
+    // A restored memory snapshot: this start resumes from it (on its host).
+    for k in [RESUME_FROM_ANNOTATION, RESUME_HOST_ANNOTATION] {
+        if let Some(v) = vm.metadata.annotations.get(k) {
+            annotations.insert(k.into(), v.clone());
+        }
     }
     let mut labels: BTreeMap<String, String> = tmpl.metadata.labels.clone();
     labels
@@ -404,6 +416,13 @@ pub fn decide(
         }
     }
 
+    // The resume mark is for the next start only: gone once a VMI exists
+    // (it carries the mark if this VM created it with the mark).
+    let creating = actions.iter().any(|a| matches!(a, Action::CreateVmi(_)));
+    if vm.metadata.annotations.contains_key(RESUME_FROM_ANNOTATION) && (creating || vmi.is_some()) {
+        actions.push(Action::ClearResumeMark);
+    }
+
     // Report.
     let paused = vmi.is_some_and(|v| {
         v.status
@@ -424,7 +443,6 @@ pub fn decide(
                 .and_then(|s| find_condition(&s.conditions, vmi_conditions::READY))
                 .is_some_and(|c| c.status == ConditionStatus::True)
     });
-    let creating = actions.iter().any(|a| matches!(a, Action::CreateVmi(_)));
     let backoff_status = if image_failure || status_failed_on_image(&status, vmi) {
         PrintableStatus::ImagePullBackOff
     } else {

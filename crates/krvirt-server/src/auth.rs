@@ -688,11 +688,11 @@ async fn host_allowed(auth: &Auth, host: &str, a: &Attrs) -> bool {
         ("krvirt.io", "images") => a.resource.ends_with("/status"),
         // The agent provisions Volumes (their `krvirt.io/volume-cleanup`
         // finalizer), and runs snapshots, restores and clones: it marks
-        // the objects it works on, makes the Volumes, snapshots and
-        // restores they imply, and removes the ones a clone used. Until
-        // that work moves to the server's controllers, a host may write
-        // these kinds (never VMs: a restore into a new VM, and the memory
-        // mark on a VM, need an agent with more rights, as `krvirt up`'s).
+        // the objects it works on, records a snapshot's content (the VM
+        // definition), makes the snapshots and restores a clone implies,
+        // and removes the ones a clone used. Never VMs: the VM-writing
+        // part of a restore (a new VM, the memory resume mark) is the
+        // restore controller's (krvirt-controller `restore`).
         ("krvirt.io", "volumes")
         | (
             "snapshot.kubevirt.io",

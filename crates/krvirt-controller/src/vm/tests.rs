@@ -402,6 +402,45 @@ fn start_paused_reaches_the_vmi_once() {
     assert!(!v.metadata.annotations.contains_key(START_PAUSED_ANNOTATION));
 }
 
+#[test]
+fn a_resume_mark_goes_to_the_next_vmi_only() {
+    use krvirt_api::snapshot::{RESUME_FROM_ANNOTATION, RESUME_HOST_ANNOTATION};
+    let mut m = vm(Some(RunStrategy::Always));
+    m.metadata
+        .annotations
+        .insert(RESUME_FROM_ANNOTATION.into(), "snap-uid".into());
+    m.metadata
+        .annotations
+        .insert(RESUME_HOST_ANNOTATION.into(), "host1".into());
+    let d = decide(&m, None, t0());
+    let Action::CreateVmi(v) = &d.actions[0] else {
+        panic!("{:?}", d.actions)
+    };
+    assert_eq!(v.metadata.annotations[RESUME_FROM_ANNOTATION], "snap-uid");
+    assert_eq!(v.metadata.annotations[RESUME_HOST_ANNOTATION], "host1");
+    assert!(
+        d.actions.contains(&Action::ClearResumeMark),
+        "{:?}",
+        d.actions
+    );
+    // A VMI that exists (made before the mark, or whose clear failed):
+    // the mark goes without a new VMI.
+    let running = ready(vmi(&m, "u1", VmiPhase::Running), t0());
+    let d = decide(&m, Some(&running), t0());
+    assert_eq!(d.actions, vec![Action::ClearResumeMark]);
+    // Stopped, no request: the mark stays for the next start.
+    let mut halted = m.clone();
+    halted.spec.run_strategy = Some(RunStrategy::Halted);
+    assert!(decide(&halted, None, t0()).actions.is_empty());
+    // Without a mark nothing is cleared and the VMI carries none.
+    let d = decide(&vm(Some(RunStrategy::Always)), None, t0());
+    let Action::CreateVmi(v) = &d.actions[0] else {
+        panic!()
+    };
+    assert!(!v.metadata.annotations.contains_key(RESUME_FROM_ANNOTATION));
+    assert!(!d.actions.contains(&Action::ClearResumeMark));
+}
+
 fn with_instancetype(snapshot: Option<serde_json::Value>) -> VirtualMachine {
     let mut v = vm(Some(RunStrategy::Always));
     v.spec.instancetype = Some(krvirt_api::instancetype::InstancetypeMatcher {
