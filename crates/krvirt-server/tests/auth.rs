@@ -376,27 +376,27 @@ async fn view_cannot_mutate_and_tenants_stay_in_their_namespace() {
     // background: wait for the refused writes' records)
     let log = s.dir.path().join("audit.log");
     let deadline = Instant::now() + Duration::from_secs(10);
+    let anonymous = |r: &krvirt_server::audit::AuditRecord| {
+        r.entry.user == "unauthenticated"
+            && r.entry.code == 401
+            && r.entry.verb == "create"
+            && r.entry.namespace == "team-b"
+    };
+    let alice_refused = |r: &krvirt_server::audit::AuditRecord| {
+        r.entry.user == "alice" && r.entry.code == 403 && r.entry.namespace == "team-b"
+    };
+    // Wait for exactly the records asserted below (an earlier 403 of
+    // another user is not alice's).
     let records = loop {
         let records = krvirt_server::audit::read_records(&log).unwrap();
-        let seen = |code: u16| records.iter().any(|r| r.entry.code == code);
-        if (seen(401) && seen(403)) || Instant::now() > deadline {
+        let done = records.iter().any(anonymous) && records.iter().any(alice_refused);
+        if done || Instant::now() > deadline {
             break records;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(
-        records.iter().any(|r| r.entry.user == "unauthenticated"
-            && r.entry.code == 401
-            && r.entry.verb == "create"
-            && r.entry.namespace == "team-b"),
-        "{records:?}"
-    );
-    assert!(
-        records.iter().any(|r| r.entry.user == "alice"
-            && r.entry.code == 403
-            && r.entry.namespace == "team-b"),
-        "{records:?}"
-    );
+    assert!(records.iter().any(anonymous), "{records:?}");
+    assert!(records.iter().any(alice_refused), "{records:?}");
     assert!(krvirt_server::audit::verify_file(&s.dir.path().join("audit.log")).is_ok());
     let users: Vec<String> = records.iter().map(|r| r.entry.user.clone()).collect();
     assert!(users.iter().any(|u| u == "alice"), "{users:?}");
