@@ -222,8 +222,18 @@ impl Volumes {
         }
     }
 
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+    pub(crate) fn vol_kind(&self) -> &'static KindInfo {
+        self.vol_kind
+    }
+
     /// Whether StoragePool `name` says every host sees it.
-    async fn pool_is_shared(&self, name: &str) -> bool {
+    pub(crate) async fn pool_is_shared(&self, name: &str) -> bool {
         match self.client.get(self.pool_kind, "", name).await {
             Ok(raw) => serde_json::from_value::<StoragePool>(raw).is_ok_and(|p| p.spec.is_shared()),
             Err(_) => false,
@@ -287,6 +297,8 @@ impl Volumes {
     pub async fn sync(&self, v: &StorageVolume) -> Result<(), VolumeError> {
         let ns = v.metadata.namespace().to_string();
         let name = v.metadata.name().to_string();
+        // Copies made or left behind by live migrations (crate::volmove).
+        let v = &self.settle_moves(v).await?;
         let st = v.status.clone().unwrap_or_default();
         if st.host.as_deref().is_some_and(|h| h != self.node) {
             return Ok(());
@@ -295,6 +307,10 @@ impl Volumes {
         let has_finalizer = v.metadata.finalizers.iter().any(|f| f == VOLUME_FINALIZER);
 
         if v.metadata.deletion_timestamp.is_some() {
+            // A migration's copy or an old copy on another host goes first.
+            if has_finalizer && (st.migration.is_some() || !st.stale_copies.is_empty()) {
+                return Ok(());
+            }
             if has_finalizer {
                 if st.host.is_some() {
                     let b = self.backend(v.pool()).await?;
@@ -332,6 +348,10 @@ impl Volumes {
         let (Some(want), Some(have)) = (want, have) else {
             return Ok(());
         };
+        // A migration is copying it: the target's copy has the old size.
+        if st.migration.is_some() {
+            return Ok(());
+        }
         if want <= have {
             return Ok(());
         }
