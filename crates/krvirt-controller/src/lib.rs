@@ -26,6 +26,7 @@ pub mod queue;
 mod runner;
 pub mod templates;
 pub mod vm;
+pub mod volmigration;
 mod volumes;
 pub mod webhook;
 
