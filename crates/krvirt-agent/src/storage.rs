@@ -379,6 +379,25 @@ impl Volumes {
         let ns = v.metadata.namespace().to_string();
         let name = v.metadata.name().to_string();
         let src = &v.spec.source;
+        // One host claims the Volume (compare-and-swap): agents of several
+        // hosts see a new Volume at the same time, and a host-local pool's
+        // Volume must be made by exactly one of them.
+        if st.host.is_none() {
+            let me = self.node.clone();
+            let claimed = self
+                .modify_status(&ns, &name, |s| {
+                    if s.host.is_some() {
+                        return false;
+                    }
+                    s.host = Some(me.clone());
+                    true
+                })
+                .await?;
+            if !claimed {
+                return Ok(());
+            }
+            st.host = Some(self.node.clone());
+        }
         // An upload Volume waits for its content (the upload endpoint
         // streams it into the image store and records its digest).
         if src.upload.is_some()

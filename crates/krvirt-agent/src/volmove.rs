@@ -103,7 +103,10 @@ pub enum Settle {
     Nothing,
     /// Write the move: `host` = `to`, `from` listed as a stale copy, the
     /// record dropped (one status write; nothing is deleted yet).
-    RecordMove { from: String, to: String },
+    RecordMove {
+        from: String,
+        to: String,
+    },
     /// Delete this host's copy (the failed migration's target), then drop
     /// the record.
     DropTargetCopy,
@@ -382,7 +385,8 @@ impl Volumes {
                 .ok_or_else(|| format!("Volume {claim:?} not found"))?;
             if self.pool_is_shared(v.pool()).await {
                 let r = self.open(ns, claim).await.map_err(|e| match e {
-                    crate::storage::ResolveError::Wait(m) | crate::storage::ResolveError::Fail(m) => m,
+                    crate::storage::ResolveError::Wait(m)
+                    | crate::storage::ResolveError::Fail(m) => m,
                 })?;
                 out.insert(claim.to_string(), r);
                 continue;
@@ -482,7 +486,9 @@ impl Volumes {
                 .await
                 .map_err(|e| e.to_string())?;
             if !wrote {
-                return Err(format!("Volume {name:?} changed while the target prepared its copy"));
+                return Err(format!(
+                    "Volume {name:?} changed while the target prepared its copy"
+                ));
             }
         }
         let (b, n) = (backend.clone(), bname.clone());
@@ -562,9 +568,10 @@ impl Volumes {
             }
             let backend = self.backend(v.pool()).await.map_err(|e| e.to_string())?;
             let n = backend_name(ns, claim);
-            let (snaps, src) = run_blocking(move || Ok((backend.snapshots(&n)?, backend.disk(&n)?)))
-                .await
-                .map_err(|e| e.to_string())?;
+            let (snaps, src) =
+                run_blocking(move || Ok((backend.snapshots(&n)?, backend.disk(&n)?)))
+                    .await
+                    .map_err(|e| e.to_string())?;
             if !snaps.is_empty() {
                 return Err(snapshot_refusal(claim, &snaps));
             }
@@ -768,7 +775,11 @@ mod tests {
         let mut odd = rec();
         odd.target_host = "a".into();
         assert!(matches!(
-            settle_action(&status("a", Some(odd), &[]), "a", Some(&MoveOutcome::Stayed)),
+            settle_action(
+                &status("a", Some(odd), &[]),
+                "a",
+                Some(&MoveOutcome::Stayed)
+            ),
             Settle::Undecidable(_)
         ));
     }

@@ -210,7 +210,11 @@ mod tests {
             check_volumes(&v, &vols, &pools, &[], &[v.clone(), other]),
             VolumeCheck::Refuse(m) if m.contains("vm3")
         ));
-        let pending = [volume("data", "local", json!({"phase": "ImportInProgress"}))];
+        let pending = [volume(
+            "data",
+            "local",
+            json!({"phase": "ImportInProgress"}),
+        )];
         let only = vmi("vm1", "u1", json!([claim("a", "data")]));
         assert!(matches!(
             check_volumes(&only, &pending, &pools, &[], &[]),
