@@ -226,8 +226,8 @@ impl MirrorDisk {
 /// The disks of a plan that must be mirrored: the writable ones in the
 /// VMI's run directory (containerDisk overlays: `top`; emptyDisk blanks:
 /// `full`). Read-only disks (the cloud-init seed) are made again on the
-/// target; Volumes are opened in place (rbd, or pools every host sees:
-/// the target cannot even resolve a Volume of another host's local pool).
+/// target; Volumes of shared pools are opened in place, those of
+/// host-local pools are added by [`crate::volmove::volume_mirror_disks`].
 pub fn mirrored_disks(plan: &plan::Plan) -> Vec<MirrorDisk> {
     plan.config
         .disks

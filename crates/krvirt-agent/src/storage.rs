@@ -5,8 +5,9 @@
 //!
 //! Local pools live on one host, so the host's agent provisions their
 //! Volumes (the server may not even see the pool's directory). A Volume is
-//! claimed by the first agent that provisions it (`status.host`); every
-//! later operation on it happens on that host.
+//! claimed by one agent (`status.host`, compare-and-swap); every later
+//! operation on it happens on that host, until a live migration moves it
+//! ([`crate::volmove`]).
 //!
 //! Backend volume names are `{namespace}.{name}` (namespaces have no dots).
 

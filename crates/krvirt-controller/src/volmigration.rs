@@ -12,7 +12,7 @@
 
 use krvirt_api::kubevirt::VirtualMachineInstance;
 use krvirt_api::snapshot::VirtualMachineSnapshot;
-use krvirt_api::storage::{StoragePool, StorageVolume, VolumePhase};
+use krvirt_api::storage::{StoragePool, StorageVolume, VolumePhase, hotplug_requests};
 
 /// The verdict on a VMI's Volumes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,27 @@ pub fn check_volumes(
     vmis: &[VirtualMachineInstance],
 ) -> VolumeCheck {
     let ns = vmi.metadata.namespace();
+    let is_shared = |v: &StorageVolume| {
+        pools
+            .iter()
+            .find(|p| p.metadata.name() == v.pool())
+            .is_some_and(|p| p.spec.is_shared())
+    };
+    // Hot-plugged Volumes are attached at run time, not part of the plan
+    // the target starts from: one of a host-local pool has no copy there.
+    let hotplugged = hotplug_requests(&vmi.metadata.annotations).unwrap_or_default();
+    for (disk, claim) in &hotplugged {
+        let local = volumes
+            .iter()
+            .find(|v| v.metadata.namespace() == ns && v.metadata.name() == claim)
+            .filter(|v| !is_shared(v));
+        if let Some(v) = local {
+            return VolumeCheck::Refuse(format!(
+                "Volume {claim:?} on host-local StoragePool {:?} is hot-plugged (disk {disk:?}); only the VMI's own Volumes are mirrored (unplug it to migrate)",
+                v.pool()
+            ));
+        }
+    }
     for vol in &vmi.spec.volumes {
         let Some(claim) = vol.claim() else { continue };
         let Some(v) = volumes
@@ -43,11 +64,7 @@ pub fn check_volumes(
             return VolumeCheck::Refuse(format!("Volume {claim:?} not found"));
         };
         let pool_name = v.pool();
-        let shared = pools
-            .iter()
-            .find(|p| p.metadata.name() == pool_name)
-            .is_some_and(|p| p.spec.is_shared());
-        if shared {
+        if is_shared(v) {
             continue;
         }
         let refuse = |why: String| {
@@ -235,6 +252,17 @@ mod tests {
         assert!(matches!(
             check_volumes(&only, &[], &pools, &[], &[]),
             VolumeCheck::Refuse(m) if m.contains("not found")
+        ));
+
+        // A hot-plugged host-local Volume has no copy on the target.
+        let mut plugged = only.clone();
+        plugged.metadata.annotations.insert(
+            krvirt_api::storage::HOTPLUG_ANNOTATION.into(),
+            json!({"extra": "data"}).to_string(),
+        );
+        assert!(matches!(
+            check_volumes(&plugged, &vols, &pools, &[], &[]),
+            VolumeCheck::Refuse(m) if m.contains("hot-plugged")
         ));
     }
 }

@@ -455,7 +455,7 @@ async fn read_marks(c: &Cluster, host: &str, uid: &str, tag: &str) -> (String, S
         host,
         uid,
         &format!("{tag}S"),
-        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1",
     )
     .await;
     let root = ask(
@@ -828,7 +828,7 @@ spec:
         &dst,
         &uid,
         "R",
-        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1",
     )
     .await;
     assert_eq!(back, format!("SHARED-{mark}"));
@@ -952,7 +952,7 @@ async fn a_volume_on_a_host_local_pool_moves_with_its_guest() {
         ticks(&c.host(&src).console_file(&uid))
             .last()
             .copied()
-            .filter(|n| *n >= 1)
+            .filter(|n| *n >= 2)
     })
     .await;
     let vol = c.server.get(LOCAL_VOLUME).await.unwrap();
@@ -1022,7 +1022,7 @@ async fn a_volume_on_a_host_local_pool_moves_with_its_guest() {
         &dst,
         &uid,
         "R",
-        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1",
     )
     .await;
     assert_eq!(back, format!("LOCAL-{mark}"));
@@ -1031,10 +1031,12 @@ async fn a_volume_on_a_host_local_pool_moves_with_its_guest() {
         (t.first().is_some_and(|f| *f > last_on_source) && t.len() >= 2).then_some(())
     })
     .await;
+    // The same guest, not a new boot: no count from 1 again, only on
+    // (a line may be lost in the shell's echo on the console).
     let t = ticks(&c.host(&dst).console_file(&uid));
     assert!(
-        t.windows(2).all(|w| w[1] == w[0] + 1),
-        "the target's ticks count on: {t:?}"
+        t.windows(2).all(|w| w[1] > w[0]) && t[0] + 1 >= last_on_source,
+        "the target's ticks count on from {last_on_source}: {t:?}"
     );
     // The target's file itself holds the data.
     let tmp = c.server.dir.path().join("content.raw");
@@ -1141,7 +1143,7 @@ async fn a_cancelled_migration_leaves_a_host_local_volume_on_its_source() {
         &src,
         &uid,
         "R",
-        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | cut -d. -f1",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1",
     )
     .await;
     assert_eq!(back, format!("LOCAL-{mark}"));

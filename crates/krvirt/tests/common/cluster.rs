@@ -88,9 +88,12 @@ impl Host {
         }
     }
 
-    /// The console log file of a VMI uid on this host (read from disk).
+    /// The console log file of a VMI uid on this host (read from disk;
+    /// bytes that are not UTF-8, e.g. a guest echoing random disk
+    /// content, do not hide the rest).
     pub fn console_file(&self, uid: &str) -> String {
-        std::fs::read_to_string(self.data_dir.join("run/vmi").join(uid).join("console.log"))
+        std::fs::read(self.data_dir.join("run/vmi").join(uid).join("console.log"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     }
 
