@@ -121,6 +121,47 @@ pub fn check_volumes(
     VolumeCheck::Ok
 }
 
+/// The host a VMI must run on because of its Volumes: the one holding
+/// its host-local Volumes (`status.host`, which a migration moves). `Err`
+/// when they are on different hosts. Volumes not made yet and those of
+/// shared pools do not pin.
+pub fn volume_host(
+    vmi: &VirtualMachineInstance,
+    volumes: &[StorageVolume],
+    pools: &[StoragePool],
+) -> Result<Option<String>, String> {
+    let ns = vmi.metadata.namespace();
+    let mut pinned: Option<(String, &str)> = None;
+    for claim in vmi.spec.volumes.iter().filter_map(|v| v.claim()) {
+        let Some(v) = volumes
+            .iter()
+            .find(|v| v.metadata.namespace() == ns && v.metadata.name() == claim)
+        else {
+            continue;
+        };
+        let shared = pools
+            .iter()
+            .find(|p| p.metadata.name() == v.pool())
+            .is_some_and(|p| p.spec.is_shared());
+        let Some(host) = v.status.as_ref().and_then(|s| s.host.as_deref()) else {
+            continue;
+        };
+        if shared {
+            continue;
+        }
+        match &pinned {
+            Some((h, other)) if h != host => {
+                return Err(format!(
+                    "its host-local Volumes are on different hosts: {other:?} on {h:?}, {claim:?} on {host:?}"
+                ));
+            }
+            Some(_) => {}
+            None => pinned = Some((host.to_string(), claim)),
+        }
+    }
+    Ok(pinned.map(|(h, _)| h))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +294,20 @@ mod tests {
             check_volumes(&only, &[], &pools, &[], &[]),
             VolumeCheck::Refuse(m) if m.contains("not found")
         ));
+
+        // Placement follows host-local Volumes, not shared ones.
+        assert_eq!(volume_host(&v, &vols, &pools), Ok(Some("a".into())));
+        let elsewhere = [
+            volume("data", "local", json!({"phase": "Succeeded", "host": "a"})),
+            volume("shared", "nfs", json!({"phase": "Succeeded", "host": "b"})),
+            volume("d", "default", json!({"phase": "Succeeded", "host": "b"})),
+        ];
+        assert!(matches!(
+            volume_host(&v, &elsewhere, &pools),
+            Err(m) if m.contains("\"d\" on \"b\"")
+        ));
+        let fresh = [volume("data", "local", json!({"phase": "Pending"}))];
+        assert_eq!(volume_host(&only, &fresh, &pools), Ok(None));
 
         // A hot-plugged host-local Volume has no copy on the target.
         let mut plugged = only.clone();

@@ -861,9 +861,10 @@ spec:
 }
 
 /// VM `onlocal` (label `app: onlocal`) with Volume `local-data` as its
-/// second disk (`/dev/vdb`), preferring `host` (where the Volume was
-/// made: placement does not follow Volumes yet).
-fn local_volume_vm(host: &str) -> String {
+/// second disk (`/dev/vdb`), preferring host `prefer` (weight 100): the
+/// tests point it away from the Volume's host, where placement must put
+/// the VMI all the same.
+fn local_volume_vm(prefer: &str) -> String {
     format!(
         r#"apiVersion: kubevirt.io/v1
 kind: VirtualMachine
@@ -882,7 +883,7 @@ spec:
           - weight: 100
             preference:
               matchExpressions:
-              - {{key: kubernetes.io/hostname, operator: In, values: [{host}]}}
+              - {{key: kubernetes.io/hostname, operator: In, values: [{prefer}]}}
       domain:
         devices:
           disks:
@@ -905,7 +906,8 @@ spec:
 }
 
 /// Make the pool and Volume, wait until one host made it, then start the
-/// VM there; returns (VMI uid, QEMU pid, the Volume's host).
+/// VM, which prefers the other host but is placed on the Volume's;
+/// returns (VMI uid, QEMU pid, the Volume's host).
 async fn start_on_local_volume(c: &Cluster) -> (String, u32, String) {
     apply(c, &local_volume(&c.local_path()));
     let host = c
@@ -924,9 +926,14 @@ async fn start_on_local_volume(c: &Cluster) -> (String, u32, String) {
         .map(|h| h.name.as_str())
         .collect();
     assert_eq!(made, [host.as_str()], "the Volume's file on its host only");
-    apply(c, &local_volume_vm(&host));
+    let other = c.hosts.iter().find(|h| h.name != host).unwrap();
+    apply(c, &local_volume_vm(&other.name));
     let (uid, pid) = c.server.running_vmi("onlocal", None).await;
-    assert_eq!(c.node_of("onlocal").await.as_deref(), Some(host.as_str()));
+    assert_eq!(
+        c.node_of("onlocal").await.as_deref(),
+        Some(host.as_str()),
+        "placed with its host-local Volume"
+    );
     (uid, pid, host)
 }
 
@@ -1046,6 +1053,22 @@ async fn a_volume_on_a_host_local_pool_moves_with_its_guest() {
         "the target's Volume file starts {:?}",
         String::from_utf8_lossy(&data[..32])
     );
+
+    // Restarted (its template now preferring the old host), the VM runs
+    // where its Volume lives now, with the data.
+    apply(&c, &local_volume_vm(&src));
+    c.server.ok(&["restart", "onlocal"]);
+    let (uid2, _) = c.server.running_vmi("onlocal", Some(&uid)).await;
+    assert_eq!(c.node_of("onlocal").await.as_deref(), Some(dst.as_str()));
+    let back = ask(
+        &c,
+        &dst,
+        &uid2,
+        "N",
+        "dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1",
+    )
+    .await;
+    assert_eq!(back, format!("LOCAL-{mark}"));
 }
 
 /// A migration of a VM with a Volume on a host-local pool, cancelled while
