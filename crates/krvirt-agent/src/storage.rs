@@ -384,6 +384,9 @@ impl Volumes {
         // hosts see a new Volume at the same time, and a host-local pool's
         // Volume must be made by exactly one of them.
         if st.host.is_none() {
+            if !self.may_claim(v).await? {
+                return Ok(());
+            }
             let me = self.node.clone();
             let claimed = self
                 .modify_status(&ns, &name, |s| {
@@ -576,6 +579,42 @@ impl Volumes {
         self.write_status(&ns, &name, &st).await
     }
 
+    /// Whether this host may make Volume `v`: nobody uses it yet, or a
+    /// VMI bound to this host does. A Volume a VMI waits for is made on
+    /// that VMI's host (once it is placed), not by whichever agent looks
+    /// first.
+    async fn may_claim(&self, v: &StorageVolume) -> Result<bool, VolumeError> {
+        let vmi_kind = kind("virtualmachineinstances")?;
+        let ns = v.metadata.namespace();
+        // A clone or a Volume from a snapshot of a host-local pool can only
+        // be made where its source Volume is.
+        let source = v.spec.source.volume.as_ref().map(|r| r.name.clone()).or(v
+            .spec
+            .source
+            .snapshot
+            .as_ref()
+            .map(|s| s.volume.clone()));
+        if let Some(sv) = source
+            && !self.pool_is_shared(v.pool()).await
+        {
+            // (A missing source: claim it, to say so in its status.)
+            return Ok(match self.get_volume(ns, &sv).await? {
+                None => true,
+                Some(o) => o.status.and_then(|s| s.host).as_deref() == Some(self.node.as_str()),
+            });
+        }
+        let list = self
+            .client
+            .list(vmi_kind, &ListParams::namespaced(ns))
+            .await?;
+        let vmis: Vec<VirtualMachineInstance> = list
+            .items
+            .into_iter()
+            .filter_map(|o| serde_json::from_value::<VirtualMachineInstance>(o).ok())
+            .collect();
+        Ok(claimable_by(&vmis, v.metadata.name(), &self.node))
+    }
+
     async fn pending(
         &self,
         ns: &str,
@@ -649,6 +688,25 @@ impl Volumes {
         }
         Ok(out)
     }
+}
+
+/// Whether host `me` may make Volume `volume` given the VMIs of its
+/// namespace: nobody (not ended) uses it, or one bound to `me` does.
+pub fn claimable_by(vmis: &[VirtualMachineInstance], volume: &str, me: &str) -> bool {
+    let users: Vec<&VirtualMachineInstance> = vmis
+        .iter()
+        .filter(|vmi| vmi.spec.volumes.iter().any(|x| x.claim() == Some(volume)))
+        .filter(|vmi| {
+            !vmi.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(|p| p.is_final())
+        })
+        .collect();
+    users.is_empty()
+        || users
+            .iter()
+            .any(|vmi| vmi.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(me))
 }
 
 /// What the plan needs of a volume's [`DiskSource`].

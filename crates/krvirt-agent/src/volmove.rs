@@ -785,6 +785,30 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_is_made_on_the_host_of_the_vmi_that_uses_it() {
+        use crate::storage::claimable_by;
+        let user = |node: Option<&str>, phase: &str| -> VirtualMachineInstance {
+            serde_json::from_value(json!({
+                "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                "metadata": {"name": "v", "namespace": "default", "uid": "u1"},
+                "spec": {"domain": {"devices": {}}, "volumes": [
+                    {"name": "d", "persistentVolumeClaim": {"claimName": "data"}}]},
+                "status": {"phase": phase, "nodeName": node},
+            }))
+            .unwrap()
+        };
+        // Unused: any host.
+        assert!(claimable_by(&[], "data", "a"));
+        assert!(claimable_by(&[user(None, "Pending")], "other", "a"));
+        // Used by a VMI not placed yet, or placed elsewhere: not here.
+        assert!(!claimable_by(&[user(None, "Pending")], "data", "a"));
+        assert!(!claimable_by(&[user(Some("b"), "Scheduled")], "data", "a"));
+        assert!(claimable_by(&[user(Some("a"), "Scheduled")], "data", "a"));
+        // An ended VMI does not hold it.
+        assert!(claimable_by(&[user(Some("b"), "Failed")], "data", "a"));
+    }
+
+    #[test]
     fn volume_disks_are_mirrored_in_full() {
         let run = "/var/lib/krvirt/run/vmi/u1";
         let mut config: krvirt_hypervisor::VmConfig = serde_json::from_value(json!({
