@@ -1083,14 +1083,14 @@ async fn a_volume_on_a_host_local_pool_moves_with_its_guest() {
 }
 
 /// A migration of a VM with a Volume on a host-local pool, cancelled while
-/// the Volume is being mirrored: the Volume stays on the source with its
-/// data, the target's copy (recorded in the Volume while it existed) is
-/// deleted. Then a VirtualMachineSnapshot of the VM makes the next
+/// the Volume is being mirrored and the target's agent is down: the
+/// Volume stays on the source with its data; the target's copy, recorded
+/// in the Volume, is deleted once that agent is back (level-triggered). Then a VirtualMachineSnapshot of the VM makes the next
 /// migration fail at once, naming the Volume and the snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_migration_leaves_a_host_local_volume_on_its_source() {
     use std::os::unix::fs::MetadataExt;
-    let c = Cluster::start_with_host_local_dir(2, "local-pool").await;
+    let mut c = Cluster::start_with_host_local_dir(2, "local-pool").await;
     apply(
         &c,
         &SLOW_DISK_POLICY.replace("app: slow-disks", "app: onlocal"),
@@ -1146,6 +1146,8 @@ async fn a_cancelled_migration_leaves_a_host_local_volume_on_its_source() {
         "the target's copy exists while mirroring"
     );
 
+    // The target's agent dies; the migration is cancelled meanwhile.
+    c.host_mut(&dst).kill_agent();
     let out = c.server.ok(&["migrate", "onlocal", "--cancel"]);
     assert!(out.contains("cancelled"), "{out}");
     c.until("migration aborted", Duration::from_secs(60), || async {
@@ -1155,6 +1157,17 @@ async fn a_cancelled_migration_leaves_a_host_local_volume_on_its_source() {
     .await;
     assert_eq!(c.node_of("onlocal").await.as_deref(), Some(src.as_str()));
     assert!(pid_alive(src_pid));
+    // Only the target may delete its copy: it stays, recorded, until that
+    // agent is back (its Volume sync finds the record and finishes).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let vol = c.server.get(LOCAL_VOLUME).await.unwrap();
+    assert_eq!(
+        vol["status"]["migration"]["targetHost"],
+        Value::String(dst.clone()),
+        "{vol}"
+    );
+    assert!(dst_file.is_file(), "nobody else deleted the target's copy");
+    c.restart_agent(&dst);
     c.until(
         "the target's copy deleted",
         Duration::from_secs(60),
