@@ -691,11 +691,16 @@ impl Volumes {
 }
 
 /// Whether host `me` may make Volume `volume` given the VMIs of its
-/// namespace: nobody (not ended) uses it, or one bound to `me` does.
+/// namespace: nobody (not ended) uses it, or one bound to `me` does
+/// (among its own Volumes or hot-plugged).
 pub fn claimable_by(vmis: &[VirtualMachineInstance], volume: &str, me: &str) -> bool {
     let users: Vec<&VirtualMachineInstance> = vmis
         .iter()
-        .filter(|vmi| vmi.spec.volumes.iter().any(|x| x.claim() == Some(volume)))
+        .filter(|vmi| {
+            vmi.spec.volumes.iter().any(|x| x.claim() == Some(volume))
+                || hotplug_requests(&vmi.metadata.annotations)
+                    .is_ok_and(|h| h.values().any(|v| v == volume))
+        })
         .filter(|vmi| {
             !vmi.status
                 .as_ref()

@@ -806,6 +806,14 @@ mod tests {
         assert!(claimable_by(&[user(Some("a"), "Scheduled")], "data", "a"));
         // An ended VMI does not hold it.
         assert!(claimable_by(&[user(Some("b"), "Failed")], "data", "a"));
+        // A Volume to hot-plug goes where its VMI runs.
+        let mut plugging = user(Some("b"), "Running");
+        plugging.metadata.annotations.insert(
+            krvirt_api::storage::HOTPLUG_ANNOTATION.into(),
+            json!({"extra": "spare"}).to_string(),
+        );
+        assert!(!claimable_by(std::slice::from_ref(&plugging), "spare", "a"));
+        assert!(claimable_by(&[plugging], "spare", "b"));
     }
 
     #[test]
