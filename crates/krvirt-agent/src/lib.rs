@@ -13,5 +13,6 @@ pub mod network;
 pub mod plan;
 pub mod snapshot;
 pub mod storage;
+pub mod volmove;
 
 pub use agent::{Agent, AgentConfig, AgentError};

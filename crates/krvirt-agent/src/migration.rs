@@ -227,8 +227,8 @@ impl MirrorDisk {
 /// The disks of a plan that must be mirrored: the writable ones in the
 /// VMI's run directory (containerDisk overlays: `top`; emptyDisk blanks:
 /// `full`). Read-only disks (the cloud-init seed) are made again on the
-/// target; Volumes are opened in place (rbd, or pools every host sees:
-/// the target cannot even resolve a Volume of another host's local pool).
+/// target; Volumes of shared pools are opened in place, those of
+/// host-local pools are added by [`crate::volmove::volume_mirror_disks`].
 pub fn mirrored_disks(plan: &plan::Plan) -> Vec<MirrorDisk> {
     plan.config
         .disks
@@ -598,11 +598,13 @@ async fn prepare_target(
     // The base images of overlays must be here too (content-addressed: the
     // same digest is the same content the source's overlay sits on).
     agent.ensure_images(vmi).await?;
-    let volumes = agent
+    // Volumes: shared ones open in place, host-local ones get an empty
+    // copy here that the source mirrors into (crate::volmove).
+    let (volumes, volume_copies) = agent
         .volumes()
-        .resolve(vmi)
+        .resolve_for_target(vmi, mig_uid, ms.source_node.as_deref().unwrap_or_default())
         .await
-        .map_err(|e| format!("volumes: {e:?}"))?;
+        .map_err(|e| format!("volumes: {e}"))?;
     let plan = plan::plan_with_volumes(
         vmi,
         agent.accel_kind(),
@@ -626,7 +628,8 @@ async fn prepare_target(
         .prepare(vmi, &run_dir)
         .await
         .map_err(|e| format!("preparing the network: {e}"))?;
-    let mirror = mirrored_disks(&plan);
+    let mut mirror = mirrored_disks(&plan);
+    mirror.extend(crate::volmove::volume_mirror_disks(&plan, &volume_copies));
     let mut config = plan.config.clone();
     // Shared storage: the guest's vCPUs start when the state arrives, as
     // they were. Mirrored disks: QEMU holds the guest paused after the
@@ -854,6 +857,7 @@ async fn resume_if_paused(handle: &QemuHandle) {
 async fn source_mirror_set(
     agent: &Agent,
     vmi: &VirtualMachineInstance,
+    mig_uid: &str,
 ) -> Result<Vec<MirrorDisk>, String> {
     let uid = vmi.metadata.uid.clone().unwrap_or_default();
     let volumes = agent
@@ -869,7 +873,11 @@ async fn source_mirror_set(
         &volumes,
     )
     .map_err(|e| e.to_string())?;
-    Ok(mirrored_disks(&plan))
+    let mut disks = mirrored_disks(&plan);
+    // Host-local Volumes the target made a copy of (crate::volmove).
+    let copies = agent.volumes().source_copies(vmi, mig_uid).await?;
+    disks.extend(crate::volmove::volume_mirror_disks(&plan, &copies));
+    Ok(disks)
 }
 
 /// Start the block mirror of every disk in `disks` into the target's NBD
@@ -987,7 +995,7 @@ async fn run_source(
     let uri = target_uri(ms).ok_or("the target's address is not usable")?;
     let target = ms.target_node.clone().unwrap_or_default();
     let cfg = ms.migration_configuration.clone().unwrap_or_default();
-    let disks = source_mirror_set(agent, vmi).await?;
+    let disks = source_mirror_set(agent, vmi, mig_uid).await?;
     let nbd = match disks.is_empty() {
         true => None,
         false => Some(target_nbd(ms).ok_or_else(|| {

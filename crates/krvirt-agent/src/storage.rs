@@ -5,8 +5,9 @@
 //!
 //! Local pools live on one host, so the host's agent provisions their
 //! Volumes (the server may not even see the pool's directory). A Volume is
-//! claimed by the first agent that provisions it (`status.host`); every
-//! later operation on it happens on that host.
+//! claimed by one agent (`status.host`, compare-and-swap); every later
+//! operation on it happens on that host, until a live migration moves it
+//! ([`crate::volmove`]).
 //!
 //! Backend volume names are `{namespace}.{name}` (namespaces have no dots).
 
@@ -222,8 +223,18 @@ impl Volumes {
         }
     }
 
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+    pub(crate) fn vol_kind(&self) -> &'static KindInfo {
+        self.vol_kind
+    }
+
     /// Whether StoragePool `name` says every host sees it.
-    async fn pool_is_shared(&self, name: &str) -> bool {
+    pub(crate) async fn pool_is_shared(&self, name: &str) -> bool {
         match self.client.get(self.pool_kind, "", name).await {
             Ok(raw) => serde_json::from_value::<StoragePool>(raw).is_ok_and(|p| p.spec.is_shared()),
             Err(_) => false,
@@ -287,6 +298,8 @@ impl Volumes {
     pub async fn sync(&self, v: &StorageVolume) -> Result<(), VolumeError> {
         let ns = v.metadata.namespace().to_string();
         let name = v.metadata.name().to_string();
+        // Copies made or left behind by live migrations (crate::volmove).
+        let v = &self.settle_moves(v).await?;
         let st = v.status.clone().unwrap_or_default();
         if st.host.as_deref().is_some_and(|h| h != self.node) {
             return Ok(());
@@ -295,6 +308,10 @@ impl Volumes {
         let has_finalizer = v.metadata.finalizers.iter().any(|f| f == VOLUME_FINALIZER);
 
         if v.metadata.deletion_timestamp.is_some() {
+            // A migration's copy or an old copy on another host goes first.
+            if has_finalizer && (st.migration.is_some() || !st.stale_copies.is_empty()) {
+                return Ok(());
+            }
             if has_finalizer {
                 if st.host.is_some() {
                     let b = self.backend(v.pool()).await?;
@@ -332,6 +349,10 @@ impl Volumes {
         let (Some(want), Some(have)) = (want, have) else {
             return Ok(());
         };
+        // A migration is copying it: the target's copy has the old size.
+        if st.migration.is_some() {
+            return Ok(());
+        }
         if want <= have {
             return Ok(());
         }
@@ -359,6 +380,28 @@ impl Volumes {
         let ns = v.metadata.namespace().to_string();
         let name = v.metadata.name().to_string();
         let src = &v.spec.source;
+        // One host claims the Volume (compare-and-swap): agents of several
+        // hosts see a new Volume at the same time, and a host-local pool's
+        // Volume must be made by exactly one of them.
+        if st.host.is_none() {
+            if !self.may_claim(v).await? {
+                return Ok(());
+            }
+            let me = self.node.clone();
+            let claimed = self
+                .modify_status(&ns, &name, |s| {
+                    if s.host.is_some() {
+                        return false;
+                    }
+                    s.host = Some(me.clone());
+                    true
+                })
+                .await?;
+            if !claimed {
+                return Ok(());
+            }
+            st.host = Some(self.node.clone());
+        }
         // An upload Volume waits for its content (the upload endpoint
         // streams it into the image store and records its digest).
         if src.upload.is_some()
@@ -546,6 +589,42 @@ impl Volumes {
         self.write_status(&ns, &name, &st).await
     }
 
+    /// Whether this host may make Volume `v`: nobody uses it yet, or a
+    /// VMI bound to this host does. A Volume a VMI waits for is made on
+    /// that VMI's host (once it is placed), not by whichever agent looks
+    /// first.
+    async fn may_claim(&self, v: &StorageVolume) -> Result<bool, VolumeError> {
+        let vmi_kind = kind("virtualmachineinstances")?;
+        let ns = v.metadata.namespace();
+        // A clone or a Volume from a snapshot of a host-local pool can only
+        // be made where its source Volume is.
+        let source = v.spec.source.volume.as_ref().map(|r| r.name.clone()).or(v
+            .spec
+            .source
+            .snapshot
+            .as_ref()
+            .map(|s| s.volume.clone()));
+        if let Some(sv) = source
+            && !self.pool_is_shared(v.pool()).await
+        {
+            // (A missing source: claim it, to say so in its status.)
+            return Ok(match self.get_volume(ns, &sv).await? {
+                None => true,
+                Some(o) => o.status.and_then(|s| s.host).as_deref() == Some(self.node.as_str()),
+            });
+        }
+        let list = self
+            .client
+            .list(vmi_kind, &ListParams::namespaced(ns))
+            .await?;
+        let vmis: Vec<VirtualMachineInstance> = list
+            .items
+            .into_iter()
+            .filter_map(|o| serde_json::from_value::<VirtualMachineInstance>(o).ok())
+            .collect();
+        Ok(claimable_by(&vmis, v.metadata.name(), &self.node))
+    }
+
     async fn pending(
         &self,
         ns: &str,
@@ -619,6 +698,30 @@ impl Volumes {
         }
         Ok(out)
     }
+}
+
+/// Whether host `me` may make Volume `volume` given the VMIs of its
+/// namespace: nobody (not ended) uses it, or one bound to `me` does
+/// (among its own Volumes or hot-plugged).
+pub fn claimable_by(vmis: &[VirtualMachineInstance], volume: &str, me: &str) -> bool {
+    let users: Vec<&VirtualMachineInstance> = vmis
+        .iter()
+        .filter(|vmi| {
+            vmi.spec.volumes.iter().any(|x| x.claim() == Some(volume))
+                || hotplug_requests(&vmi.metadata.annotations)
+                    .is_ok_and(|h| h.values().any(|v| v == volume))
+        })
+        .filter(|vmi| {
+            !vmi.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(|p| p.is_final())
+        })
+        .collect();
+    users.is_empty()
+        || users
+            .iter()
+            .any(|vmi| vmi.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(me))
 }
 
 /// What the plan needs of a volume's [`DiskSource`].

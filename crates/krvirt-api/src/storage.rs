@@ -269,6 +269,35 @@ pub struct VolumeStatus {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub conditions: Vec<Condition>,
+    /// krvirt: a live migration of the VMI using this Volume is copying it
+    /// (block mirror) into the same pool on another host. Written by the
+    /// target's agent before it creates its copy; resolved (the Volume
+    /// moves, or the copy is deleted) once the migration has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<VolumeMigration>,
+    /// krvirt: hosts still holding an old copy of this (host-local)
+    /// Volume, left behind by a migration that moved it; each host's agent
+    /// deletes its copy and removes itself from the list.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub stale_copies: Vec<String>,
+}
+
+/// A Volume of a host-local pool being copied to another host by a live
+/// migration of the VMI that uses it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeMigration {
+    /// The host receiving the copy (the migration's target).
+    pub target_host: String,
+    /// The VirtualMachineInstanceMigration's uid.
+    pub migration_uid: String,
+    /// The VMI (same namespace) and its uid.
+    pub vmi_name: String,
+    pub vmi_uid: String,
 }
 
 impl StorageVolume {

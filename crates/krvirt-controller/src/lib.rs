@@ -29,6 +29,7 @@ pub mod restore;
 mod runner;
 pub mod templates;
 pub mod vm;
+pub mod volmigration;
 mod volumes;
 pub mod webhook;
 

@@ -305,6 +305,41 @@ pub fn decide(
     }
 }
 
+/// The storage objects a migration's Volumes are checked against.
+pub struct VolumeView {
+    pub volumes: Vec<krvirt_api::storage::StorageVolume>,
+    pub pools: Vec<krvirt_api::storage::StoragePool>,
+    pub snapshots: Vec<krvirt_api::snapshot::VirtualMachineSnapshot>,
+}
+
+/// A step that would move a migration towards a target goes only when the
+/// VMI's Volumes can follow ([`crate::volmigration::check_volumes`]):
+/// refused → the migration fails, naming the Volume, pool and reason;
+/// an earlier migration's copy still settling → it waits.
+pub fn gate_on_volumes(
+    step: Step,
+    m: &VirtualMachineInstanceMigration,
+    vmi: Option<&VirtualMachineInstance>,
+    view: &Option<VolumeView>,
+    vmis: &[VirtualMachineInstance],
+) -> Step {
+    use crate::volmigration::{VolumeCheck, check_volumes};
+    if !matches!(
+        step,
+        Step::Schedule { .. } | Step::Phase(MigrationPhase::Scheduling, None)
+    ) {
+        return step;
+    }
+    let (Some(vmi), Some(view)) = (vmi, view) else {
+        return step;
+    };
+    match check_volumes(vmi, &view.volumes, &view.pools, &view.snapshots, vmis) {
+        VolumeCheck::Ok => step,
+        VolumeCheck::Refuse(why) => Step::Fail(why),
+        VolumeCheck::Wait(why) => Step::Phase(phase_of(m), Some(why)),
+    }
+}
+
 /// What to do about a VMI's migration whose object is gone (cancel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Abort {
@@ -459,6 +494,7 @@ impl MigrationController {
             }
         }
         let now = chrono::Utc::now();
+        let volumes = self.volume_view(&vmims).await?;
         for m in &vmims {
             if m.metadata.deletion_timestamp.is_some() {
                 continue;
@@ -474,6 +510,7 @@ impl MigrationController {
                 };
                 decide(m, vmi, &load, &snap)
             };
+            let step = gate_on_volumes(step, m, vmi, &volumes, &vmis);
             let mirrored = vmi
                 .and_then(|v| v.status.as_ref()?.migration_state.clone())
                 .filter(|ms| ms.migration_uid == m.metadata.uid);
@@ -489,6 +526,33 @@ impl MigrationController {
             }
         }
         Ok(())
+    }
+
+    /// The Volumes, pools and snapshots [`gate_on_volumes`] looks at,
+    /// listed only while a migration is about to pick a target.
+    async fn volume_view(
+        &self,
+        vmims: &[VirtualMachineInstanceMigration],
+    ) -> Result<Option<VolumeView>, ApiError> {
+        let deciding = vmims.iter().any(|m| {
+            matches!(
+                phase_of(m),
+                MigrationPhase::Pending | MigrationPhase::Scheduling
+            )
+        });
+        let kinds = (
+            krvirt_api::find_kind("volumes"),
+            krvirt_api::find_kind("storagepools"),
+            krvirt_api::find_kind("virtualmachinesnapshots"),
+        );
+        let (true, (Some(v), Some(p), Some(s))) = (deciding, kinds) else {
+            return Ok(None);
+        };
+        Ok(Some(VolumeView {
+            volumes: decode(self.list(v).await?),
+            pools: decode(self.list(p).await?),
+            snapshots: decode(self.list(s).await?),
+        }))
     }
 
     async fn abort(&self, v: &VirtualMachineInstance, action: Abort) {

@@ -325,6 +325,63 @@ pub fn resume_placement(
 /// Event reason: a VMI boots fresh instead of resuming a memory snapshot.
 pub const REASON_RESUME_HOST_GONE: &str = "ResumeHostUnavailable";
 
+/// `raw` with a `kubernetes.io/hostname` node selector for the host of
+/// the VMI's host-local Volumes, if any
+/// ([`crate::volmigration::volume_host`]); `Err` says why it cannot run
+/// anywhere.
+async fn pin_to_volume_host(
+    registry: &Registry,
+    vmi: &VirtualMachineInstance,
+    raw: &Value,
+) -> Result<Result<Value, String>, ControllerError> {
+    if !vmi.spec.volumes.iter().any(|v| v.claim().is_some()) {
+        return Ok(Ok(raw.clone()));
+    }
+    let (Some(vk), Some(pk)) = (
+        krvirt_api::find_kind("volumes"),
+        krvirt_api::find_kind("storagepools"),
+    ) else {
+        return Ok(Ok(raw.clone()));
+    };
+    let (volumes, _) = registry
+        .list(vk, Some(vmi.metadata.namespace()), &Selector::everything())
+        .await?;
+    let (pools, _) = registry.list(pk, None, &Selector::everything()).await?;
+    let volumes: Vec<krvirt_api::storage::StorageVolume> = volumes
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect();
+    let pools: Vec<krvirt_api::storage::StoragePool> = pools
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect();
+    Ok(
+        match crate::volmigration::volume_host(vmi, &volumes, &pools) {
+            Ok(None) => Ok(raw.clone()),
+            Ok(Some(host)) => {
+                let mut pinned = raw.clone();
+                if let Some(spec) = pinned.get_mut("spec").and_then(Value::as_object_mut) {
+                    let sel = spec.entry("nodeSelector").or_insert_with(|| json!({}));
+                    if let Some(sel) = sel.as_object_mut() {
+                        // A selector naming another host leaves nothing
+                        // that fits: the scheduler says so.
+                        sel.entry("kubernetes.io/hostname")
+                            .or_insert_with(|| json!(host));
+                        if sel["kubernetes.io/hostname"] != json!(host) {
+                            return Ok(Err(format!(
+                                "its host-local Volumes are on host {host:?}, its nodeSelector asks for {}",
+                                sel["kubernetes.io/hostname"]
+                            )));
+                        }
+                    }
+                }
+                Ok(pinned)
+            }
+            Err(why) => Err(format!("0 hosts are available: {why}")),
+        },
+    )
+}
+
 /// Place one VMI. Returns when to try again, if it could not be placed.
 pub async fn reconcile(
     registry: &Registry,
@@ -389,8 +446,16 @@ pub async fn reconcile(
             return Ok(Some(Duration::ZERO));
         }
     };
+    // A VMI runs where its host-local Volumes are (they move only with a
+    // live migration): that host, as a node selector, for this decision.
+    let pinned = pin_to_volume_host(registry, &vmi, &raw).await?;
+
     let mut status = st.clone();
-    let scheduled = schedule(&raw, &candidates, &vmi_items, now).map_err(|msg| match &only {
+    let scheduled = match pinned {
+        Ok(raw) => schedule(&raw, &candidates, &vmi_items, now),
+        Err(why) => Err(why),
+    }
+    .map_err(|msg| match &only {
         Some(h) => format!(
             "the guest resumes a memory snapshot saved on host {h}, which cannot take it: {msg}"
         ),

@@ -456,7 +456,7 @@ async fn read_marks(c: &Cluster, host: &str, uid: &str, tag: &str) -> (String, S
         host,
         uid,
         &format!("{tag}S"),
-        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1 | tr -c 'A-Za-z0-9\\n-' ' '",
     )
     .await;
     let root = ask(
@@ -467,7 +467,18 @@ async fn read_marks(c: &Cluster, host: &str, uid: &str, tag: &str) -> (String, S
         "dd if=/dev/vda bs=512 skip=$(( $(cat /sys/block/vda/size) - 1 )) count=1 2>/dev/null | head -n1 | cut -d. -f1",
     )
     .await;
-    (scratch, root)
+    (first_word(&scratch), first_word(&root))
+}
+
+/// The first word of a guest's answer: a mark read back from a disk is
+/// followed by whatever the disk holds after it (random bytes in some
+/// tests), which the guest's shell may print as further words.
+fn first_word(answer: &str) -> String {
+    answer
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The guest-visible content of a qcow2 file (read while its QEMU runs).
@@ -834,8 +845,411 @@ spec:
         &dst,
         &uid,
         "R",
-        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1 | tr -c 'A-Za-z0-9\\n-' ' '",
     )
     .await;
     assert_eq!(back, format!("SHARED-{mark}"));
+}
+
+/// A StoragePool `local` (a `dir` pool, not shared) at `path` and a
+/// 64 MiB blank Volume `local-data` in it.
+fn local_volume(path: &std::path::Path) -> String {
+    format!(
+        r#"apiVersion: krvirt.io/v1
+kind: StoragePool
+metadata:
+  name: local
+spec:
+  type: dir
+  path: {}
+---
+apiVersion: krvirt.io/v1
+kind: Volume
+metadata:
+  name: local-data
+spec:
+  pool: local
+  capacity: 64Mi
+  source:
+    blank: {{}}
+"#,
+        path.display()
+    )
+}
+
+/// VM `onlocal` (label `app: onlocal`) with Volume `local-data` as its
+/// second disk (`/dev/vdb`), preferring host `prefer` (weight 100): the
+/// tests point it away from the Volume's host, where placement must put
+/// the VMI all the same.
+fn local_volume_vm(prefer: &str) -> String {
+    format!(
+        r#"apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: onlocal
+spec:
+  runStrategy: Always
+  template:
+    metadata:
+      labels: {{app: onlocal}}
+    spec:
+      evictionStrategy: LiveMigrate
+      affinity:
+        nodeAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            preference:
+              matchExpressions:
+              - {{key: kubernetes.io/hostname, operator: In, values: [{prefer}]}}
+      domain:
+        devices:
+          disks:
+          - name: containerdisk
+            disk: {{bus: virtio}}
+          - name: data
+            disk: {{bus: virtio}}
+        memory:
+          guest: 128Mi
+      terminationGracePeriodSeconds: 0
+      volumes:
+      - name: containerdisk
+        containerDisk:
+          image: quay.io/kubevirt/cirros-container-disk-demo
+      - name: data
+        persistentVolumeClaim:
+          claimName: local-data
+"#
+    )
+}
+
+/// Make the pool and Volume, wait until one host made it, then start the
+/// VM, which prefers the other host but is placed on the Volume's;
+/// returns (VMI uid, QEMU pid, the Volume's host).
+async fn start_on_local_volume(c: &Cluster) -> (String, u32, String) {
+    apply(c, &local_volume(&c.local_path()));
+    let host = c
+        .until("the Volume made", Duration::from_secs(60), || async {
+            let v = c.server.get(LOCAL_VOLUME).await.ok()?;
+            (v["status"]["phase"] == "Succeeded")
+                .then(|| v["status"]["host"].as_str().map(str::to_string))
+                .flatten()
+        })
+        .await;
+    // Exactly one host made it.
+    let made: Vec<&str> = c
+        .hosts
+        .iter()
+        .filter(|h| h.local_dir().join(LOCAL_FILE).exists())
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(made, [host.as_str()], "the Volume's file on its host only");
+    let other = c.hosts.iter().find(|h| h.name != host).unwrap();
+    apply(c, &local_volume_vm(&other.name));
+    let (uid, pid) = c.server.running_vmi("onlocal", None).await;
+    assert_eq!(
+        c.node_of("onlocal").await.as_deref(),
+        Some(host.as_str()),
+        "placed with its host-local Volume"
+    );
+    (uid, pid, host)
+}
+
+const LOCAL_VOLUME: &str = "/apis/krvirt.io/v1/namespaces/default/volumes/local-data";
+/// The Volume's file in a `dir` pool: `{namespace}.{name}.qcow2`.
+const LOCAL_FILE: &str = "default.local-data.qcow2";
+
+/// A VM whose data disk is a Volume on a host-local `dir` pool (each
+/// namespaced host has its own directory at the pool's path): the
+/// migration copies the Volume into the target's pool by block mirror
+/// while the guest keeps counting; the Volume then lives on the target
+/// (`status.host`), the target's file is its own and holds the data, and
+/// the source's file is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_on_a_host_local_pool_moves_with_its_guest() {
+    use std::os::unix::fs::MetadataExt;
+    let c = Cluster::start_with_host_local_dir(2, "local-pool").await;
+    let (uid, _, src) = start_on_local_volume(&c).await;
+    let dst = if src == "host0" { "host1" } else { "host0" }.to_string();
+    let src_file = c.host(&src).local_dir().join(LOCAL_FILE);
+    let dst_file = c.host(&dst).local_dir().join(LOCAL_FILE);
+    c.until("the guest is up", Duration::from_secs(120), || async {
+        ticks(&c.host(&src).console_file(&uid))
+            .last()
+            .copied()
+            .filter(|n| *n >= 2)
+    })
+    .await;
+    let vol = c.server.get(LOCAL_VOLUME).await.unwrap();
+    assert_eq!(vol["status"]["host"], Value::String(src.clone()), "{vol}");
+    assert!(src_file.is_file(), "the Volume's file on {src}");
+    assert!(!dst_file.exists(), "{dst} has no copy yet");
+    let src_ino = std::fs::metadata(&src_file).unwrap().ino();
+
+    let mark = format!("{}", std::process::id());
+    let wrote = ask(
+        &c,
+        &src,
+        &uid,
+        "W",
+        &format!("printf LOCAL-{mark}. > /dev/vdb; sync; echo ok"),
+    )
+    .await;
+    assert_eq!(wrote, "ok");
+    let last_on_source = ticks(&c.host(&src).console_file(&uid))
+        .last()
+        .copied()
+        .unwrap();
+
+    let out = c.server.ok(&[
+        "migrate",
+        "onlocal",
+        "--to",
+        &dst,
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    assert!(out.contains(&format!("to {dst}")), "{out}");
+    let vmi = c.server.vmi("onlocal").await.unwrap();
+    assert_eq!(vmi["status"]["nodeName"], Value::String(dst.clone()));
+    let p = &vmi["status"]["migrationState"]["krvirtProgress"];
+    assert_eq!(
+        p["disksMirrored"], 2,
+        "the containerDisk overlay and the Volume: {p}"
+    );
+    assert!(
+        p["diskTotalBytes"].as_u64().is_some_and(|b| b >= 64 << 20),
+        "the Volume is copied whole: {p}"
+    );
+
+    // The Volume now lives on the target, and only there.
+    let vol = c
+        .until("the Volume moved", Duration::from_secs(60), || async {
+            let v = c.server.get(LOCAL_VOLUME).await.ok()?;
+            let st = &v["status"];
+            (st["host"] == dst.as_str()
+                && st["migration"].is_null()
+                && st["staleCopies"].is_null()
+                && !src_file.exists())
+            .then_some(v)
+        })
+        .await;
+    assert_eq!(vol["status"]["phase"], "Succeeded", "{vol}");
+    let m = std::fs::metadata(&dst_file).expect("the target's copy");
+    assert_eq!(m.nlink(), 1);
+    assert_ne!(m.ino(), src_ino, "the target's file is another file");
+
+    // The guest reads its data back on the target, and keeps counting
+    // from where it was.
+    let back = ask(
+        &c,
+        &dst,
+        &uid,
+        "R",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1 | tr -c 'A-Za-z0-9\\n-' ' '",
+    )
+    .await;
+    assert_eq!(first_word(&back), format!("LOCAL-{mark}"));
+    c.until("ticks on the target", Duration::from_secs(60), || async {
+        let t = ticks(&c.host(&dst).console_file(&uid));
+        (t.first().is_some_and(|f| *f > last_on_source) && t.len() >= 2).then_some(())
+    })
+    .await;
+    // The same guest, not a new boot: no count from 1 again, only on
+    // (a line may be lost in the shell's echo on the console).
+    let t = ticks(&c.host(&dst).console_file(&uid));
+    assert!(
+        t.windows(2).all(|w| w[1] > w[0]) && t[0] + 1 >= last_on_source,
+        "the target's ticks count on from {last_on_source}: {t:?}"
+    );
+    // The target's file itself holds the data.
+    let tmp = c.server.dir.path().join("content.raw");
+    let data = disk_content(&dst_file, &tmp);
+    assert!(
+        data.starts_with(format!("LOCAL-{mark}.").as_bytes()),
+        "the target's Volume file starts {:?}",
+        String::from_utf8_lossy(&data[..32])
+    );
+
+    // Restarted (its template now preferring the old host), the VM runs
+    // where its Volume lives now, with the data.
+    apply(&c, &local_volume_vm(&src));
+    c.server.ok(&["restart", "onlocal"]);
+    let (uid2, _) = c.server.running_vmi("onlocal", Some(&uid)).await;
+    assert_eq!(c.node_of("onlocal").await.as_deref(), Some(dst.as_str()));
+    let back = ask(
+        &c,
+        &dst,
+        &uid2,
+        "N",
+        "dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1 | tr -c 'A-Za-z0-9\\n-' ' '",
+    )
+    .await;
+    assert_eq!(first_word(&back), format!("LOCAL-{mark}"));
+}
+
+/// A migration of a VM with a Volume on a host-local pool, cancelled while
+/// the Volume is being mirrored and the target's agent is down: the
+/// Volume stays on the source with its data; the target's copy, recorded
+/// in the Volume, is deleted once that agent is back (level-triggered). Then a VirtualMachineSnapshot of the VM makes the next
+/// migration fail at once, naming the Volume and the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_migration_leaves_a_host_local_volume_on_its_source() {
+    use std::os::unix::fs::MetadataExt;
+    let mut c = Cluster::start_with_host_local_dir(2, "local-pool").await;
+    apply(
+        &c,
+        &SLOW_DISK_POLICY.replace("app: slow-disks", "app: onlocal"),
+    );
+    let (uid, src_pid, src) = start_on_local_volume(&c).await;
+    let dst = if src == "host0" { "host1" } else { "host0" }.to_string();
+    let src_file = c.host(&src).local_dir().join(LOCAL_FILE);
+    let dst_file = c.host(&dst).local_dir().join(LOCAL_FILE);
+    c.until("the guest is up", Duration::from_secs(120), || async {
+        ticks(&c.host(&src).console_file(&uid))
+            .last()
+            .copied()
+            .filter(|n| *n >= 1)
+    })
+    .await;
+    let src_ino = std::fs::metadata(&src_file).unwrap().ino();
+    // 8 MiB on the Volume: 8 s of mirror at the policy's 1 MiB/s.
+    let mark = format!("{}", std::process::id());
+    let wrote = ask(
+        &c,
+        &src,
+        &uid,
+        "W",
+        &format!(
+            "dd if=/dev/urandom of=/dev/vdb bs=1M count=8 2>/dev/null; \
+             printf LOCAL-{mark}. > /dev/vdb; sync; echo ok"
+        ),
+    )
+    .await;
+    assert_eq!(wrote, "ok");
+
+    c.server.ok(&["migrate", "onlocal", "--to", &dst]);
+    c.until(
+        "the Volume being mirrored",
+        Duration::from_secs(60),
+        || async {
+            let v = c.server.vmi("onlocal").await?;
+            let p = v["status"]["migrationState"]["krvirtProgress"].clone();
+            (p["phase"] == "Disks" && p["diskTransferredBytes"].as_u64() > Some(0)).then_some(())
+        },
+    )
+    .await;
+    // While it runs, the Volume records the target's copy, which exists.
+    let vol = c.server.get(LOCAL_VOLUME).await.unwrap();
+    assert_eq!(vol["status"]["host"], Value::String(src.clone()), "{vol}");
+    assert_eq!(
+        vol["status"]["migration"]["targetHost"],
+        Value::String(dst.clone()),
+        "{vol}"
+    );
+    assert!(
+        dst_file.is_file(),
+        "the target's copy exists while mirroring"
+    );
+
+    // The target's agent dies; the migration is cancelled meanwhile.
+    c.host_mut(&dst).kill_agent();
+    let out = c.server.ok(&["migrate", "onlocal", "--cancel"]);
+    assert!(out.contains("cancelled"), "{out}");
+    c.until("migration aborted", Duration::from_secs(60), || async {
+        let v = c.server.vmi("onlocal").await?;
+        (v["status"]["migrationState"]["failed"] == true).then_some(())
+    })
+    .await;
+    assert_eq!(c.node_of("onlocal").await.as_deref(), Some(src.as_str()));
+    assert!(pid_alive(src_pid));
+    // Only the target may delete its copy: it stays, recorded, until that
+    // agent is back (its Volume sync finds the record and finishes).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let vol = c.server.get(LOCAL_VOLUME).await.unwrap();
+    assert_eq!(
+        vol["status"]["migration"]["targetHost"],
+        Value::String(dst.clone()),
+        "{vol}"
+    );
+    assert!(dst_file.is_file(), "nobody else deleted the target's copy");
+    c.restart_agent(&dst);
+    c.until(
+        "the target's copy deleted",
+        Duration::from_secs(60),
+        || async {
+            let v = c.server.get(LOCAL_VOLUME).await.ok()?;
+            (v["status"]["migration"].is_null() && !dst_file.exists()).then_some(())
+        },
+    )
+    .await;
+    let vol = c.server.get(LOCAL_VOLUME).await.unwrap();
+    assert_eq!(vol["status"]["host"], Value::String(src.clone()), "{vol}");
+    assert!(vol["status"]["staleCopies"].is_null(), "{vol}");
+    assert_eq!(
+        std::fs::metadata(&src_file).unwrap().ino(),
+        src_ino,
+        "the source's file is untouched"
+    );
+    let back = ask(
+        &c,
+        &src,
+        &uid,
+        "R",
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64 count=1 2>/dev/null | head -n1 | cut -d. -f1 | tr -c 'A-Za-z0-9\\n-' ' '",
+    )
+    .await;
+    assert_eq!(first_word(&back), format!("LOCAL-{mark}"));
+
+    // With a VirtualMachineSnapshot, the Volume cannot follow: refused.
+    apply(
+        &c,
+        r#"apiVersion: snapshot.kubevirt.io/v1beta1
+kind: VirtualMachineSnapshot
+metadata:
+  name: snap1
+spec:
+  source: {apiGroup: kubevirt.io, kind: VirtualMachine, name: onlocal}
+"#,
+    );
+    c.until("the snapshot ready", Duration::from_secs(120), || async {
+        let s = c
+            .server
+            .get("/apis/snapshot.kubevirt.io/v1beta1/namespaces/default/virtualmachinesnapshots/snap1")
+            .await
+            .ok()?;
+        (s["status"]["readyToUse"] == true).then_some(())
+    })
+    .await;
+    c.server.ok(&["delete", "migrationpolicy", "slow-disks"]);
+    let out = c.server.cli(&[
+        "migrate",
+        "onlocal",
+        "--to",
+        &dst,
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert!(!out.status.success(), "the migration must fail: {out:?}");
+    let vmims = c
+        .server
+        .get("/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstancemigrations")
+        .await
+        .unwrap();
+    let failed: Vec<&Value> = vmims["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["status"]["phase"] == "Failed")
+        .filter(|m| m["status"]["conditions"].to_string().contains("snap1"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{out:?}\n{vmims}");
+    let why = failed[0]["status"]["conditions"].to_string();
+    assert!(
+        why.contains("local-data") && why.contains("\\\"local\\\""),
+        "names the Volume and its pool: {why}"
+    );
+    assert_eq!(c.node_of("onlocal").await.as_deref(), Some(src.as_str()));
+    assert!(src_file.is_file() && !dst_file.exists());
 }

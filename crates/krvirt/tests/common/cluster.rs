@@ -59,11 +59,25 @@ pub struct Host {
     env: Vec<(String, String)>,
     /// Extra `krvirt agent` arguments (`--label`, `--taint`...).
     extra_args: Vec<String>,
+    /// (this host's own directory, the path where its agent sees it): a
+    /// bind mount in the agent's mount namespace (see
+    /// [`Cluster::start_with_host_local_dir`]).
+    local_dir: Option<(PathBuf, PathBuf)>,
 }
 
 impl Host {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// This host's own directory behind the common host-local path, as
+    /// the test (root mount namespace) reaches it.
+    pub fn local_dir(&self) -> &std::path::Path {
+        &self
+            .local_dir
+            .as_ref()
+            .expect("the cluster was started with a host-local directory")
+            .0
     }
 
     /// `kill -9` the agent (its guests keep running).
@@ -74,10 +88,10 @@ impl Host {
         }
     }
 
-    /// The console log file of a VMI uid on this host (read from disk).
+    /// The console log file of a VMI uid on this host (read from disk;
+    /// bytes that are not UTF-8, e.g. a guest echoing random disk
+    /// content, do not hide the rest).
     pub fn console_file(&self, uid: &str) -> String {
-        // Lossy: a guest may print any bytes (one unreadable byte must not
-        // hide the whole log from the test).
         std::fs::read(self.data_dir.join("run/vmi").join(uid).join("console.log"))
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
@@ -95,13 +109,22 @@ impl Host {
             .open(&self.log)
             .unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns, BIN]).args([
-            "--server",
-            &self.agent_url,
-            "agent",
-            "--accel",
-            "tcg",
-        ]);
+        cmd.args(["netns", "exec", &self.ns]);
+        if let Some((own, common)) = &self.local_dir {
+            // `ip netns exec` runs in a new mount namespace (slave of the
+            // root one): the bind mount is the agent's (and its QEMUs')
+            // only.
+            cmd.args([
+                "sh",
+                "-c",
+                r#"mount --bind "$1" "$2" || exit 1; shift 2; exec "$@""#,
+                "sh",
+            ])
+            .arg(own)
+            .arg(common);
+        }
+        cmd.arg(BIN)
+            .args(["--server", &self.agent_url, "agent", "--accel", "tcg"]);
         if let Some((token, ca)) = &self.join {
             // The certificate is kept in the data dir: later starts need no token.
             cmd.args(["--join-token", token]).arg("--ca").arg(ca);
@@ -166,6 +189,32 @@ impl Cluster {
     pub async fn start_with_agent_args(
         agent_args: &[Vec<String>],
         env: &[(&str, &str)],
+    ) -> Cluster {
+        Cluster::start_inner(agent_args, env, None).await
+    }
+
+    /// [`Cluster::start`] where every host has its own directory at one
+    /// common path, [`Cluster::local_path`] (`DIR/{name}`): host i's
+    /// `DIR/host{i}-{name}` bind-mounted there in its agent's mount
+    /// namespace, as a local disk every host mounts at the same place.
+    pub async fn start_with_host_local_dir(n: usize, name: &str) -> Cluster {
+        Cluster::start_inner(&vec![Vec::new(); n], &[], Some(name)).await
+    }
+
+    /// The common path of the hosts' own directories.
+    pub fn local_path(&self) -> PathBuf {
+        self.hosts[0]
+            .local_dir
+            .as_ref()
+            .expect("the cluster was started with a host-local directory")
+            .1
+            .clone()
+    }
+
+    async fn start_inner(
+        agent_args: &[Vec<String>],
+        env: &[(&str, &str)],
+        local_dir: Option<&str>,
     ) -> Cluster {
         let env: Vec<(String, String)> = env
             .iter()
@@ -237,6 +286,13 @@ impl Cluster {
             ]);
             let data_dir = dir.path().join(format!("host{i}"));
             std::fs::create_dir_all(&data_dir).unwrap();
+            let local_dir = local_dir.map(|name| {
+                let own = dir.path().join(format!("host{i}-{name}"));
+                let common = dir.path().join(name);
+                std::fs::create_dir_all(&own).unwrap();
+                std::fs::create_dir_all(&common).unwrap();
+                (own, common)
+            });
             hosts.push(Host {
                 name: format!("host{i}"),
                 ns,
@@ -249,6 +305,7 @@ impl Cluster {
                 join: None,
                 env: env.clone(),
                 extra_args: extra_args.clone(),
+                local_dir,
             });
         }
 
