@@ -323,7 +323,28 @@ async fn a_memory_restore_resumes_on_the_states_host_or_boots_fresh_without_it()
 
     // A VM whose state's host is gone: the VMI loses the mark, an event
     // says why, and it is placed by its own preference (h2).
-    volume(&p, "other-data", "h1").await;
+    // (Its Volume is on a shared pool: a host-local one would pin the VMI
+    // to the Volume's host whatever it prefers.)
+    p.create(
+        "storagepools",
+        json!({"apiVersion": "krvirt.io/v1", "kind": "StoragePool",
+               "metadata": {"name": "nfs"},
+               "spec": {"type": "dir", "path": "/srv/nfs", "shared": true}}),
+    )
+    .await;
+    p.create(
+        "volumes",
+        json!({"apiVersion": "krvirt.io/v1", "kind": "Volume",
+               "metadata": {"name": "other-data", "namespace": "default"},
+               "spec": {"pool": "nfs", "capacity": "64Mi", "source": {"blank": {}}}}),
+    )
+    .await;
+    p.status(
+        "volumes",
+        "other-data",
+        json!({"phase": "Succeeded", "host": "h1"}),
+    )
+    .await;
     let mut other = vm("other", "Always", "other-data", prefer_h2);
     other["metadata"]["annotations"] = json!({
         "krvirt.io/resume-from-snapshot": suid, "krvirt.io/resume-host": "gone"});
