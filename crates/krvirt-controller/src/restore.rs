@@ -26,7 +26,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use krvirt_api::KindInfo;
 use krvirt_api::event::{NORMAL, ObjectReference, WARNING};
 use krvirt_api::kubevirt::VirtualMachine;
@@ -567,29 +566,9 @@ impl RestoreController {
     }
 }
 
+/// Wake the controller's pass on every change of `kind`.
 async fn watch(registry: Registry, kind: &'static KindInfo, notify: Arc<Notify>) {
-    loop {
-        let rv = match registry.list(kind, None, &Selector::everything()).await {
-            Ok((_, rv)) => rv,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        let Ok(mut stream) = registry
-            .watch(kind, None, Selector::everything(), Some(&rv))
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        };
-        while let Some(ev) = stream.next().await {
-            if ev.is_err() {
-                break;
-            }
-            notify.notify_one();
-        }
-    }
+    crate::runner::watch_loop(&registry, kind, |_| notify.notify_one()).await
 }
 
 #[cfg(test)]

@@ -500,7 +500,7 @@ impl Controllers {
 
 /// List, then watch from the list's version, calling `f` for every object
 /// seen; after any break (compaction, store error) list again.
-async fn watch_loop<F>(registry: &Registry, kind: &'static KindInfo, f: F)
+pub(crate) async fn watch_loop<F>(registry: &Registry, kind: &'static KindInfo, f: F)
 where
     F: Fn(&Value) + Send,
 {
