@@ -377,51 +377,23 @@ async fn update<F>(agent: &Agent, key: &Key, mig_uid: &str, mut f: F) -> Result<
 where
     F: FnMut(&mut VirtualMachineInstanceStatus) -> bool,
 {
-    let client = agent.client();
-    let kind = agent.vmi_kind();
-    for _ in 0..20 {
-        let v = match client.get(kind, &key.namespace, &key.name).await {
-            Ok(v) => v,
-            Err(e) if e.code() == Some(404) => return Ok(false),
-            Err(e) => return Err(e.into()),
-        };
-        let rv = v
-            .pointer("/metadata/resourceVersion")
-            .cloned()
-            .unwrap_or(Value::Null);
-        let vmi: VirtualMachineInstance =
-            serde_json::from_value(v).map_err(|source| AgentError::Decode {
-                what: format!("VMI {key}"),
-                source,
-            })?;
-        let mut st = vmi.status.unwrap_or_default();
-        let same = st
-            .migration_state
-            .as_ref()
-            .and_then(|m| m.migration_uid.as_deref())
-            == Some(mig_uid);
-        if !same || !f(&mut st) {
-            return Ok(false);
-        }
-        let body = json!({
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachineInstance",
-            "metadata": {"name": key.name, "namespace": key.namespace, "resourceVersion": rv},
-            "status": st,
-        });
-        match client
-            .replace_status(kind, &key.namespace, &key.name, &body)
-            .await
-        {
-            Ok(_) => return Ok(true),
-            Err(e) if e.code() == Some(409) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(AgentError::Io {
-        context: format!("updating the migration state of {key}"),
-        source: std::io::Error::other("too many write conflicts"),
-    })
+    let wrote = agent
+        .client()
+        .modify_status(
+            agent.vmi_kind(),
+            &key.namespace,
+            &key.name,
+            |st: &mut VirtualMachineInstanceStatus| {
+                let same = st
+                    .migration_state
+                    .as_ref()
+                    .and_then(|m| m.migration_uid.as_deref())
+                    == Some(mig_uid);
+                same && f(st)
+            },
+        )
+        .await?;
+    Ok(wrote)
 }
 
 async fn record_failure(agent: &Agent, key: &Key, mig_uid: &str, reason: &str, aborted: bool) {

@@ -99,7 +99,7 @@ fn image_format(path: &Path) -> Format {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, VolumeError> {
     tokio::task::spawn_blocking(f)

@@ -34,7 +34,6 @@ use krvirt_api::migration::{MigrationPhase, VirtualMachineInstanceMigration};
 use krvirt_api::storage::{StorageVolume, VolumeMigration, VolumePhase, VolumeStatus};
 use krvirt_client::ListParams;
 use krvirt_storage::{DiskSource, StorageError};
-use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::migration::{MirrorDisk, MirrorSync};
@@ -198,45 +197,15 @@ impl Volumes {
         &self,
         ns: &str,
         name: &str,
-        mut f: F,
+        f: F,
     ) -> Result<bool, VolumeError>
     where
         F: FnMut(&mut VolumeStatus) -> bool,
     {
-        let kind = self.vol_kind();
-        for _ in 0..20 {
-            let raw = match self.client().get(kind, ns, name).await {
-                Ok(v) => v,
-                Err(e) if e.code() == Some(404) => return Ok(false),
-                Err(e) => return Err(e.into()),
-            };
-            let rv = raw
-                .pointer("/metadata/resourceVersion")
-                .cloned()
-                .unwrap_or(Value::Null);
-            let v: StorageVolume =
-                serde_json::from_value(raw).map_err(|source| VolumeError::Decode {
-                    what: format!("Volume {ns}/{name}"),
-                    source,
-                })?;
-            let mut st = v.status.unwrap_or_default();
-            if !f(&mut st) {
-                return Ok(false);
-            }
-            let body = json!({
-                "apiVersion": "krvirt.io/v1", "kind": "Volume",
-                "metadata": {"name": name, "namespace": ns, "resourceVersion": rv},
-                "status": st,
-            });
-            match self.client().replace_status(kind, ns, name, &body).await {
-                Ok(_) => return Ok(true),
-                Err(e) if e.code() == Some(409) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(VolumeError::Source(format!(
-            "updating the status of Volume {ns}/{name}: too many write conflicts"
-        )))
+        Ok(self
+            .client()
+            .modify_status(self.vol_kind(), ns, name, f)
+            .await?)
     }
 
     async fn move_outcome(&self, v: &StorageVolume, rec: &VolumeMigration) -> Option<MoveOutcome> {
@@ -331,7 +300,7 @@ impl Volumes {
                 Settle::DropTargetCopy => {
                     let b = self.backend(v.pool()).await?;
                     let n = bname.clone();
-                    run_blocking(move || b.delete(&n)).await?;
+                    crate::storage::blocking(move || b.delete(&n)).await?;
                     info!(volume = %format!("{ns}/{name}"), "migration failed: the target's copy is deleted");
                     self.modify_status(&ns, &name, |s| {
                         if s.migration.as_ref().map(|r| &r.migration_uid) != rec_uid.as_ref() {
@@ -345,7 +314,7 @@ impl Volumes {
                 Settle::DeleteStaleCopy => {
                     let b = self.backend(v.pool()).await?;
                     let n = bname.clone();
-                    run_blocking(move || b.delete(&n)).await?;
+                    crate::storage::blocking(move || b.delete(&n)).await?;
                     info!(volume = %format!("{ns}/{name}"), "old copy deleted (the Volume moved to another host)");
                     self.modify_status(&ns, &name, |s| forget_stale(s, &me))
                         .await?;
@@ -449,7 +418,7 @@ impl Volumes {
         // An old copy a previous migration left here (the guest comes back).
         if st.stale_copies.contains(&me) {
             let (b, n) = (backend.clone(), bname.clone());
-            run_blocking(move || b.delete(&n))
+            crate::storage::blocking(move || b.delete(&n))
                 .await
                 .map_err(|e| e.to_string())?;
             self.modify_status(ns, name, |s| forget_stale(s, &me))
@@ -457,7 +426,7 @@ impl Volumes {
                 .map_err(|e| e.to_string())?;
         }
         let (b, n) = (backend.clone(), bname.clone());
-        let exists = run_blocking(move || b.exists(&n))
+        let exists = crate::storage::blocking(move || b.exists(&n))
             .await
             .map_err(|e| e.to_string())?;
         if exists && !ours {
@@ -492,7 +461,7 @@ impl Volumes {
             }
         }
         let (b, n) = (backend.clone(), bname.clone());
-        let made = run_blocking(move || {
+        let made = crate::storage::blocking(move || {
             if b.exists(&n)? {
                 b.delete(&n)?; // our own partial copy of an earlier attempt
             }
@@ -569,7 +538,7 @@ impl Volumes {
             let backend = self.backend(v.pool()).await.map_err(|e| e.to_string())?;
             let n = backend_name(ns, claim);
             let (snaps, src) =
-                run_blocking(move || Ok((backend.snapshots(&n)?, backend.disk(&n)?)))
+                crate::storage::blocking(move || Ok((backend.snapshots(&n)?, backend.disk(&n)?)))
                     .await
                     .map_err(|e| e.to_string())?;
             if !snaps.is_empty() {
@@ -596,19 +565,11 @@ fn forget_stale(s: &mut VolumeStatus, me: &str) -> bool {
     s.stale_copies.len() != before
 }
 
-async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, VolumeError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| VolumeError::Join(e.to_string()))?
-        .map_err(VolumeError::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use krvirt_api::migration::MigrationState;
+    use serde_json::json;
 
     fn rec() -> VolumeMigration {
         VolumeMigration {

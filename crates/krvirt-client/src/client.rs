@@ -540,6 +540,59 @@ impl Client {
         self.json_request(Method::PUT, url, Some((obj, JSON))).await
     }
 
+    /// Read-modify-write of an object's status with compare-and-swap: `f`
+    /// gets the stored status (`S::default()` when there is none) and
+    /// returns false to leave the object alone. A write conflict reads
+    /// again (up to 20 times; then the conflict is the error). Returns
+    /// whether a write happened; a missing object is `Ok(false)`.
+    pub async fn modify_status<S, F>(
+        &self,
+        kind: &KindInfo,
+        namespace: &str,
+        name: &str,
+        mut f: F,
+    ) -> Result<bool>
+    where
+        S: DeserializeOwned + serde::Serialize + Default,
+        F: FnMut(&mut S) -> bool,
+    {
+        let mut attempts = 0;
+        loop {
+            let obj = match self.get(kind, namespace, name).await {
+                Ok(v) => v,
+                Err(e) if e.code() == Some(404) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let mut st: S = match obj.get("status") {
+                Some(v) if !v.is_null() => {
+                    serde_json::from_value(v.clone()).map_err(|e| ClientError::Decode {
+                        context: format!("the status of {} {namespace}/{name}", kind.kind),
+                        message: e.to_string(),
+                    })?
+                }
+                _ => S::default(),
+            };
+            if !f(&mut st) {
+                return Ok(false);
+            }
+            let body = serde_json::json!({
+                "apiVersion": kind.api_version(),
+                "kind": kind.kind,
+                "metadata": {"name": name, "namespace": namespace, "resourceVersion": rv},
+                "status": st,
+            });
+            match self.replace_status(kind, namespace, name, &body).await {
+                Ok(_) => return Ok(true),
+                Err(e) if e.code() == Some(409) && attempts < 19 => attempts += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// PATCH with a JSON merge patch (RFC 7386) on the object or its status.
     pub async fn merge_patch(
         &self,
