@@ -5,60 +5,13 @@
 //! a missing Network reported as an event.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use krvirt_controller::Controllers;
-use krvirt_server::{Preconditions, Registry};
-use krvirt_store::embedded::EmbeddedStore;
+use krvirt_server::Preconditions;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-struct Plane {
-    registry: Registry,
-    stop: CancellationToken,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Plane {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-fn plane() -> Plane {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::new(Arc::new(
-        EmbeddedStore::open(&dir.path().join("state.db")).unwrap(),
-    ));
-    let stop = CancellationToken::new();
-    let c = Controllers::new(registry.clone()).unwrap();
-    tokio::spawn(c.run(stop.clone()));
-    Plane {
-        registry,
-        stop,
-        _dir: dir,
-    }
-}
-
-fn kind(n: &str) -> &'static krvirt_api::KindInfo {
-    krvirt_api::find_kind(n).unwrap()
-}
-
-async fn until<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+mod common;
+use common::{Plane, kind, plane, until};
 
 fn vmi(name: &str, net: Value) -> Value {
     let iface = if net.get("pod").is_some() {

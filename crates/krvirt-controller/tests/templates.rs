@@ -3,63 +3,14 @@
 //! instancetype get a copy of it and VMIs expanded from that copy; a
 //! conflicting VM gets a Failure condition and no VMI.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use krvirt_controller::Controllers;
-use krvirt_server::{Registry, Subresource};
-use krvirt_store::embedded::EmbeddedStore;
+use krvirt_server::Subresource;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-struct Plane {
-    registry: Registry,
-    stop: CancellationToken,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Plane {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-fn plane() -> Plane {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::new(Arc::new(
-        EmbeddedStore::open(&dir.path().join("state.db")).unwrap(),
-    ));
-    let stop = CancellationToken::new();
-    let c = Controllers::new(registry.clone()).unwrap();
-    tokio::spawn(c.run(stop.clone()));
-    Plane {
-        registry,
-        stop,
-        _dir: dir,
-    }
-}
-
-fn kind(n: &str) -> &'static krvirt_api::KindInfo {
-    krvirt_api::find_kind(n).unwrap()
-}
+mod common;
+use common::{Plane, kind, plane, until};
 
 async fn get(p: &Plane, k: &str, name: &str) -> Option<Value> {
     p.registry.get(kind(k), "default", name).await.ok()
-}
-
-async fn until<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn condition(obj: &Value, t: &str) -> Option<Value> {
